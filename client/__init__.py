@@ -1,0 +1,1 @@
+"""Member side: the Flower ClientApp, the local training recipe, node-local state."""

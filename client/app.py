@@ -1,0 +1,35 @@
+"""The fedmoe ClientApp: translate Flower messages to plain objects and delegate to client.node."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from client.node import Node, run_round
+from client.precision import PrecisionError
+from fedmoe.protocol import ProtocolError, TrainInstruction
+from model.base import BaseModelError
+from model.corpus import DataError
+
+app = ClientApp()
+
+# Error codes in replies (Flower reserves small numbers; ours are 100+).
+DATA_ERROR, BASE_ERROR, CONFIG_ERROR = 101, 102, 103
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        ins = TrainInstruction.from_record(msg.content)
+        node = Node.from_node_config(context.node_config, ins)
+    except (ProtocolError, DataError, KeyError, ValueError) as exc:
+        return Message(error=Error(CONFIG_ERROR, f"node {context.node_id}: {exc}"), reply_to=msg)
+    try:
+        reply = run_round(ins, node)
+    except DataError as exc:
+        return Message(error=Error(DATA_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
+    except BaseModelError as exc:
+        return Message(error=Error(BASE_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
+    except PrecisionError as exc:
+        return Message(error=Error(CONFIG_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
+    return Message(content=reply.to_record(), reply_to=msg)

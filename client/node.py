@@ -1,0 +1,110 @@
+"""What a member's node knows about itself: who it is, where its data and state live, and the
+work of one round (load base once, tokenize private data once, train, encode the update)."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from client.precision import select_precision
+from client.trainer import TrainConfig, train_local
+from fedmoe.protocol import TrainInstruction, TrainReply
+from model.base import Base, load_base
+from model.corpus import DataError, read_texts
+from model.io import dtype_named, load_tensors, save_tensors, tensors_from_bytes, tensors_to_bytes
+from model.lora import LoraMoE
+from model.tokenizer import pack
+
+
+@dataclass(frozen=True)
+class Node:
+    member: str
+    data_path: Path
+    state_dir: Path
+    base_path: Path
+    device: str = "auto"
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object], ins: TrainInstruction) -> Node:
+        """A SuperNode names its data explicitly; a simulated node is a partition of the demo."""
+        if "data-path" in node_config:
+            data = Path(str(node_config["data-path"]))
+            member = str(node_config.get("member", data.name))
+            state = Path(str(node_config.get("state-dir", data.parent / f".fedmoe-{member}")))
+            base = Path(str(node_config.get("base-path", ins.base_path)))
+            return cls(member, data, state, base, str(node_config.get("device", "auto")))
+        members = sorted(p.name for p in Path(ins.members_dir).iterdir() if p.is_dir())
+        partition = int(node_config["partition-id"])  # type: ignore[arg-type]
+        if partition >= len(members):
+            raise DataError(f"{ins.members_dir}: no member data for simulated node {partition} ({len(members)} members)")
+        member = members[partition]
+        return cls(member, Path(ins.members_dir) / member, Path(ins.nodes_dir) / member, Path(ins.base_path))
+
+
+# One base per process: Flower reuses a node's process across rounds, and a simulation actor
+# serves several members in turn; the trainable state is reset from the message every round.
+_LOADED: dict[tuple[str, str], tuple[Base, LoraMoE]] = {}
+
+
+def _load(base_path: Path, sha256: str) -> tuple[Base, LoraMoE]:
+    key = (str(base_path), sha256)
+    if key not in _LOADED:
+        base = load_base(base_path, expected_sha256=sha256)
+        _LOADED.clear()
+        _LOADED[key] = (base, base.with_lora())
+    return _LOADED[key]
+
+
+def member_blocks(node: Node, base: Base, seq_len: int) -> torch.Tensor:
+    """The member's private data as (N, seq_len) token blocks, cached in the node's state dir."""
+    texts = read_texts(node.data_path)
+    digest = hashlib.sha256(base.sha256.encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    cache = node.state_dir / f"tokens-{seq_len}-{digest.hexdigest()[:16]}.safetensors"
+    if cache.is_file():
+        return load_tensors(cache)["blocks"]
+    blocks = pack(base.tokenizer, texts, seq_len, source=str(node.data_path))
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(cache, {"blocks": blocks})
+    return blocks
+
+
+def member_seed(seed: int, rnd: int, member: str) -> int:
+    return (seed * 1_000_003 + rnd * 7919 + zlib.crc32(member.encode())) % (2**31)
+
+
+def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
+    base, lora = _load(node.base_path, ins.base_sha256)
+    blocks = member_blocks(node, base, ins.seq_len)
+    state = tensors_from_bytes(ins.state, source=f"round {ins.round} global state")
+    precision = select_precision(ins.precision, node.device)
+    result = train_local(
+        lora,
+        state,
+        blocks,
+        TrainConfig(
+            local_steps=ins.local_steps,
+            batch_size=ins.batch_size,
+            lr=ins.lr,
+            seed=member_seed(ins.seed, ins.round, node.member),
+            min_expert_tokens=ins.min_expert_tokens,
+        ),
+        precision,
+    )
+    return TrainReply(
+        member=node.member,
+        round=ins.round,
+        update=tensors_to_bytes(result.delta, dtype_named(ins.update_dtype)),
+        expert_tokens=result.expert_tokens,
+        num_tokens=result.num_tokens,
+        num_examples=result.num_examples,
+        train_loss=result.train_loss,
+        seconds=result.seconds,
+        precision=precision.name,
+    )

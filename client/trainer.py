@@ -1,0 +1,112 @@
+"""The member's local training recipe: a plain loop over private data, under mixed precision.
+
+Reads top to bottom: load the global trainable state, train `local_steps` steps, count the
+tokens routed to each expert, return the delta (local - global) of the experts this member
+actually used plus the shared adapters and router.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from client.precision import Precision
+from model.lora import LoraMoE, expert_of
+from model.moe import routed_token_counts
+from model.tokenizer import batches
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    min_expert_tokens: int  # experts this member routed fewer tokens to are not sent
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    delta: dict[str, torch.Tensor]
+    expert_tokens: dict[str, int]  # 'l:e' -> tokens routed to that expert, over all steps
+    num_tokens: int
+    num_examples: int
+    train_loss: float  # mean LM loss over the local steps (router aux loss excluded)
+    seconds: float
+    experts_sent: int
+    experts_skipped: int
+
+
+def train_local(
+    lora: LoraMoE,
+    global_state: Mapping[str, torch.Tensor],
+    blocks: torch.Tensor,  # (N, T) token blocks of the member's private data
+    config: TrainConfig,
+    precision: Precision,
+) -> TrainResult:
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    lora.set_state(global_state)
+    start_state = lora.get_state()
+    model = lora.model.to(precision.device)
+    model.train()
+    params = lora.trainable_parameters()
+    # No weight decay: it would move experts this member never routed to.
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scaler = precision.make_scaler()
+    top_k = int(model.config.num_experts_per_tok)
+    aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
+
+    routed = torch.zeros(model.config.num_hidden_layers, model.config.num_local_experts, dtype=torch.int64)
+    losses: list[float] = []
+    stream = batches(blocks, config.batch_size, seed=config.seed)
+    for _ in range(config.local_steps):
+        batch = next(stream).to(precision.device)  # (B, T)
+        with torch.autocast(
+            precision.device.type,
+            dtype=precision.autocast_dtype,
+            enabled=precision.autocast_dtype is not None,
+        ):
+            out = model(input_ids=batch, labels=batch, output_router_logits=True)
+        scaler.scale(out.loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        routed += routed_token_counts(out.router_logits, top_k)
+        aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+        losses.append(float(out.loss.detach()) - aux_coef * aux)
+
+    model.to("cpu")
+    end_state = lora.get_state()
+    expert_tokens = {
+        f"{layer}:{e}": int(routed[layer, e])
+        for layer in range(routed.shape[0])
+        for e in range(routed.shape[1])
+    }
+    delta: dict[str, torch.Tensor] = {}
+    sent, skipped = set(), set()
+    for name, value in end_state.items():
+        group = expert_of(name)
+        if group is not None and expert_tokens[group] < config.min_expert_tokens:
+            skipped.add(group)
+            continue
+        if group is not None:
+            sent.add(group)
+        delta[name] = value - start_state[name]
+    num_examples = config.local_steps * config.batch_size
+    return TrainResult(
+        delta=delta,
+        expert_tokens={g: n for g, n in expert_tokens.items() if g in sent},
+        num_tokens=num_examples * blocks.shape[1],
+        num_examples=num_examples,
+        train_loss=sum(losses) / max(len(losses), 1),
+        seconds=time.perf_counter() - started,
+        experts_sent=len(sent),
+        experts_skipped=len(skipped),
+    )

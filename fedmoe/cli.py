@@ -1,0 +1,185 @@
+"""The `fedmoe` command: demo, init, run, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fedmoe.config import ConfigError, RunConfig
+
+app = typer.Typer(help="fedmoe: federated training of one mixture-of-experts language model.", no_args_is_help=True)
+console = Console()
+
+Workspace_ = Annotated[Path, typer.Option("--workspace", "-w", help="Folder of the embedded consortium.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=1)
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--config {pair!r}: expected key=value")
+        value: object
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _run_config(workspace: Path, overrides: list[str], **named: object) -> RunConfig:
+    user = _parse_overrides(overrides)
+    user.update({k: v for k, v in named.items() if v is not None})
+    user["workspace"] = str(workspace.resolve())
+    return RunConfig.from_user_config(user)
+
+
+@app.command()
+def init(
+    workspace: Workspace_ = Path(".fedmoe/demo"),
+    from_pretrained: Annotated[Path | None, typer.Option(help="Local HF MoE checkpoint directory to use as the base.")] = None,
+    pretrain_steps: Annotated[int, typer.Option(help="Pre-training steps of the tiny base.")] = 300,
+) -> None:
+    """Build the demo corpora, the tokenizer and the pre-trained tiny base (what is missing)."""
+    from fedmoe.workspace import Workspace
+    from server.init import InitConfig, init_workspace
+
+    _init(Workspace(workspace.resolve()), InitConfig(pretrain_steps=pretrain_steps), from_pretrained)
+
+
+def _init(ws, config, from_pretrained=None) -> None:  # type: ignore[no-untyped-def]
+    from rich.progress import Progress
+
+    from model.base import BaseModelError
+    from model.corpus import DataError
+    from server.init import init_workspace
+
+    with Progress(console=console, transient=True) as progress:
+        task = None
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            nonlocal task
+            if task is None:
+                task = progress.add_task("pre-training the base", total=total)
+            progress.update(task, completed=step, description=f"pre-training the base (loss {loss:.2f})")
+
+        try:
+            init_workspace(ws, config, from_pretrained=from_pretrained, log=progress.console.print, on_step=on_step)
+        except (DataError, BaseModelError, OSError) as exc:
+            raise _fail(str(exc)) from None
+
+
+@app.command()
+def run(
+    workspace: Workspace_ = Path(".fedmoe/demo"),
+    rounds: Annotated[int | None, typer.Option(help="num-rounds")] = None,
+    members: Annotated[int | None, typer.Option(help="Simulated members (default: all in the workspace).")] = None,
+    config: Annotated[list[str], typer.Option("--config", "-c", help="Run-config override key=value (repeatable).")] = [],  # noqa: B006
+    run_name: Annotated[str, typer.Option(help="Name of the run folder (resume continues it).")] = "default",
+) -> None:
+    """Run the configured rounds in Flower's simulation engine (resumes a committed run)."""
+    try:
+        cfg = _run_config(workspace, config, **{"num-rounds": rounds})
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    _simulate(cfg, members, run_name)
+
+
+def _simulate(cfg: RunConfig, members: int | None, run_name: str):  # type: ignore[no-untyped-def]
+    from fedmoe.console import RichReporter, round_table
+    from fedmoe.simulation import SimulationFailed, simulate
+    from server.checkpoint import Checkpoints
+    from server.rounds import RoundSummary
+    from fedmoe.workspace import Workspace
+
+    reporter = RichReporter(console)
+    try:
+        simulate(cfg, reporter, num_members=members, run_name=run_name)
+    except SimulationFailed as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        reporter.stop()
+    manifests = Checkpoints(Workspace(cfg.workspace_path).run_dir(run_name)).manifests()
+    summaries = [_summary_from_manifest(m) for m in manifests]
+    console.print(round_table(summaries))
+    return summaries
+
+
+def _summary_from_manifest(m: dict) -> "object":  # type: ignore[type-arg]
+    from server.rounds import MemberReport, RoundSummary
+
+    return RoundSummary(
+        round=m["round"], val_loss=m["val_loss"], members=[MemberReport(**r) for r in m["members"]],
+        rejected=m["rejected"], seconds=m["seconds"],
+    )
+
+
+@app.command()
+def export(
+    workspace: Workspace_ = Path(".fedmoe/demo"),
+    run_name: Annotated[str, typer.Option(help="Run whose last committed round is exported.")] = "default",
+    out: Annotated[Path | None, typer.Option(help="Release folder (default <workspace>/releases/<run>-round-N).")] = None,
+) -> None:
+    """Write the last committed round as a release (HF base + PEFT adapter + merged model)."""
+    _export(workspace.resolve(), run_name, out)
+
+
+def _export(root: Path, run_name: str, out: Path | None) -> Path:
+    from fedmoe.workspace import Workspace
+    from server.checkpoint import Checkpoints
+    from server.release import export_release
+
+    ws = Workspace(root)
+    committed = Checkpoints(ws.run_dir(run_name)).load()
+    if committed is None:
+        raise _fail(f"{ws.run_dir(run_name)}: no committed round to export (run `fedmoe run` first)")
+    target = out or ws.release_dir(f"{run_name}-round-{committed.round}")
+    release = export_release(ws.base, committed.state, target, round=committed.round, val_loss=committed.manifest["val_loss"])
+    console.print(f"release of round {release.round} written to [bold]{release.path}[/bold]")
+    return release.path
+
+
+@app.command()
+def demo(
+    workspace: Workspace_ = Path(".fedmoe/demo"),
+    rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 4,
+    members: Annotated[int | None, typer.Option(help="Members (default: one per demo domain).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Start the run over instead of resuming it.")] = False,
+) -> None:
+    """The whole consortium on this machine: build what is missing, train, export a release."""
+    import shutil
+
+    from fedmoe.workspace import Workspace
+    from server.init import InitConfig
+
+    started = time.perf_counter()
+    ws = Workspace(workspace.resolve())
+    console.rule("fedmoe demo")
+    _init(ws, InitConfig())
+    if fresh:
+        shutil.rmtree(ws.run_dir("demo"), ignore_errors=True)
+    cfg = _run_config(ws.root, [], **{"num-rounds": rounds})
+    console.print(f"consortium: {', '.join(ws.members()[: members or None])} ({os.cpu_count()} CPU cores)")
+    summaries = _simulate(cfg, members, "demo")
+    path = _export(ws.root, "demo", None)
+    first, last = summaries[0], summaries[-1]
+    for d in sorted(last.val_loss):
+        console.print(f"  {d:>12}: val ppl {math.exp(first.val_loss[d]):8.1f} -> {math.exp(last.val_loss[d]):8.1f}")
+    console.print(f"done in {time.perf_counter() - started:.0f}s; release: [bold]{path}[/bold]")
+
+
+def main() -> None:
+    app()

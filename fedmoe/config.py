@@ -1,0 +1,85 @@
+"""Run config: the `[tool.flwr.app.config]` keys as one validated, typed object.
+
+Defaults live in pyproject.toml (Flower's place for them) and are mirrored here so that an
+embedded run needs no pyproject; a test keeps the two equal. Every key is documented in README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from client.precision import CHOICES as PRECISIONS
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown or has a bad value."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    workspace: str = ".fedmoe/demo"
+    num_rounds: int = 4
+    members_per_round: int = 0  # 0: every connected member
+    min_members: int = 2
+    local_steps: int = 12
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 0.003
+    min_expert_tokens: int = 64
+    state_dtype: str = "float16"
+    update_dtype: str = "float32"
+    precision: str = "auto"
+    eval_batches: int = 8
+    seed: int = 0
+    round_timeout: float = 600.0
+
+    @classmethod
+    def from_user_config(cls, user: Mapping[str, Any]) -> RunConfig:
+        """From Flower's run config (kebab-case keys); unknown keys and bad values are refused."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in user.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"run config: unknown key {key!r}")
+            kind = type(getattr(cls(), name))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"run config: {key} = {value!r} must be {kind.__name__}")
+            values[name] = value
+        return cls(**values).validated()
+
+    def validated(self) -> RunConfig:
+        checks = [
+            (self.num_rounds >= 1, "num-rounds must be >= 1"),
+            (self.members_per_round >= 0, "members-per-round must be >= 0"),
+            (self.min_members >= 1, "min-members must be >= 1"),
+            (self.local_steps >= 1, "local-steps must be >= 1"),
+            (self.batch_size >= 1, "batch-size must be >= 1"),
+            (self.seq_len >= 8, "seq-len must be >= 8"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.min_expert_tokens >= 0, "min-expert-tokens must be >= 0"),
+            (self.state_dtype in ("float32", "float16", "bfloat16"), "state-dtype must be float32, float16 or bfloat16"),
+            (self.update_dtype in ("float32", "float16", "bfloat16"), "update-dtype must be float32, float16 or bfloat16"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.eval_batches >= 1, "eval-batches must be >= 1"),
+            (self.round_timeout > 0, "round-timeout must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"run config: {message}")
+        return self
+
+    def with_overrides(self, **changes: Any) -> RunConfig:
+        return replace(self, **changes).validated()
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()
+
+    def as_user_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

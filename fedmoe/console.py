@@ -1,0 +1,82 @@
+"""What the operator sees in the terminal: progress bars while rounds run, a table per round."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from server.rounds import RoundSummary
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def round_table(summaries: list[RoundSummary], title: str = "fedmoe rounds") -> Table:
+    domains = sorted({d for s in summaries for d in s.val_loss})
+    table = Table(title=f"{title} (validation perplexity per domain)")
+    table.add_column("round", justify="right")
+    for d in domains:
+        table.add_column(d, justify="right")
+    for col in ("members", "up/member", "down/member", "s"):
+        table.add_column(col, justify="right")
+    for s in summaries:
+        n = max(len(s.members), 1)
+        table.add_row(
+            str(s.round),
+            *(f"{math.exp(s.val_loss[d]):.1f}" if d in s.val_loss else "-" for d in domains),
+            str(len(s.members)) if s.round else "-",
+            human_bytes(s.bytes_up / n) if s.members else "-",
+            human_bytes(s.bytes_down / n) if s.members else "-",
+            f"{s.seconds:.1f}" if s.round else "-",
+        )
+    return table
+
+
+class RichReporter:
+    """Reporter for the embedded consortium (the ServerApp runs in this process)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console,
+        )
+        self.rounds_task = None
+        self.members_task = None
+
+    def start(self, first_round: int, num_rounds: int, resumed: bool) -> None:
+        if resumed:
+            self.console.print(f"resuming from the last committed round: continuing at round {first_round}")
+        self.progress.start()
+        self.rounds_task = self.progress.add_task("rounds", total=num_rounds, completed=first_round - 1)
+
+    def round_started(self, rnd: int, num_members: int) -> None:
+        if self.members_task is not None:
+            self.progress.remove_task(self.members_task)
+        self.members_task = self.progress.add_task(f"round {rnd}: members trained", total=num_members)
+
+    def member_done(self, rnd: int, done: int, total: int) -> None:
+        if self.members_task is not None:
+            self.progress.update(self.members_task, completed=done)
+
+    def round_finished(self, summary: RoundSummary) -> None:
+        if self.rounds_task is not None:
+            self.progress.update(self.rounds_task, completed=summary.round)
+        losses = "  ".join(f"{d} {math.exp(v):.1f}" for d, v in sorted(summary.val_loss.items()))
+        self.progress.console.print(
+            f"round {summary.round} committed ({summary.seconds:.1f}s, {len(summary.members)} members): val ppl {losses}"
+        )
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]{text}[/yellow]")
+
+    def stop(self) -> None:
+        self.progress.stop()

@@ -1,0 +1,172 @@
+"""LoRA on the MoE (peft) and the *trainable state* that members train and the server averages.
+
+FFA-LoRA: every adapter's A is frozen at values the operator fixes once (saved next to the base
+model), only B is trained. Then the average of the members' updates B_i A is (avg B_i) A, so
+averaging B is exact; averaging A and B separately would not be.
+
+Experts get one LoRA each through peft's `target_parameters` on the fused expert tensors. peft
+lays the per-expert factors out interleaved: for E experts and rank r, `lora_B` is (out, r*E)
+and expert e owns columns e, e+E, e+2E, ... (`B.reshape(out, r, E)[..., e]`). The trainable
+state splits them into one tensor per expert so that each expert can be sent, skipped and
+averaged on its own.
+
+Canonical trainable-state names (no peft prefixes):
+    model.layers.{l}.self_attn.{q,k,v,o}_proj.lora_B              (out, r)   shared adapter
+    model.layers.{l}.mlp.experts.{gate_up_proj,down_proj}.lora_B.e{e}  (out, r) expert e
+    model.layers.{l}.mlp.gate.weight                               (E, H)    router
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+from peft.utils.other import ModulesToSaveWrapper
+from transformers import PreTrainedModel
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+ROUTER_MODULE = "gate"
+ADAPTER = "default"
+_PEFT_PREFIX = "base_model.model."
+_EXPERT_KEY = re.compile(r"layers\.(\d+)\..*\.lora_B\.e(\d+)$")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 8
+    alpha: int = 16
+    train_router: bool = True
+
+    def to_peft(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=0.0,
+            target_modules=list(ATTENTION_MODULES),
+            target_parameters=list(EXPERT_PARAMETERS),
+            modules_to_save=[ROUTER_MODULE] if self.train_router else None,
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def expert_of(name: str) -> str | None:
+    """'l:e' for a per-expert trainable tensor, None for shared ones (adapters, router)."""
+    match = _EXPERT_KEY.search(name)
+    return f"{match.group(1)}:{match.group(2)}" if match else None
+
+
+@dataclass(frozen=True)
+class _Slot:
+    param: torch.nn.Parameter
+    expert: int | None  # column group of an interleaved per-expert lora_B
+    num_experts: int
+
+    def read(self) -> torch.Tensor:
+        data = self.param.detach()
+        if self.expert is None:
+            return data.clone()
+        out = data.shape[0]
+        return data.reshape(out, -1, self.num_experts)[..., self.expert].clone()  # (out, r)
+
+    def write(self, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            value = value.to(self.param.dtype)
+            if self.expert is None:
+                self.param.copy_(value)
+            else:
+                out = self.param.shape[0]
+                self.param.view(out, -1, self.num_experts)[..., self.expert] = value
+
+
+def _canonical(module_name: str) -> str:
+    name = module_name.removeprefix(_PEFT_PREFIX)
+    return name.replace(".base_layer", "")
+
+
+def _walk(model: PeftModel) -> tuple[dict[str, _Slot], dict[str, torch.nn.Parameter]]:
+    """(trainable slots by canonical name, frozen lora_A parameters by canonical name)."""
+    slots: dict[str, _Slot] = {}
+    frozen_a: dict[str, torch.nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            base = f"{_canonical(module_name)}.{module.parameter_name}"
+            b = module.lora_B[ADAPTER].weight
+            for e in range(module.num_experts):
+                slots[f"{base}.lora_B.e{e}"] = _Slot(b, e, module.num_experts)
+            frozen_a[f"{base}.lora_A"] = module.lora_A[ADAPTER].weight
+        elif isinstance(module, LoraLayer):
+            base = _canonical(module_name)
+            slots[f"{base}.lora_B"] = _Slot(module.lora_B[ADAPTER].weight, None, 1)
+            frozen_a[f"{base}.lora_A"] = module.lora_A[ADAPTER].weight
+        elif isinstance(module, ModulesToSaveWrapper):
+            copy = module.modules_to_save[ADAPTER]
+            for pname, param in copy.named_parameters():
+                slots[f"{_canonical(module_name)}.{pname}"] = _Slot(param, None, 1)
+    return dict(sorted(slots.items())), dict(sorted(frozen_a.items()))
+
+
+class LoraMoE:
+    """A base MoE with the fedmoe LoRA attached; reads and writes the trainable state."""
+
+    def __init__(self, base: PreTrainedModel, spec: LoraSpec, lora_init: Mapping[str, torch.Tensor]):
+        self.spec = spec
+        self.model: PeftModel = get_peft_model(base, spec.to_peft())
+        self._slots, frozen_a = _walk(self.model)
+        missing = sorted(set(frozen_a) - set(lora_init))
+        if missing:
+            raise ValueError(f"LoRA init lacks {len(missing)} tensors, first: {missing[0]}")
+        for name, param in frozen_a.items():
+            if tuple(lora_init[name].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"LoRA init tensor {name} has shape {tuple(lora_init[name].shape)}, "
+                    f"expected {tuple(param.shape)} (rank or model mismatch)"
+                )
+            with torch.no_grad():
+                param.copy_(lora_init[name])
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        for slot in self._slots.values():
+            slot.param.requires_grad_(True)
+
+    @staticmethod
+    def make_lora_init(base: PreTrainedModel, spec: LoraSpec, *, seed: int) -> dict[str, torch.Tensor]:
+        """The frozen A matrices, drawn once by the operator (peft's default init, seeded)."""
+        torch.manual_seed(seed)
+        probe = get_peft_model(base, spec.to_peft())
+        _, frozen_a = _walk(probe)
+        init = {name: p.detach().clone().contiguous() for name, p in frozen_a.items()}
+        probe.unload()  # give the base model back untouched
+        return init
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(slot.read().shape) for name, slot in self._slots.items()}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        unique = {id(s.param): s.param for s in self._slots.values()}
+        return list(unique.values())
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return {name: slot.read().float() for name, slot in self._slots.items()}
+
+    def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        unknown = sorted(set(state) - set(self._slots))
+        if unknown:
+            raise KeyError(f"unknown trainable tensor {unknown[0]!r}")
+        for name, value in state.items():
+            self._slots[name].write(value)
+
+    def trainable_fraction(self) -> float:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable / total

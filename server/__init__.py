@@ -1,0 +1,1 @@
+"""Operator side: the Flower ServerApp, round orchestration, committed rounds, releases."""

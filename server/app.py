@@ -1,0 +1,37 @@
+"""The fedmoe ServerApp: read the run config, delegate to the round loop in server.rounds."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedmoe.config import RunConfig
+from server.rounds import LogReporter, Reporter, run_rounds
+
+
+def make_app(
+    config: RunConfig | None = None,
+    reporter: Reporter | None = None,
+    run_name: str = "default",
+    errors: list[BaseException] | None = None,
+) -> ServerApp:
+    """A ServerApp; `config` set: an embedded run (fedmoe CLI), else Flower's run config.
+
+    `errors` collects what the round loop raised (Flower's simulation only logs it).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_config = config if config is not None else RunConfig.from_user_config(context.run_config)
+            run_rounds(grid, run_config, reporter or LogReporter(), run_name=run_name)
+        except BaseException as exc:
+            if errors is not None:
+                errors.append(exc)
+            raise
+
+    return app
+
+
+app = make_app()

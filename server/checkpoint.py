@@ -1,0 +1,75 @@
+"""Committed rounds: the global trainable state and a JSON manifest per round, written atomically.
+
+    <run>/round-0003/state.safetensors   global trainable state after round 3 (fp32)
+    <run>/round-0003/manifest.json       what happened in round 3 (members, losses, bytes, ...)
+    <run>/COMMITTED                      {"round": 3, "sha256": ...}, replaced last
+
+A round is committed when COMMITTED names it; a crash before that leaves the previous round
+committed and the half-written folder is overwritten when the round is run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.io import atomic_write_bytes, atomic_write_json, tensors_from_bytes, tensors_to_bytes
+
+POINTER = "COMMITTED"
+
+
+class CheckpointError(RuntimeError):
+    """A committed round cannot be read back as it was written."""
+
+
+@dataclass(frozen=True)
+class Committed:
+    round: int
+    state: dict[str, torch.Tensor]
+    manifest: dict[str, Any]
+
+
+class Checkpoints:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def round_dir(self, rnd: int) -> Path:
+        return self.run_dir / f"round-{rnd:04d}"
+
+    def commit(self, rnd: int, state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+        payload = tensors_to_bytes(state, torch.float32)
+        digest = hashlib.sha256(payload).hexdigest()
+        folder = self.round_dir(rnd)
+        atomic_write_bytes(folder / "state.safetensors", payload)
+        atomic_write_json(folder / "manifest.json", {**manifest, "round": rnd, "state_sha256": digest})
+        atomic_write_json(self.run_dir / POINTER, {"round": rnd, "sha256": digest})
+
+    def latest_round(self) -> int | None:
+        pointer = self.run_dir / POINTER
+        if not pointer.is_file():
+            return None
+        return int(json.loads(pointer.read_text())["round"])
+
+    def load(self, rnd: int | None = None) -> Committed | None:
+        pointer = self.run_dir / POINTER
+        if not pointer.is_file():
+            return None
+        head = json.loads(pointer.read_text())
+        rnd = head["round"] if rnd is None else rnd
+        folder = self.round_dir(rnd)
+        payload = (folder / "state.safetensors").read_bytes()
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if hashlib.sha256(payload).hexdigest() != manifest["state_sha256"]:
+            raise CheckpointError(f"{folder / 'state.safetensors'}: sha256 does not match its manifest")
+        return Committed(rnd, tensors_from_bytes(payload, source=str(folder)), manifest)
+
+    def manifests(self) -> list[dict[str, Any]]:
+        latest = self.latest_round()
+        if latest is None:
+            return []
+        return [json.loads((self.round_dir(r) / "manifest.json").read_text()) for r in range(latest + 1)]

@@ -1,0 +1,63 @@
+"""Releases: a committed round's trainable state written as files transformers and peft load.
+
+    <release>/base/      the frozen base (HF directory: config, safetensors, tokenizer)
+    <release>/adapter/   PEFT adapter: LoRA A and B + the trained router (modules_to_save)
+    <release>/merged/    base with the adapter merged in (plain `AutoModelForCausalLM`)
+    <release>/release.json   round, validation losses, sha256 of every file
+
+    model = AutoModelForCausalLM.from_pretrained("<release>/base")
+    model = PeftModel.from_pretrained(model, "<release>/adapter")
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.base import LORA_INIT, MANIFEST, load_base
+from model.io import atomic_write_json, sha256_file
+
+
+@dataclass(frozen=True)
+class Release:
+    path: Path
+    round: int
+    files: dict[str, str]  # relative path -> sha256
+
+
+def export_release(
+    base_path: Path,
+    state: dict[str, torch.Tensor],
+    out: Path,
+    *,
+    round: int,
+    val_loss: dict[str, float] | None = None,
+) -> Release:
+    """Write the release into `out` (built in a staging folder, then renamed into place)."""
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    base = load_base(base_path)
+    shutil.copytree(base_path, staging / "base", ignore=shutil.ignore_patterns(LORA_INIT, MANIFEST, ".*"))
+    lora = base.with_lora()
+    lora.set_state(state)
+    lora.model.peft_config["default"].base_model_name_or_path = "../base"
+    lora.model.save_pretrained(staging / "adapter")
+    merged = lora.model.merge_and_unload()
+    merged.save_pretrained(staging / "merged")
+    base.tokenizer.save_pretrained(staging / "merged")
+
+    files = {
+        str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
+    }
+    atomic_write_json(
+        staging / "release.json",
+        {"round": round, "base_sha256": base.sha256, "val_loss": val_loss or {}, "sha256": files},
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return Release(out, round, files)

@@ -1,0 +1,292 @@
+"""The operator's round loop: sample members, send the trainable state, validate replies,
+aggregate per expert, evaluate per domain, commit. Reads top to bottom like a training script.
+
+It talks to Flower only through the `Grid` it is given, so the same loop runs in Flower's
+simulation engine and in a real SuperLink deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from aggregation.fedavg import Update, aggregate
+from client.precision import select_precision
+from fedmoe.config import RunConfig
+from fedmoe.protocol import TRAIN, ProtocolError, TrainInstruction, TrainReply
+from fedmoe.workspace import Workspace
+from model.base import Base, load_base
+from model.corpus import read_texts
+from model.io import dtype_named, tensors_from_bytes, tensors_to_bytes
+from model.lora import LoraMoE, expert_of
+from model.moe import evaluate_loss
+from model.tokenizer import pack
+from server.checkpoint import Checkpoints
+
+log = logging.getLogger("fedmoe.server")
+
+
+class UpdateRejected(ValueError):
+    """A member's update fails validation; the round goes on without it."""
+
+
+class RoundAborted(RuntimeError):
+    """Too few valid updates: nothing is committed, the global state stays as it was."""
+
+
+@dataclass(frozen=True)
+class MemberReport:
+    member: str
+    node_id: int
+    bytes_down: int
+    bytes_up: int
+    num_tokens: int
+    train_loss: float
+    seconds: float
+    experts_sent: int
+    precision: str
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    round: int
+    val_loss: dict[str, float]
+    members: list[MemberReport] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # member or node -> reason
+    seconds: float = 0.0
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(m.bytes_up for m in self.members)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(m.bytes_down for m in self.members)
+
+
+class Reporter(Protocol):
+    def start(self, first_round: int, num_rounds: int, resumed: bool) -> None: ...
+    def round_started(self, rnd: int, num_members: int) -> None: ...
+    def member_done(self, rnd: int, done: int, total: int) -> None: ...
+    def round_finished(self, summary: RoundSummary) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class LogReporter:
+    """Progress through Flower's log (a deployed ServerApp has no terminal of its own)."""
+
+    def start(self, first_round: int, num_rounds: int, resumed: bool) -> None:
+        log.info("fedmoe: rounds %d..%d%s", first_round, num_rounds, " (resumed)" if resumed else "")
+
+    def round_started(self, rnd: int, num_members: int) -> None:
+        log.info("round %d: sent to %d members", rnd, num_members)
+
+    def member_done(self, rnd: int, done: int, total: int) -> None:
+        pass
+
+    def round_finished(self, summary: RoundSummary) -> None:
+        losses = ", ".join(f"{d}={v:.3f}" for d, v in summary.val_loss.items())
+        log.info("round %d committed: val loss %s", summary.round, losses)
+
+    def note(self, text: str) -> None:
+        log.warning("%s", text)
+
+
+def validation_sets(ws: Workspace, base: Base, config: RunConfig) -> dict[str, torch.Tensor]:
+    """The operator's held-out validation blocks per domain (capped to eval-batches batches)."""
+    cap = config.eval_batches * config.batch_size * config.seq_len
+    sets = {}
+    for domain in ws.validation_domains():
+        path = ws.validation_dir / f"{domain}.jsonl"
+        sets[domain] = pack(base.tokenizer, read_texts(path), config.seq_len, cap + 1, source=str(path))
+    if not sets:
+        raise FileNotFoundError(f"{ws.validation_dir}: no validation sets (run `fedmoe init`)")
+    return sets
+
+
+def evaluate(lora: LoraMoE, sets: dict[str, torch.Tensor], config: RunConfig) -> dict[str, float]:
+    precision = select_precision(config.precision)
+    model = lora.model.to(precision.device)
+    losses = {
+        domain: evaluate_loss(
+            model, blocks, batch_size=config.batch_size, device=precision.device,
+            autocast_dtype=precision.autocast_dtype,
+        )
+        for domain, blocks in sets.items()
+    }
+    model.to("cpu")
+    return losses
+
+
+def validate_update(reply: TrainReply, shapes: dict[str, tuple[int, ...]], config: RunConfig) -> Update:
+    """Decode and check a member's update: known names, exact shapes, finite, bounded counts."""
+    delta = tensors_from_bytes(reply.update, source=f"member {reply.member!r}")
+    for name, tensor in delta.items():
+        if name not in shapes:
+            raise UpdateRejected(f"member {reply.member!r}: unknown tensor {name!r}")
+        if tuple(tensor.shape) != shapes[name]:
+            raise UpdateRejected(
+                f"member {reply.member!r}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shapes[name]}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise UpdateRejected(f"member {reply.member!r}: tensor {name!r} has NaN or Inf")
+    # Self-reported counts are bounded by the round's token budget and never exceed it.
+    budget = config.local_steps * config.batch_size * config.seq_len
+    top_k_budget = budget * 8  # a token is routed to k experts per layer; k <= 8 in practice
+    if not 0 < reply.num_tokens <= budget:
+        raise UpdateRejected(f"member {reply.member!r}: num-tokens {reply.num_tokens} outside (0, {budget}]")
+    for group, count in reply.expert_tokens.items():
+        if not 0 <= count <= top_k_budget:
+            raise UpdateRejected(f"member {reply.member!r}: expert-tokens[{group}] = {count} out of range")
+    return Update(
+        member=reply.member,
+        delta={k: v.float() for k, v in delta.items()},
+        num_tokens=reply.num_tokens,
+        expert_tokens=dict(reply.expert_tokens),
+    )
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[int], None]
+) -> list[Message]:
+    """Push the round's messages and pull replies as they come, reporting progress."""
+    ids = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while ids and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(ids)):
+            ids.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            on_reply(len(replies))
+        if ids:
+            time.sleep(0.2)
+    return replies
+
+
+def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: str = "default") -> list[RoundSummary]:
+    ws = Workspace(config.workspace_path)
+    base = load_base(ws.base)
+    lora = base.with_lora()
+    shapes = lora.shapes()
+    val_sets = validation_sets(ws, base, config)
+    checkpoints = Checkpoints(ws.run_dir(run_name))
+    summaries: list[RoundSummary] = []
+
+    committed = checkpoints.load()
+    if committed is None:
+        state = lora.get_state()
+        summary = RoundSummary(round=0, val_loss=evaluate(lora, val_sets, config))
+        checkpoints.commit(0, state, _manifest(summary, base, config))
+        first = 1
+    else:
+        if set(committed.state) != set(shapes):
+            raise RuntimeError(f"{checkpoints.run_dir}: committed state does not match the base's trainable state")
+        state = committed.state
+        first = committed.round + 1
+    reporter.start(first, config.num_rounds, resumed=committed is not None)
+
+    for rnd in range(first, config.num_rounds + 1):
+        started = time.perf_counter()
+        nodes = wait_for_nodes(grid, config.min_members, config.round_timeout)
+        if config.members_per_round:
+            nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
+        reporter.round_started(rnd, len(nodes))
+
+        payload = tensors_to_bytes(state, dtype_named(config.state_dtype))
+        ins = TrainInstruction(
+            round=rnd, state=payload, base_sha256=base.sha256, base_path=str(ws.base),
+            members_dir=str(ws.members_dir), nodes_dir=str(ws.root / "nodes"),
+            local_steps=config.local_steps, batch_size=config.batch_size, seq_len=config.seq_len,
+            lr=config.lr, seed=config.seed, min_expert_tokens=config.min_expert_tokens,
+            update_dtype=config.update_dtype, precision=config.precision,
+        )
+        messages = [
+            Message(content=ins.to_record(), message_type=TRAIN, dst_node_id=node, group_id=str(rnd))
+            for node in nodes
+        ]
+        replies = exchange(grid, messages, config.round_timeout, lambda n: reporter.member_done(rnd, n, len(nodes)))
+
+        updates: list[Update] = []
+        reports: list[MemberReport] = []
+        rejected: dict[str, str] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                rejected[f"node {node}"] = reply.error.reason
+                reporter.note(f"round {rnd}: {reply.error.reason}")
+                continue
+            try:
+                parsed = TrainReply.from_record(reply.content)
+                if parsed.round != rnd:
+                    raise UpdateRejected(f"member {parsed.member!r}: reply for round {parsed.round}, expected {rnd}")
+                update = validate_update(parsed, shapes, config)
+            except (ProtocolError, UpdateRejected, ValueError) as exc:
+                rejected[f"node {node}"] = str(exc)
+                reporter.note(f"round {rnd}: rejected: {exc}")
+                continue
+            updates.append(update)
+            reports.append(MemberReport(
+                member=parsed.member, node_id=node, bytes_down=len(payload), bytes_up=len(parsed.update),
+                num_tokens=parsed.num_tokens, train_loss=parsed.train_loss, seconds=parsed.seconds,
+                experts_sent=len(parsed.expert_tokens), precision=parsed.precision,
+            ))
+        missing = len(nodes) - len(replies)
+        if missing:
+            reporter.note(f"round {rnd}: {missing} member(s) did not reply within {config.round_timeout:.0f}s")
+
+        if len(updates) < config.min_members:
+            reason = f"round {rnd} aborted: {len(updates)} valid update(s), min-members is {config.min_members}; state stays at round {rnd - 1}"
+            reporter.note(reason)
+            raise RoundAborted(reason)
+
+        mean_delta = aggregate(updates, expert_of)
+        state = {name: value + mean_delta[name] if name in mean_delta else value for name, value in state.items()}
+        lora.set_state(state)
+        summary = RoundSummary(
+            round=rnd, val_loss=evaluate(lora, val_sets, config), members=sorted(reports, key=lambda r: r.member),
+            rejected=rejected, seconds=time.perf_counter() - started,
+        )
+        checkpoints.commit(rnd, state, _manifest(summary, base, config))
+        reporter.round_finished(summary)
+        summaries.append(summary)
+    return summaries
+
+
+def _manifest(summary: RoundSummary, base: Base, config: RunConfig) -> dict[str, object]:
+    return {
+        "base_sha256": base.sha256,
+        "val_loss": summary.val_loss,
+        "members": [asdict(m) for m in summary.members],
+        "rejected": summary.rejected,
+        "bytes_up": summary.bytes_up,
+        "bytes_down": summary.bytes_down,
+        "seconds": summary.seconds,
+        "run_config": config.as_user_config(),
+    }
+
+
+def committed_state(workspace: Path, run_name: str = "default") -> tuple[int, dict[str, torch.Tensor]] | None:
+    committed = Checkpoints(Workspace(workspace).run_dir(run_name)).load()
+    return None if committed is None else (committed.round, committed.state)
+
+
+def domains_of(summaries: Sequence[RoundSummary]) -> list[str]:
+    return sorted({d for s in summaries for d in s.val_loss})

@@ -1,0 +1,108 @@
+"""End to end in Flower's simulation engine: the real ServerApp and ClientApp, 3 members."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from fedmoe.config import RunConfig
+from fedmoe.simulation import SimulationFailed, simulate
+from fedmoe.workspace import Workspace
+from server.checkpoint import Checkpoints
+from server.release import export_release
+from server.rounds import LogReporter
+
+pytestmark = pytest.mark.slow
+
+
+def config(ws: Workspace, **overrides) -> RunConfig:
+    base = RunConfig(
+        workspace=str(ws.root), num_rounds=2, local_steps=8, batch_size=8, seq_len=64, lr=0.003,
+        eval_batches=2, min_expert_tokens=16, min_members=2, round_timeout=300.0,
+    )
+    return base.with_overrides(**overrides)
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tiny_workspace: Workspace):
+    result = simulate(config(tiny_workspace), LogReporter(), num_members=3, run_name="fresh")
+    return tiny_workspace, result
+
+
+def test_simulation_lowers_validation_loss_on_every_domain_and_commits(two_rounds) -> None:
+    ws, result = two_rounds
+    manifests = Checkpoints(ws.run_dir("fresh")).manifests()
+    assert [m["round"] for m in manifests] == [0, 1, 2]
+    before, after = manifests[0]["val_loss"], manifests[-1]["val_loss"]
+    assert set(before) == set(ws.validation_domains()) and len(before) >= 4
+    # every domain the consortium holds data for gets better (a domain no member holds may not)
+    members = [m.member for m in result.summaries[-1].members]
+    for domain in members:
+        assert after[domain] < before[domain], (domain, before[domain], after[domain])
+    last = result.summaries[-1]
+    assert len(last.members) == 3 and not last.rejected
+    assert all(m.bytes_up > 0 and m.bytes_down > 0 for m in last.members)
+    assert all(m.precision.startswith("bf16") for m in last.members)
+
+
+def test_restart_after_round_1_resumes_at_round_2_with_identical_state(two_rounds) -> None:
+    ws, _ = two_rounds
+    first = simulate(config(ws, num_rounds=1), LogReporter(), num_members=3, run_name="resumed")
+    assert [s.round for s in first.summaries] == [1]
+    after_1 = Checkpoints(ws.run_dir("resumed")).load()
+    second = simulate(config(ws, num_rounds=2), LogReporter(), num_members=3, run_name="resumed")
+    assert [s.round for s in second.summaries] == [2]  # round 1 was not redone
+    fresh_1 = Checkpoints(ws.run_dir("fresh")).load(1)
+    assert all(torch.equal(after_1.state[k], fresh_1.state[k]) for k in fresh_1.state)
+    resumed, fresh = Checkpoints(ws.run_dir("resumed")).load(), Checkpoints(ws.run_dir("fresh")).load()
+    assert resumed.round == fresh.round == 2
+    assert all(torch.equal(resumed.state[k], fresh.state[k]) for k in fresh.state)
+
+
+def test_exported_release_loads_with_transformers_and_peft_and_generates(two_rounds, tmp_path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ws, _ = two_rounds
+    committed = Checkpoints(ws.run_dir("fresh")).load()
+    release = export_release(ws.base, committed.state, tmp_path / "release", round=committed.round)
+    assert (release.path / "adapter" / "adapter_model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(release.path / "base")
+    model = PeftModel.from_pretrained(model, release.path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(release.path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(release.path / "base")
+    ids = tokenizer("def parse(self, text):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+    assert isinstance(tokenizer.decode(out[0]), str)
+    # the release carries the trained state, not the untouched base
+    plain = AutoModelForCausalLM.from_pretrained(release.path / "base")
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+def test_corrupt_member_file_is_named_and_the_round_goes_on(tiny_workspace: Workspace, tmp_path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_workspace.root / "corpora", ws.corpora)
+    shutil.copytree(tiny_workspace.base, ws.base)
+    bad = ws.members_dir / ws.members()[1] / "broken.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops\n')
+    result = simulate(config(ws, num_rounds=1), LogReporter(), num_members=3)
+    assert len(result.summaries[0].members) == 2
+    notes = " ".join(result.notes)
+    assert "broken.jsonl: line 2" in notes and ws.members()[1] in notes
+
+
+def test_too_few_members_aborts_cleanly_and_commits_nothing(tiny_workspace: Workspace, tmp_path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_workspace.root / "corpora", ws.corpora)
+    shutil.copytree(tiny_workspace.base, ws.base)
+    for member in ws.members()[:3]:
+        (ws.members_dir / member / "empty.txt").write_text("")
+    with pytest.raises(SimulationFailed, match="round 1 aborted: 0 valid update"):
+        simulate(config(ws, num_rounds=1), LogReporter(), num_members=3)
+    assert Checkpoints(ws.run_dir()).latest_round() == 0  # only the initial state

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.precision import PrecisionError, select_precision
+from client.trainer import TrainConfig, train_local
+from model.base import BaseModelError, load_base
+from model.lora import LoraMoE, LoraSpec, expert_of
+from model.moe import MoEConfig, build_model, routed_token_counts
+
+SMALL = MoEConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
+
+
+def small_lora(spec: LoraSpec = LoraSpec(rank=4, alpha=8)) -> LoraMoE:
+    base = build_model(SMALL, seed=0)
+    return LoraMoE(base, spec, LoraMoE.make_lora_init(base, spec, seed=1))
+
+
+def test_default_moe_is_top2_of_8_and_trainable_fraction_is_small() -> None:
+    default = MoEConfig()
+    assert (default.num_experts, default.top_k) == (8, 2)
+    lora = small_lora()
+    fraction = lora.trainable_fraction()
+    print(f"trainable fraction: {fraction:.4f}")
+    assert 0.005 < fraction < 0.25
+    # only lora_B and the router copy train; every frozen A stays frozen
+    for name, p in lora.model.named_parameters():
+        if p.requires_grad:
+            assert "lora_B" in name or "modules_to_save" in name, name
+
+
+def test_per_expert_state_slices_touch_only_that_expert() -> None:
+    lora = small_lora()
+    name = "model.layers.1.mlp.experts.down_proj.lora_B.e5"
+    assert expert_of(name) == "1:5"
+    lora.set_state({name: torch.ones(lora.shapes()[name])})
+    wrapper = next(m for n, m in lora.model.named_modules() if n.endswith("layers.1.mlp.experts") and hasattr(m, "get_delta_weight"))
+    delta = wrapper.get_delta_weight("default")  # (E, ...) per-expert delta of down_proj
+    nonzero = [e for e in range(delta.shape[0]) if delta[e].abs().sum() > 0]
+    assert nonzero == [5]
+    assert torch.equal(lora.get_state()[name], torch.ones(lora.shapes()[name]))
+
+
+def test_state_round_trip_and_unknown_names_refused() -> None:
+    lora = small_lora()
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=g) for k, s in lora.shapes().items()}
+    lora.set_state(state)
+    assert all(torch.equal(lora.get_state()[k], v) for k, v in state.items())
+    with pytest.raises(KeyError, match="unknown trainable tensor"):
+        lora.set_state({"model.layers.9.nope": torch.zeros(1)})
+
+
+def test_routed_token_counts() -> None:
+    logits = (torch.tensor([[5.0, 4.0, 0.0], [0.0, 4.0, 5.0]]),)
+    assert routed_token_counts(logits, top_k=2).tolist() == [[1, 2, 1]]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_local_round_trains_routed_experts_under_each_cpu_precision(precision: str) -> None:
+    lora = small_lora()
+    blocks = torch.randint(0, SMALL.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
+    start = lora.get_state()
+    cfg = TrainConfig(local_steps=3, batch_size=4, lr=1e-2, seed=0, min_expert_tokens=1)
+    result = train_local(lora, start, blocks, cfg, select_precision(precision, "cpu"))
+    assert result.num_tokens == 3 * 4 * 32
+    # every token goes to top_k=2 experts in each of the 2 layers
+    per_layer = [sum(n for g, n in result.expert_tokens.items() if g.startswith(f"{layer}:")) for layer in range(2)]
+    assert per_layer == [2 * result.num_tokens] * 2
+    assert all(torch.isfinite(d).all() for d in result.delta.values())
+    moved = [k for k, d in result.delta.items() if d.abs().sum() > 0]
+    assert any("self_attn" in k for k in moved) and any(expert_of(k) for k in moved)
+    assert any(k.endswith("mlp.gate.weight") for k in moved)
+
+
+def test_experts_below_min_tokens_are_not_sent() -> None:
+    lora = small_lora()
+    blocks = torch.randint(0, SMALL.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(local_steps=1, batch_size=2, lr=1e-2, seed=0, min_expert_tokens=10**9)
+    result = train_local(lora, lora.get_state(), blocks, cfg, select_precision("bf16", "cpu"))
+    assert result.experts_sent == 0 and result.experts_skipped > 0
+    assert not any(expert_of(k) for k in result.delta)
+    assert any("self_attn" in k for k in result.delta)
+
+
+def test_precision_selection_follows_the_device() -> None:
+    cpu = select_precision("auto", "cpu")
+    assert cpu.autocast_dtype == torch.bfloat16 and not cpu.grad_scaler
+    gpu_bf16 = select_precision("auto", "auto", cuda_available=True, cuda_bf16=True)
+    assert gpu_bf16.device.type == "cuda" and gpu_bf16.autocast_dtype == torch.bfloat16
+    old_gpu = select_precision("auto", "auto", cuda_available=True, cuda_bf16=False)
+    assert old_gpu.autocast_dtype == torch.float16 and old_gpu.grad_scaler
+    assert select_precision("fp32", "cpu").autocast_dtype is None
+    with pytest.raises(PrecisionError, match="fp16.*CUDA"):
+        select_precision("fp16", "cpu")
+    with pytest.raises(PrecisionError, match="bf16"):
+        select_precision("bf16", "auto", cuda_available=True, cuda_bf16=False)
+    with pytest.raises(PrecisionError, match="not one of"):
+        select_precision("fp8")
+
+
+def test_fp16_grad_scaler_path_trains() -> None:
+    """The path a GPU without bf16 takes; on a CPU-only machine fp16 autocast runs on the CPU."""
+    from client.precision import Precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lora = small_lora()
+    blocks = torch.randint(0, SMALL.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
+    precision = Precision(device, torch.float16, grad_scaler=True)
+    result = train_local(lora, lora.get_state(), blocks, TrainConfig(3, 4, 1e-2, 0, 1), precision)
+    assert all(torch.isfinite(d).all() for d in result.delta.values())
+    assert any(d.abs().sum() > 0 for d in result.delta.values())
+    if torch.cuda.is_available():  # and the automatic choice on this GPU trains too
+        auto = select_precision("auto")
+        assert auto.device.type == "cuda"
+        result = train_local(lora, lora.get_state(), blocks, TrainConfig(3, 4, 1e-2, 0, 1), auto)
+        assert any(d.abs().sum() > 0 for d in result.delta.values())
+
+
+def test_base_directory_is_checked_against_its_sha256(tiny_base_path, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "base"
+    shutil.copytree(tiny_base_path, copy)
+    base = load_base(copy)
+    with pytest.raises(BaseModelError, match="not the round's base"):
+        load_base(copy, expected_sha256="0" * 64)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BaseModelError, match=r"model.safetensors: sha256 mismatch"):
+        load_base(copy)
+    assert base.spec.rank == 4

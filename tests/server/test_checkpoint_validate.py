@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmoe.config import RunConfig
+from fedmoe.protocol import TrainReply
+from model.io import tensors_to_bytes
+from server.checkpoint import CheckpointError, Checkpoints
+from server.rounds import UpdateRejected, validate_update
+
+SHAPES = {"a.lora_B": (4, 2), "layers.0.mlp.experts.down_proj.lora_B.e1": (3, 2)}
+CONFIG = RunConfig(local_steps=2, batch_size=2, seq_len=16)  # token budget 64
+
+
+def reply(delta: dict[str, torch.Tensor], num_tokens: int = 64, experts: dict[str, int] | None = None) -> TrainReply:
+    return TrainReply("acme", 1, tensors_to_bytes(delta), experts or {}, num_tokens, 4, 1.0, 1.0, "bf16")
+
+
+def test_commit_and_load_round_trip_and_pointer_moves_last(tmp_path) -> None:
+    ckpt = Checkpoints(tmp_path / "run")
+    assert ckpt.load() is None
+    s1 = {"x": torch.randn(3, 2)}
+    ckpt.commit(0, {"x": torch.zeros(3, 2)}, {"val_loss": {"d": 2.0}})
+    ckpt.commit(1, s1, {"val_loss": {"d": 1.5}})
+    loaded = ckpt.load()
+    assert loaded is not None and loaded.round == 1 and torch.equal(loaded.state["x"], s1["x"])
+    assert [m["round"] for m in ckpt.manifests()] == [0, 1]
+    # a half-written round 2 (crash before the pointer moved) is not committed
+    (ckpt.round_dir(2)).mkdir()
+    (ckpt.round_dir(2) / "state.safetensors").write_bytes(b"partial")
+    assert ckpt.load().round == 1
+
+
+def test_tampered_committed_state_is_detected(tmp_path) -> None:
+    ckpt = Checkpoints(tmp_path / "run")
+    ckpt.commit(0, {"x": torch.ones(8)}, {})
+    path = ckpt.round_dir(0) / "state.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 does not match"):
+        ckpt.load()
+
+
+def test_valid_update_passes() -> None:
+    update = validate_update(reply({"a.lora_B": torch.ones(4, 2)}, experts={"0:1": 10}), SHAPES, CONFIG)
+    assert update.member == "acme" and update.num_tokens == 64
+
+
+@pytest.mark.parametrize(
+    ("delta", "tokens", "experts", "message"),
+    [
+        ({"a.lora_B": torch.ones(4, 3)}, 64, {}, r"member 'acme': tensor 'a.lora_B' has shape \(4, 3\), expected \(4, 2\)"),
+        ({"a.lora_B": torch.full((4, 2), float("nan"))}, 64, {}, "NaN or Inf"),
+        ({"b.lora_B": torch.ones(4, 2)}, 64, {}, "unknown tensor 'b.lora_B'"),
+        ({"a.lora_B": torch.ones(4, 2)}, 10**6, {}, "num-tokens 1000000 outside"),
+        ({"a.lora_B": torch.ones(4, 2)}, 64, {"0:1": 10**9}, r"expert-tokens\[0:1\]"),
+    ],
+)
+def test_bad_updates_are_rejected_naming_member_and_field(delta, tokens, experts, message) -> None:
+    with pytest.raises(UpdateRejected, match=message):
+        validate_update(reply(delta, tokens, experts), SHAPES, CONFIG)
+
+
+def test_garbage_payload_is_refused_naming_member() -> None:
+    bad = TrainReply("acme", 1, b"\xff" * 40, {}, 64, 4, 1.0, 1.0, "bf16")
+    with pytest.raises(ValueError, match="member 'acme': not a valid safetensors payload"):
+        validate_update(bad, SHAPES, CONFIG)

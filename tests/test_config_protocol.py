@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from flwr.app import RecordDict
+
+from fedmoe.config import ConfigError, RunConfig
+from fedmoe.protocol import ProtocolError, TrainInstruction, TrainReply
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_run_config_defaults_equal_the_dataclass_defaults() -> None:
+    user = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.from_user_config(user) == RunConfig()
+    assert set(user) == {f.name.replace("_", "-") for f in fields(RunConfig)}
+
+
+def test_every_run_config_key_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for f in fields(RunConfig):
+        assert f"`{f.name.replace('_', '-')}`" in readme, f.name
+
+
+@pytest.mark.parametrize(
+    ("user", "message"),
+    [
+        ({"num-rounds": 0}, "num-rounds must be >= 1"),
+        ({"lr": "fast"}, "lr = 'fast' must be float"),
+        ({"no-such-key": 1}, "unknown key 'no-such-key'"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"local-steps": True}, "must be int"),
+    ],
+)
+def test_bad_run_config_is_refused_with_one_line(user: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        RunConfig.from_user_config(user)
+    assert "\n" not in str(info.value)
+
+
+def _ins() -> TrainInstruction:
+    return TrainInstruction(
+        round=3, state=b"\x00\x01", base_sha256="ab" * 32, base_path="/b", members_dir="/m", nodes_dir="/n",
+        local_steps=2, batch_size=4, seq_len=64, lr=0.01, seed=7, min_expert_tokens=5,
+        update_dtype="float32", precision="auto",
+    )
+
+
+def test_messages_round_trip_through_flower_records() -> None:
+    ins = _ins()
+    assert TrainInstruction.from_record(ins.to_record()) == ins
+    reply = TrainReply(
+        member="acme", round=3, update=b"xyz", expert_tokens={"0:1": 12, "1:7": 3}, num_tokens=512,
+        num_examples=8, train_loss=2.5, seconds=1.25, precision="bf16 on cpu",
+    )
+    assert TrainReply.from_record(reply.to_record()) == reply
+
+
+def test_malformed_messages_are_refused() -> None:
+    content = _ins().to_record()
+    del content.config_records["state"]
+    with pytest.raises(ProtocolError, match="lacks 'state'"):
+        TrainInstruction.from_record(content)
+    content = _ins().to_record()
+    content.config_records["config"]["version"] = 99
+    with pytest.raises(ProtocolError, match="protocol version"):
+        TrainInstruction.from_record(content)
+    record = TrainReply("a", 1, b"", {}, 1, 1, 1.0, 1.0, "x").to_record()
+    record.config_records["info"]["member"] = 5
+    with pytest.raises(ProtocolError, match="'member' has type int"):
+        TrainReply.from_record(record)
+    with pytest.raises(ProtocolError, match="lacks"):
+        TrainReply.from_record(RecordDict())
