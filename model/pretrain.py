@@ -53,8 +53,8 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if step >= steps - max(1, steps // 10):
-            tail.append(float(loss))
+            tail.append(float(loss.detach()))
         if on_step is not None:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, float(loss.detach()))
     model.to("cpu").eval()
     return sum(tail) / len(tail)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,12 @@ def export_release(
     shutil.copytree(base_path, staging / "base", ignore=shutil.ignore_patterns(LORA_INIT, MANIFEST, ".*"))
     lora = base.with_lora()
     lora.set_state(state)
-    lora.model.peft_config["default"].base_model_name_or_path = "../base"
     lora.model.save_pretrained(staging / "adapter")
+    # Point the adapter at the release's own base, relative, so the release folder can move.
+    adapter_config = staging / "adapter" / "adapter_config.json"
+    config = json.loads(adapter_config.read_text())
+    config["base_model_name_or_path"] = "../base"
+    adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     merged = lora.model.merge_and_unload()
     merged.save_pretrained(staging / "merged")
     base.tokenizer.save_pretrained(staging / "merged")

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import shutil
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedmoe.workspace import Workspace
+from model.base import load_base
+from server.init import init_workspace
+from conftest import TINY_INIT
+
+
+def test_init_builds_a_loadable_base_and_from_pretrained_adopts_an_hf_checkpoint(tiny_workspace, tmp_path) -> None:
+    # the demo base is a plain HF directory
+    model = AutoModelForCausalLM.from_pretrained(tiny_workspace.base)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_workspace.base)
+    ids = tokenizer("def f(x):", return_tensors="pt").input_ids
+    assert model.config.num_local_experts == TINY_INIT.model.num_experts
+    # a real operator's checkpoint directory becomes the base as it is, plus the frozen LoRA init
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_workspace.corpora, ws.corpora)
+    init_workspace(ws, TINY_INIT, from_pretrained=checkpoint, log=lambda _: None)
+    base = load_base(ws.base)
+    with torch.no_grad():
+        torch.testing.assert_close(base.model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert base.with_lora().trainable_fraction() > 0
