@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client.node import Node, run_round
+from client.node import Node, StaleView, run_round
 from client.precision import PrecisionError
 from fedmoe.protocol import ProtocolError, TrainInstruction
 from model.base import BaseModelError
@@ -14,7 +14,7 @@ from model.corpus import DataError
 app = ClientApp()
 
 # Error codes in replies (Flower reserves small numbers; ours are 100+).
-DATA_ERROR, BASE_ERROR, CONFIG_ERROR = 101, 102, 103
+DATA_ERROR, BASE_ERROR, CONFIG_ERROR, STALE_VIEW = 101, 102, 103, 104
 
 
 @app.train()
@@ -30,6 +30,8 @@ def train(msg: Message, context: Context) -> Message:
         return Message(error=Error(DATA_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
     except BaseModelError as exc:
         return Message(error=Error(BASE_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
+    except StaleView as exc:
+        return Message(error=Error(STALE_VIEW, f"member {node.member!r}: {exc}"), reply_to=msg)
     except PrecisionError as exc:
         return Message(error=Error(CONFIG_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
     return Message(content=reply.to_record(), reply_to=msg)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from aggregation.broadcast import PatchError, apply_patch, view_digest
 from client.precision import select_precision
 from client.trainer import TrainConfig, train_local
 from fedmoe.protocol import TrainInstruction, TrainReply
@@ -75,6 +76,38 @@ def member_blocks(node: Node, base: Base, seq_len: int) -> torch.Tensor:
     return blocks
 
 
+VIEW = "view.safetensors"
+
+
+class StaleView(RuntimeError):
+    """The server sent a patch against a view this node does not hold (it resends in full)."""
+
+
+def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
+    """The member's new view of the global state: the full state, or its last view + a patch."""
+    payload = tensors_from_bytes(ins.state, source=f"round {ins.round} global state")
+    if ins.state_kind == "full":
+        view = dict(sorted(payload.items()))
+    elif ins.state_kind == "patch":
+        path = node.state_dir / VIEW
+        if not path.is_file():
+            raise StaleView(f"{path}: no view to apply the round {ins.round} patch to")
+        held = load_tensors(path)
+        if view_digest(held) != ins.base_view_sha256:
+            raise StaleView(f"{path}: held view is not the one the round {ins.round} patch is for")
+        try:
+            view = apply_patch(held, payload)
+        except PatchError as exc:
+            raise StaleView(str(exc)) from None
+    else:
+        raise StaleView(f"unknown state kind {ins.state_kind!r}")
+    if view_digest(view) != ins.view_sha256:
+        raise StaleView(f"round {ins.round}: view digest after applying the state does not match the server's")
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(node.state_dir / VIEW, view)
+    return view
+
+
 def member_seed(seed: int, rnd: int, member: str) -> int:
     return (seed * 1_000_003 + rnd * 7919 + zlib.crc32(member.encode())) % (2**31)
 
@@ -82,7 +115,7 @@ def member_seed(seed: int, rnd: int, member: str) -> int:
 def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
     base, lora = _load(node.base_path, ins.base_sha256)
     blocks = member_blocks(node, base, ins.seq_len)
-    state = tensors_from_bytes(ins.state, source=f"round {ins.round} global state")
+    state = receive_state(ins, node)
     precision = select_precision(ins.precision, node.device)
     result = train_local(
         lora,
@@ -101,6 +134,7 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         member=node.member,
         round=ins.round,
         update=tensors_to_bytes(result.delta, dtype_named(ins.update_dtype)),
+        view_sha256=ins.view_sha256,
         expert_tokens=result.expert_tokens,
         num_tokens=result.num_tokens,
         num_examples=result.num_examples,

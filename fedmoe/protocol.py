@@ -21,7 +21,10 @@ class ProtocolError(ValueError):
 @dataclass(frozen=True)
 class TrainInstruction:
     round: int
-    state: bytes  # safetensors of the global trainable state
+    state: bytes  # safetensors: the member's new view (full) or a patch of its last view
+    state_kind: str  # "full" | "patch" (aggregation/broadcast.py)
+    base_view_sha256: str  # patch only: digest of the view the patch applies to
+    view_sha256: str  # digest of the view after applying: the member checks it
     base_sha256: str
     base_path: str  # where the simulated members find the base; a SuperNode's node config overrides
     members_dir: str  # simulation only: <workspace>/corpora/members
@@ -61,6 +64,7 @@ class TrainReply:
     member: str
     round: int
     update: bytes  # safetensors of the delta (a subset of the trainable state)
+    view_sha256: str  # the view the member holds now (the server sends patches against it)
     expert_tokens: dict[str, int]  # 'l:e' -> tokens routed to that expert
     num_tokens: int
     num_examples: int
@@ -73,7 +77,13 @@ class TrainReply:
             {
                 "update": ConfigRecord({"payload": self.update}),
                 "info": ConfigRecord(
-                    {"version": PROTOCOL_VERSION, "member": self.member, "round": self.round, "precision": self.precision}
+                    {
+                        "version": PROTOCOL_VERSION,
+                        "member": self.member,
+                        "round": self.round,
+                        "precision": self.precision,
+                        "view-sha256": self.view_sha256,
+                    }
                 ),
                 "metrics": MetricRecord(
                     {
@@ -100,6 +110,7 @@ class TrainReply:
                 member=_typed("member", info["member"], str),
                 round=_typed("round", info["round"], int),
                 precision=_typed("precision", info["precision"], str),
+                view_sha256=_typed("view-sha256", info["view-sha256"], str),
                 update=_typed("update", update, bytes),
                 expert_tokens={k: _typed(f"expert-tokens[{k}]", v, int) for k, v in experts.items()},
                 num_tokens=_typed("num-tokens", metrics["num-tokens"], int),

@@ -19,6 +19,7 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from aggregation.broadcast import make_patch, view_digest, view_of
 from aggregation.fedavg import Update, aggregate
 from client.precision import select_precision
 from fedmoe.config import RunConfig
@@ -189,6 +190,8 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
     val_sets = validation_sets(ws, base, config)
     checkpoints = Checkpoints(ws.run_dir(run_name))
     summaries: list[RoundSummary] = []
+    views: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # member -> (digest, view it holds)
+    node_member: dict[int, str] = {}
 
     committed = checkpoints.load()
     if committed is None:
@@ -210,18 +213,26 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
         reporter.round_started(rnd, len(nodes))
 
-        payload = tensors_to_bytes(state, dtype_named(config.state_dtype))
-        ins = TrainInstruction(
-            round=rnd, state=payload, base_sha256=base.sha256, base_path=str(ws.base),
-            members_dir=str(ws.members_dir), nodes_dir=str(ws.root / "nodes"),
-            local_steps=config.local_steps, batch_size=config.batch_size, seq_len=config.seq_len,
-            lr=config.lr, seed=config.seed, min_expert_tokens=config.min_expert_tokens,
-            update_dtype=config.update_dtype, precision=config.precision,
-        )
-        messages = [
-            Message(content=ins.to_record(), message_type=TRAIN, dst_node_id=node, group_id=str(rnd))
-            for node in nodes
-        ]
+        # Broadcast: a member whose view we know gets only what changed since (a patch).
+        view = view_of(state, dtype_named(config.state_dtype))
+        digest = view_digest(view)
+        messages, bytes_down = [], {}
+        for node in nodes:
+            held = views.get(node_member.get(node, ""))
+            if held is not None:
+                kind, base_digest, payload = "patch", held[0], tensors_to_bytes(make_patch(held[1], view))
+            else:
+                kind, base_digest, payload = "full", "", tensors_to_bytes(view)
+            ins = TrainInstruction(
+                round=rnd, state=payload, state_kind=kind, base_view_sha256=base_digest, view_sha256=digest,
+                base_sha256=base.sha256, base_path=str(ws.base),
+                members_dir=str(ws.members_dir), nodes_dir=str(ws.root / "nodes"),
+                local_steps=config.local_steps, batch_size=config.batch_size, seq_len=config.seq_len,
+                lr=config.lr, seed=config.seed, min_expert_tokens=config.min_expert_tokens,
+                update_dtype=config.update_dtype, precision=config.precision,
+            )
+            bytes_down[node] = len(payload)
+            messages.append(Message(content=ins.to_record(), message_type=TRAIN, dst_node_id=node, group_id=str(rnd)))
         replies = exchange(grid, messages, config.round_timeout, lambda n: reporter.member_done(rnd, n, len(nodes)))
 
         updates: list[Update] = []
@@ -230,6 +241,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
+                views.pop(node_member.get(node, ""), None)  # resend the full state next time
                 rejected[f"node {node}"] = reply.error.reason
                 reporter.note(f"round {rnd}: {reply.error.reason}")
                 continue
@@ -243,8 +255,13 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                 reporter.note(f"round {rnd}: rejected: {exc}")
                 continue
             updates.append(update)
+            node_member[node] = parsed.member
+            if parsed.view_sha256 == digest:
+                views[parsed.member] = (digest, view)
+            else:
+                views.pop(parsed.member, None)
             reports.append(MemberReport(
-                member=parsed.member, node_id=node, bytes_down=len(payload), bytes_up=len(parsed.update),
+                member=parsed.member, node_id=node, bytes_down=bytes_down[node], bytes_up=len(parsed.update),
                 num_tokens=parsed.num_tokens, train_loss=parsed.train_loss, seconds=parsed.seconds,
                 experts_sent=len(parsed.expert_tokens), precision=parsed.precision,
             ))

@@ -43,7 +43,7 @@ def test_bad_run_config_is_refused_with_one_line(user: dict, message: str) -> No
 
 def _ins() -> TrainInstruction:
     return TrainInstruction(
-        round=3, state=b"\x00\x01", base_sha256="ab" * 32, base_path="/b", members_dir="/m", nodes_dir="/n",
+        round=3, state=b"\x00\x01", state_kind="full", base_view_sha256="", view_sha256="cd" * 32, base_sha256="ab" * 32, base_path="/b", members_dir="/m", nodes_dir="/n",
         local_steps=2, batch_size=4, seq_len=64, lr=0.01, seed=7, min_expert_tokens=5,
         update_dtype="float32", precision="auto",
     )
@@ -54,7 +54,7 @@ def test_messages_round_trip_through_flower_records() -> None:
     assert TrainInstruction.from_record(ins.to_record()) == ins
     reply = TrainReply(
         member="acme", round=3, update=b"xyz", expert_tokens={"0:1": 12, "1:7": 3}, num_tokens=512,
-        num_examples=8, train_loss=2.5, seconds=1.25, precision="bf16 on cpu",
+        num_examples=8, train_loss=2.5, seconds=1.25, precision="bf16 on cpu", view_sha256="ef" * 32,
     )
     assert TrainReply.from_record(reply.to_record()) == reply
 
@@ -68,7 +68,7 @@ def test_malformed_messages_are_refused() -> None:
     content.config_records["config"]["version"] = 99
     with pytest.raises(ProtocolError, match="protocol version"):
         TrainInstruction.from_record(content)
-    record = TrainReply("a", 1, b"", {}, 1, 1, 1.0, 1.0, "x").to_record()
+    record = TrainReply("a", 1, b"", "", {}, 1, 1, 1.0, 1.0, "x").to_record()
     record.config_records["info"]["member"] = 5
     with pytest.raises(ProtocolError, match="'member' has type int"):
         TrainReply.from_record(record)

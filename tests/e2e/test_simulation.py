@@ -45,6 +45,10 @@ def test_simulation_lowers_validation_loss_on_every_domain_and_commits(two_round
     assert len(last.members) == 3 and not last.rejected
     assert all(m.bytes_up > 0 and m.bytes_down > 0 for m in last.members)
     assert all(m.precision.startswith("bf16") for m in last.members)
+    # round 1 sends each member the full state, round 2 only what changed since (a patch)
+    first = {m.member: m.bytes_down for m in result.summaries[0].members}
+    for m in last.members:
+        assert m.bytes_down < first[m.member], (m.member, m.bytes_down, first[m.member])
 
 
 def test_restart_after_round_1_resumes_at_round_2_with_identical_state(two_rounds) -> None:

@@ -14,7 +14,7 @@ CONFIG = RunConfig(local_steps=2, batch_size=2, seq_len=16)  # token budget 64
 
 
 def reply(delta: dict[str, torch.Tensor], num_tokens: int = 64, experts: dict[str, int] | None = None) -> TrainReply:
-    return TrainReply("acme", 1, tensors_to_bytes(delta), experts or {}, num_tokens, 4, 1.0, 1.0, "bf16")
+    return TrainReply("acme", 1, tensors_to_bytes(delta), "", experts or {}, num_tokens, 4, 1.0, 1.0, "bf16")
 
 
 def test_commit_and_load_round_trip_and_pointer_moves_last(tmp_path) -> None:
@@ -64,6 +64,6 @@ def test_bad_updates_are_rejected_naming_member_and_field(delta, tokens, experts
 
 
 def test_garbage_payload_is_refused_naming_member() -> None:
-    bad = TrainReply("acme", 1, b"\xff" * 40, {}, 64, 4, 1.0, 1.0, "bf16")
+    bad = TrainReply("acme", 1, b"\xff" * 40, "", {}, 64, 4, 1.0, 1.0, "bf16")
     with pytest.raises(ValueError, match="member 'acme': not a valid safetensors payload"):
         validate_update(bad, SHAPES, CONFIG)
