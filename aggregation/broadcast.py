@@ -1,14 +1,19 @@
-"""Server -> member broadcast compression: send only what changed since the member's last view.
+"""Server -> member broadcast compression: members get an int8 delta of what changed.
 
-A member's *view* is the global trainable state rounded to the broadcast dtype (fp16 by
-default). The server remembers which view each member holds and sends a patch: tensors whose
-rounded values did not change are omitted (experts nobody trained), and a tensor where few
-rounded values changed is sent as a bitmap of changed coordinates plus the new values. The
-member's view after a patch is bit-identical to the rounded global state, so a member that
-gets a patch and one that gets the full state train from exactly the same numbers (resumes
-stay exact), and a digest of the view lets both sides check they agree.
+The server keeps one canonical *view* chain of the global trainable state:
 
-Hand-written because it is a few tensor operations specific to fedmoe's trainable state.
+    view_1 = G_0                                   (first round: exact copy)
+    view_r = view_{r-1} + Q(G_{r-1} - view_{r-1})   (Q: int8 with one scale per chunk)
+
+A member that holds view_{r-1} gets only the patch Q(G_{r-1} - view_{r-1}): tensors that did not
+change are omitted (experts nobody trained) and the rest cost one byte per value plus a scale per
+chunk. Any other member gets view_r in full (fp32). Either way every member trains from exactly
+the same numbers, bit for bit (the patch is applied with the same arithmetic on both sides), so
+resumes stay exact, and a digest of the view lets both sides check they agree. The view lags the
+global state by at most half a quantization step of the last patch: the next patch carries the
+rest (error feedback on the server side).
+
+Hand-written: a few tensor operations specific to fedmoe's trainable state.
 """
 
 from __future__ import annotations
@@ -18,76 +23,69 @@ from collections.abc import Mapping
 
 import torch
 
-_MASK = "::mask"
-_VALUES = "::values"
+CHUNK = 256
+_Q = "::q"
+_SCALE = "::scale"
 
 
 class PatchError(ValueError):
     """A patch does not apply to the view it is meant for."""
 
 
-def view_of(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {name: value.detach().to(dtype).contiguous() for name, value in sorted(state.items())}
-
-
 def view_digest(view: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(view):
-        tensor = view[name].contiguous()
+        tensor = view[name].detach().contiguous()
         digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    flat = mask.flatten().to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8)  # (n/8, 8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    return (flat * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+def _chunks(flat: torch.Tensor) -> torch.Tensor:
+    pad = (-flat.numel()) % CHUNK
+    return torch.cat([flat, flat.new_zeros(pad)]).view(-1, CHUNK)  # (n_chunks, CHUNK)
 
 
-def _unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    bits = (packed.to(torch.int32).unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1  # (n/8, 8)
-    return bits.flatten()[:numel].to(torch.bool)
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, numel: int) -> torch.Tensor:
+    chunks = q.to(torch.float32).view(-1, CHUNK) * scale.view(-1, 1)  # (n_chunks, CHUNK)
+    return chunks.flatten()[:numel]
 
 
-def make_patch(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of `new` that differ from `old` (dense, or bitmap + values when sparse)."""
+def advance(
+    view: Mapping[str, torch.Tensor] | None, state: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(next view, patch from `view` to it); no previous view: (exact copy of state, None)."""
+    if view is None:
+        return {k: v.detach().to(torch.float32).clone() for k, v in sorted(state.items())}, None
     patch: dict[str, torch.Tensor] = {}
-    for name, value in new.items():
-        before = old.get(name)
-        if before is None or before.shape != value.shape or before.dtype != value.dtype:
-            patch[name] = value
+    for name, value in sorted(state.items()):
+        diff = (value.to(torch.float32) - view[name]).flatten()
+        if not bool(diff.any()):
             continue
-        changed = (before.view(-1) != value.view(-1)) | (torch.isnan(value.view(-1).float()))
-        count = int(changed.sum())
-        if count == 0:
-            continue
-        # bitmap (numel/8 bytes) + changed values vs all values: pick the smaller
-        if count * value.element_size() + value.numel() / 8 < value.numel() * value.element_size():
-            patch[name + _MASK] = _pack_bits(changed)
-            patch[name + _VALUES] = value.view(-1)[changed].contiguous()
-        else:
-            patch[name] = value
-    return patch
+        chunks = _chunks(diff)
+        scale = chunks.abs().amax(dim=1) / 127.0  # (n_chunks,)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(chunks / safe.view(-1, 1)).clamp(-127, 127).to(torch.int8)
+        patch[name + _Q] = q.flatten().contiguous()
+        patch[name + _SCALE] = scale.contiguous()
+    return apply_patch(view, patch), patch
 
 
 def apply_patch(view: Mapping[str, torch.Tensor], patch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {name: value.clone() for name, value in view.items()}
-    for key, value in patch.items():
-        if key.endswith(_VALUES):
+    for key, q in patch.items():
+        if key.endswith(_SCALE):
             continue
-        if key.endswith(_MASK):
-            name = key.removesuffix(_MASK)
-            if name not in out or name + _VALUES not in patch:
-                raise PatchError(f"patch for {name!r}: no such tensor in the view, or values missing")
-            flat = out[name].view(-1)
-            changed = _unpack_bits(value, flat.numel())
-            values = patch[name + _VALUES]
-            if int(changed.sum()) != values.numel() or values.dtype != flat.dtype:
-                raise PatchError(f"patch for {name!r}: {values.numel()} values for {int(changed.sum())} changed coordinates")
-            flat[changed] = values
-        else:
-            out[key] = value.clone()
+        name = key.removesuffix(_Q)
+        scale = patch.get(name + _SCALE)
+        if not key.endswith(_Q) or name not in out or scale is None:
+            raise PatchError(f"patch entry {key!r}: no such tensor in the view, or its scale is missing")
+        numel = out[name].numel()
+        n_chunks = -(-numel // CHUNK)
+        if q.dtype != torch.int8 or q.numel() != n_chunks * CHUNK or scale.numel() != n_chunks:
+            raise PatchError(f"patch for {name!r}: {q.numel()} values / {scale.numel()} scales do not fit {numel}")
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise PatchError(f"patch for {name!r}: scales must be finite and non-negative")
+        out[name] = out[name] + _dequantize(q, scale.to(torch.float32), numel).view_as(out[name])
     return dict(sorted(out.items()))

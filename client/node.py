@@ -87,7 +87,7 @@ def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
     """The member's new view of the global state: the full state, or its last view + a patch."""
     payload = tensors_from_bytes(ins.state, source=f"round {ins.round} global state")
     if ins.state_kind == "full":
-        view = dict(sorted(payload.items()))
+        view = {k: v.to(torch.float32) for k, v in sorted(payload.items())}
     elif ins.state_kind == "patch":
         path = node.state_dir / VIEW
         if not path.is_file():

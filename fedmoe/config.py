@@ -29,7 +29,7 @@ class RunConfig:
     seq_len: int = 128
     lr: float = 0.003
     min_expert_tokens: int = 64
-    state_dtype: str = "float16"
+    broadcast: str = "delta"  # "delta": int8 patches of the view; "full": full fp32 state
     update_dtype: str = "float32"
     precision: str = "auto"
     eval_batches: int = 8
@@ -63,7 +63,7 @@ class RunConfig:
             (self.seq_len >= 8, "seq-len must be >= 8"),
             (self.lr > 0, "lr must be > 0"),
             (self.min_expert_tokens >= 0, "min-expert-tokens must be >= 0"),
-            (self.state_dtype in ("float32", "float16", "bfloat16"), "state-dtype must be float32, float16 or bfloat16"),
+            (self.broadcast in ("delta", "full"), "broadcast must be 'delta' or 'full'"),
             (self.update_dtype in ("float32", "float16", "bfloat16"), "update-dtype must be float32, float16 or bfloat16"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.eval_batches >= 1, "eval-batches must be >= 1"),

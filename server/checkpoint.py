@@ -2,6 +2,8 @@
 
     <run>/round-0003/state.safetensors   global trainable state after round 3 (fp32)
     <run>/round-0003/manifest.json       what happened in round 3 (members, losses, bytes, ...)
+    <run>/round-0003/view.safetensors    the view of the global state members trained from in
+                                         round 3 (aggregation/broadcast.py); resumes continue it
     <run>/COMMITTED                      {"round": 3, "sha256": ...}, replaced last
 
 A round is committed when COMMITTED names it; a crash before that leaves the previous round
@@ -32,6 +34,7 @@ class Committed:
     round: int
     state: dict[str, torch.Tensor]
     manifest: dict[str, Any]
+    view: dict[str, torch.Tensor] | None = None
 
 
 class Checkpoints:
@@ -41,12 +44,27 @@ class Checkpoints:
     def round_dir(self, rnd: int) -> Path:
         return self.run_dir / f"round-{rnd:04d}"
 
-    def commit(self, rnd: int, state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    def commit(
+        self,
+        rnd: int,
+        state: dict[str, torch.Tensor],
+        manifest: dict[str, Any],
+        *,
+        view: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         payload = tensors_to_bytes(state, torch.float32)
         digest = hashlib.sha256(payload).hexdigest()
         folder = self.round_dir(rnd)
         atomic_write_bytes(folder / "state.safetensors", payload)
-        atomic_write_json(folder / "manifest.json", {**manifest, "round": rnd, "state_sha256": digest})
+        view_digest = None
+        if view is not None:
+            view_payload = tensors_to_bytes(view, torch.float32)
+            view_digest = hashlib.sha256(view_payload).hexdigest()
+            atomic_write_bytes(folder / "view.safetensors", view_payload)
+        atomic_write_json(
+            folder / "manifest.json",
+            {**manifest, "round": rnd, "state_sha256": digest, "view_sha256": view_digest},
+        )
         atomic_write_json(self.run_dir / POINTER, {"round": rnd, "sha256": digest})
 
     def latest_round(self) -> int | None:
@@ -66,7 +84,13 @@ class Checkpoints:
         manifest = json.loads((folder / "manifest.json").read_text())
         if hashlib.sha256(payload).hexdigest() != manifest["state_sha256"]:
             raise CheckpointError(f"{folder / 'state.safetensors'}: sha256 does not match its manifest")
-        return Committed(rnd, tensors_from_bytes(payload, source=str(folder)), manifest)
+        view = None
+        if manifest.get("view_sha256"):
+            view_payload = (folder / "view.safetensors").read_bytes()
+            if hashlib.sha256(view_payload).hexdigest() != manifest["view_sha256"]:
+                raise CheckpointError(f"{folder / 'view.safetensors'}: sha256 does not match its manifest")
+            view = tensors_from_bytes(view_payload, source=str(folder))
+        return Committed(rnd, tensors_from_bytes(payload, source=str(folder)), manifest, view)
 
     def manifests(self) -> list[dict[str, Any]]:
         latest = self.latest_round()

@@ -19,7 +19,7 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from aggregation.broadcast import make_patch, view_digest, view_of
+from aggregation.broadcast import advance, view_digest
 from aggregation.fedavg import Update, aggregate
 from client.precision import select_precision
 from fedmoe.config import RunConfig
@@ -27,7 +27,7 @@ from fedmoe.protocol import TRAIN, ProtocolError, TrainInstruction, TrainReply
 from fedmoe.workspace import Workspace
 from model.base import Base, load_base
 from model.corpus import read_texts
-from model.io import dtype_named, tensors_from_bytes, tensors_to_bytes
+from model.io import tensors_from_bytes, tensors_to_bytes
 from model.lora import LoraMoE, expert_of
 from model.moe import evaluate_loss
 from model.tokenizer import pack
@@ -190,10 +190,11 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
     val_sets = validation_sets(ws, base, config)
     checkpoints = Checkpoints(ws.run_dir(run_name))
     summaries: list[RoundSummary] = []
-    views: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # member -> (digest, view it holds)
+    held_views: dict[str, str] = {}  # member -> digest of the view it holds
     node_member: dict[int, str] = {}
 
     committed = checkpoints.load()
+    view: dict[str, torch.Tensor] | None = None  # the view members trained from last round
     if committed is None:
         state = lora.get_state()
         summary = RoundSummary(round=0, val_loss=evaluate(lora, val_sets, config))
@@ -203,6 +204,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
         if set(committed.state) != set(shapes):
             raise RuntimeError(f"{checkpoints.run_dir}: committed state does not match the base's trainable state")
         state = committed.state
+        view = committed.view
         first = committed.round + 1
     reporter.start(first, config.num_rounds, resumed=committed is not None)
 
@@ -213,16 +215,19 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
         reporter.round_started(rnd, len(nodes))
 
-        # Broadcast: a member whose view we know gets only what changed since (a patch).
-        view = view_of(state, dtype_named(config.state_dtype))
+        # Broadcast: the round's view of the global state; a member that holds the previous
+        # view gets only the int8 patch to it, any other member the full view.
+        previous_digest = view_digest(view) if view is not None else ""
+        view, patch = advance(view if config.broadcast == "delta" else None, state)
         digest = view_digest(view)
+        full_payload = tensors_to_bytes(view)
+        patch_payload = tensors_to_bytes(patch) if patch is not None else b""
         messages, bytes_down = [], {}
         for node in nodes:
-            held = views.get(node_member.get(node, ""))
-            if held is not None:
-                kind, base_digest, payload = "patch", held[0], tensors_to_bytes(make_patch(held[1], view))
+            if patch is not None and held_views.get(node_member.get(node, "")) == previous_digest:
+                kind, base_digest, payload = "patch", previous_digest, patch_payload
             else:
-                kind, base_digest, payload = "full", "", tensors_to_bytes(view)
+                kind, base_digest, payload = "full", "", full_payload
             ins = TrainInstruction(
                 round=rnd, state=payload, state_kind=kind, base_view_sha256=base_digest, view_sha256=digest,
                 base_sha256=base.sha256, base_path=str(ws.base),
@@ -241,7 +246,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                views.pop(node_member.get(node, ""), None)  # resend the full state next time
+                held_views.pop(node_member.get(node, ""), None)  # resend the full state next time
                 rejected[f"node {node}"] = reply.error.reason
                 reporter.note(f"round {rnd}: {reply.error.reason}")
                 continue
@@ -256,10 +261,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                 continue
             updates.append(update)
             node_member[node] = parsed.member
-            if parsed.view_sha256 == digest:
-                views[parsed.member] = (digest, view)
-            else:
-                views.pop(parsed.member, None)
+            held_views[parsed.member] = parsed.view_sha256
             reports.append(MemberReport(
                 member=parsed.member, node_id=node, bytes_down=bytes_down[node], bytes_up=len(parsed.update),
                 num_tokens=parsed.num_tokens, train_loss=parsed.train_loss, seconds=parsed.seconds,
@@ -281,7 +283,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             round=rnd, val_loss=evaluate(lora, val_sets, config), members=sorted(reports, key=lambda r: r.member),
             rejected=rejected, seconds=time.perf_counter() - started,
         )
-        checkpoints.commit(rnd, state, _manifest(summary, base, config))
+        checkpoints.commit(rnd, state, _manifest(summary, base, config), view=view)
         reporter.round_finished(summary)
         summaries.append(summary)
     return summaries
