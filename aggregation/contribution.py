@@ -16,7 +16,7 @@ Open mode (the server sees each member's update):
   everybody zero), within-round truncation (a permutation stops once the coalition is within
   `truncation` x |v(all) - v(empty)| of the full round's value; the rest of it get marginal 0),
   guided sampling (permutation k puts member k mod n first, so everybody is measured alone
-  equally often), and Monte-Carlo over permutations until the running means stop moving.
+  equally often), and Monte-Carlo over permutations until the estimates' standard errors are small.
   `exact_shapley` enumerates all 2^n coalitions (tests, and tiny games).
 
 Secure mode (the server sees only sums):
@@ -67,7 +67,7 @@ import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
+from itertools import combinations, pairwise
 
 import numpy as np
 import numpy.typing as npt
@@ -89,7 +89,7 @@ class Valuation:
     domains: Mapping[str, float] = field(default_factory=dict)
 
 
-ValueFn = Callable[[Coalition], "float | Valuation"]
+ValueFn = Callable[[Coalition], float | Valuation]
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class _Game:
 
 def _check_members(members: Sequence[str]) -> list[str]:
     ordered = sorted(members)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in pairwise(ordered):
         if a == b:
             raise ContributionError(f"member {a!r} appears twice")
     return ordered
@@ -255,8 +255,10 @@ def gtg_shapley(
       the remaining members' marginals are 0 and their coalitions are not evaluated.
     - guided sampling: permutation k starts with member k mod n (members in name order), the rest
       shuffled by `rng`, so a cycle of n permutations measures everybody alone once.
-    - convergence: checked after each full cycle (at least two); stop when no member's running
-      mean moved by more than convergence x |v(all) - v(empty)| over the last cycle.
+    - convergence: checked after each full cycle of n permutations (at least two); stop when
+      every member's Monte-Carlo standard error (std of its sampled marginals / sqrt(k)) is at
+      most convergence x |v(all) - v(empty)|. (The paper watches the running means' relative
+      change, which shrinks like 1/k whatever the accuracy; the standard error does not.)
     - duplicates: pairs from `duplicate_members`; each cluster counts once in every coalition.
     - known: values the caller already has (typically v(all) from the applied round and
       v(empty) = 0), used without calling `value` and not counted in `value_calls`.
@@ -276,17 +278,17 @@ def gtg_shapley(
         return _estimate(game, ordered, phi, total, permutations=0, converged=True, truncated=True)
 
     index = {m: i for i, m in enumerate(ordered)}
-    checkpoint = phi.copy()  # running means at the end of the previous cycle
+    squares = np.zeros(n)  # running mean of squared overall marginals, for the standard error
     converged = False
     k = 0
     while k < max_permutations:
         first = ordered[k % n]
-        rest = ordered[:0] + [m for m in ordered if m != first]
+        rest = [m for m in ordered if m != first]
         rng.shuffle(rest)
         k += 1
         prefix: frozenset[str] = frozenset()
         previous = empty
-        marginals = np.zeros_like(phi)
+        marginals = np.zeros_like(phi)  # (n, 1 + domains)
         for m in [first, *rest]:
             if abs(float(full[0] - previous[0])) < truncation * scale:
                 break  # the rest of this permutation adds ~nothing: marginals stay 0
@@ -294,13 +296,16 @@ def gtg_shapley(
             current = game(prefix)
             marginals[index[m]] = current - previous
             previous = current
-        phi += (marginals - phi) / k  # running mean over permutations
-        if k % n == 0:
-            if k >= 2 * n and np.max(np.abs(phi[:, 0] - checkpoint[:, 0])) <= convergence * scale:
+        phi += (marginals - phi) / k  # running means over permutations
+        squares += (marginals[:, 0] ** 2 - squares) / k
+        if k % n == 0 and k >= 2 * n:
+            stderr = np.sqrt(np.maximum(squares - phi[:, 0] ** 2, 0.0) / (k - 1))
+            if float(np.max(stderr)) <= convergence * scale:
                 converged = True
                 break
-            checkpoint = phi.copy()
-    return _estimate(game, ordered, phi, total, permutations=k, converged=converged, truncated=False)
+    return _estimate(
+        game, ordered, phi, total, permutations=k, converged=converged, truncated=False
+    )
 
 
 # ----------------------------------------------------------------------------- secure mode
@@ -515,9 +520,9 @@ def is_null_update(
     a delta). Without a reference only updates with ||update|| <= rel_tol are null. An update with
     no tensors is null.
     """
-    norm = _norm(update)
     if not update:
         return True
+    norm = _norm(update)
     if reference is None:
         return norm <= rel_tol
     ref_norm = _norm(reference)
