@@ -1,0 +1,89 @@
+"""A planted consortium of 5 members with known roles, trained for real on the tiny base."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares
+from aggregation.fedavg import Update
+from client.precision import select_precision
+from client.trainer import TrainConfig, train_local
+from fedmoe.config import RunConfig
+from model.base import load_base
+from model.corpus import read_texts
+from model.tokenizer import pack
+from server.rounds import validation_sets
+from server.scoring import combine_group_sums, open_value, score_open
+
+ROLES = ("rich", "duplicate", "noisy", "small", "free_rider")
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_workspace):
+    base = load_base(tiny_workspace.base)
+    lora = base.with_lora()
+    state = lora.get_state()
+    config = RunConfig(workspace=str(tiny_workspace.root), seq_len=64, batch_size=8, eval_batches=2)
+    # a consortium for one domain (code): the operator values updates on its code validation set
+    val = {"code": validation_sets(tiny_workspace, base, config)["code"]}
+    code = pack(base.tokenizer, read_texts(tiny_workspace.members_dir / "code"), 64)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(code.shape[0], generator=g)
+    rich, rest = code[order[: code.shape[0] // 2]], code[order[code.shape[0] // 2 :]]
+    shuffled_vocab = torch.randperm(base.tokenizer.vocab_size, generator=g)
+    data = {
+        "rich": rich,
+        "duplicate": rich.clone(),  # a copy of the rich member's data
+        "noisy": shuffled_vocab[rest],  # real text with its token ids shuffled: fluent-looking noise
+        "small": rest[:16],  # a little real data: one pass over it is two steps
+    }
+    precision = select_precision("auto", "cpu")
+    updates = []
+    for seed, (member, member_blocks) in enumerate(data.items()):
+        steps = 2 if member == "small" else 6
+        result = train_local(lora, state, member_blocks, TrainConfig(steps, 8, 0.002, seed, 16), precision)
+        updates.append(Update(member, result.delta, result.num_tokens, result.expert_tokens))
+    # the free rider claims the same work and sends nothing
+    updates.append(Update("free_rider", {k: torch.zeros_like(v) for k, v in updates[0].delta.items()}, updates[0].num_tokens, dict(updates[0].expert_tokens)))
+    return lora, state, updates, val, precision
+
+
+def test_open_mode_ranks_planted_members_and_free_rider_gets_nothing(planted) -> None:
+    lora, state, updates, val, precision = planted
+    value = open_value(lora, state, updates, val, 8, precision)
+    scores = score_open(updates, value, seed=1)
+    shares = ScoreBook().add(1, scores.scores).shares()
+    print({m: round(shares[m], 4) for m in ROLES}, "evaluations:", scores.evaluations)
+    assert scores.null_members == ["free_rider"]
+    assert shares["free_rider"] <= 0.02
+    assert min(shares["rich"], shares["duplicate"]) > shares["small"] > shares["noisy"]
+    assert shares["noisy"] <= 0.05
+    assert scores.evaluations < 2 ** len(ROLES)
+
+
+def test_secure_mode_recovers_the_ranking_from_group_sums_only(planted) -> None:
+    lora, state, updates, val, precision = planted
+    by_member = {u.member: u for u in updates}
+    rng = random.Random(3)
+    estimator = GroupValueEstimator(nonnegative=False)  # noisy members are truly negative
+    for _ in range(14):
+        # each round a random subset of the members takes part, as one secure group of >= 3
+        group = frozenset(rng.sample(ROLES, rng.choice([3, 4])))
+        # all the server learns: the group's token-weighted sum and its weight sum per tensor
+        weighted: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        for member in group:
+            u = by_member[member]
+            for name, delta in u.delta.items():
+                weighted[name] = weighted.get(name, torch.zeros_like(delta)) + u.num_tokens * delta
+                weights[name] = weights.get(name, 0.0) + u.num_tokens
+        mean = combine_group_sums([(weighted, weights)])
+        value = open_value(lora, state, [], val, 8, precision)
+        estimator = estimator.observe({group: value.loss({}) - value.loss(mean)})
+    shares = contribution_shares(estimator.totals())
+    print({m: round(shares[m], 4) for m in ROLES}, estimator.estimate())
+    assert shares["free_rider"] <= 0.02
+    assert min(shares["rich"], shares["duplicate"]) > max(shares["small"], shares["noisy"], shares["free_rider"])
