@@ -35,6 +35,9 @@ class RunConfig:
     eval_batches: int = 8
     seed: int = 0
     round_timeout: float = 600.0
+    contribution: str = "open"  # "open": GTG-Shapley on individual updates; "off"
+    contribution_batches: int = 2  # validation batches per domain for each coalition evaluation
+    contribution_permutations: int = 40  # most GTG-Shapley permutations per round
 
     @classmethod
     def from_user_config(cls, user: Mapping[str, Any]) -> RunConfig:
@@ -68,6 +71,9 @@ class RunConfig:
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.eval_batches >= 1, "eval-batches must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.contribution in ("open", "off"), "contribution must be 'open' or 'off'"),
+            (self.contribution_batches >= 1, "contribution-batches must be >= 1"),
+            (self.contribution_permutations >= 1, "contribution-permutations must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -74,6 +74,9 @@ class RichReporter:
         self.progress.console.print(
             f"round {summary.round} committed ({summary.seconds:.1f}s, {len(summary.members)} members): val ppl {losses}"
         )
+        if summary.shares:
+            shares = "  ".join(f"{m} {s:.0%}" for m, s in sorted(summary.shares.items()))
+            self.progress.console.print(f"  contribution shares so far: {shares}")
 
     def note(self, text: str) -> None:
         self.progress.console.print(f"[yellow]{text}[/yellow]")

@@ -20,6 +20,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from aggregation.broadcast import advance, view_digest
+from aggregation.contribution import ScoreBook
 from aggregation.fedavg import Update, aggregate
 from client.precision import select_precision
 from fedmoe.config import RunConfig
@@ -32,6 +33,7 @@ from model.lora import LoraMoE, expert_of
 from model.moe import evaluate_loss
 from model.tokenizer import pack
 from server.checkpoint import Checkpoints
+from server.scoring import open_value, score_open
 
 log = logging.getLogger("fedmoe.server")
 
@@ -64,6 +66,9 @@ class RoundSummary:
     members: list[MemberReport] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # member or node -> reason
     seconds: float = 0.0
+    scores: dict[str, float] = field(default_factory=dict)  # contribution this round (val-loss drop)
+    shares: dict[str, float] = field(default_factory=dict)  # cumulative contribution shares
+    contribution: dict[str, object] = field(default_factory=dict)  # how scores were computed
 
     @property
     def bytes_up(self) -> int:
@@ -188,6 +193,9 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
     lora = base.with_lora()
     shapes = lora.shapes()
     val_sets = validation_sets(ws, base, config)
+    contribution_sets = {d: blocks[: config.contribution_batches * config.batch_size] for d, blocks in val_sets.items()}
+    precision = select_precision(config.precision)
+    book = ScoreBook()
     checkpoints = Checkpoints(ws.run_dir(run_name))
     summaries: list[RoundSummary] = []
     held_views: dict[str, str] = {}  # member -> digest of the view it holds
@@ -205,6 +213,8 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             raise RuntimeError(f"{checkpoints.run_dir}: committed state does not match the base's trainable state")
         state = committed.state
         view = committed.view
+        for manifest in checkpoints.manifests()[1:]:  # the score book is rebuilt from committed rounds
+            book = book.add(manifest["round"], manifest.get("scores", {}))
         first = committed.round + 1
     reporter.start(first, config.num_rounds, resumed=committed is not None)
 
@@ -276,12 +286,24 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             reporter.note(reason)
             raise RoundAborted(reason)
 
+        # Contribution: each member's effect on held-out loss, never what it claims.
+        scores, how = {}, {}
+        if config.contribution == "open":
+            value = open_value(lora, state, updates, contribution_sets, config.batch_size, precision)
+            scored = score_open(updates, value, seed=config.seed * 100_003 + rnd,
+                                max_permutations=config.contribution_permutations)
+            scores = scored.scores
+            book = book.add(rnd, scores)
+            how = {"mode": "open", "evaluations": scored.evaluations, "null_members": scored.null_members,
+                   "duplicates": [list(p) for p in scored.duplicates]}
+
         mean_delta = aggregate(updates, expert_of)
         state = {name: value + mean_delta[name] if name in mean_delta else value for name, value in state.items()}
         lora.set_state(state)
         summary = RoundSummary(
             round=rnd, val_loss=evaluate(lora, val_sets, config), members=sorted(reports, key=lambda r: r.member),
             rejected=rejected, seconds=time.perf_counter() - started,
+            scores=scores, shares=book.shares(), contribution=how,
         )
         checkpoints.commit(rnd, state, _manifest(summary, base, config), view=view)
         reporter.round_finished(summary)
@@ -298,6 +320,9 @@ def _manifest(summary: RoundSummary, base: Base, config: RunConfig) -> dict[str,
         "bytes_up": summary.bytes_up,
         "bytes_down": summary.bytes_down,
         "seconds": summary.seconds,
+        "scores": summary.scores,
+        "shares": summary.shares,
+        "contribution": summary.contribution,
         "run_config": config.as_user_config(),
     }
 

@@ -41,6 +41,10 @@ def test_simulation_lowers_validation_loss_on_every_domain_and_commits(two_round
     members = [m.member for m in result.summaries[-1].members]
     for domain in members:
         assert after[domain] < before[domain], (domain, before[domain], after[domain])
+    # every member was scored on its effect on validation loss; shares are a distribution
+    assert set(manifests[-1]["scores"]) == set(members)
+    shares = manifests[-1]["shares"]
+    assert all(v >= 0 for v in shares.values()) and abs(sum(shares.values()) - 1) < 1e-9 or not any(shares.values())
     last = result.summaries[-1]
     assert len(last.members) == 3 and not last.rejected
     assert all(m.bytes_up > 0 and m.bytes_down > 0 for m in last.members)
