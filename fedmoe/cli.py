@@ -181,5 +181,15 @@ def demo(
     console.print(f"done in {time.perf_counter() - started:.0f}s; release: [bold]{path}[/bold]")
 
 
+def _mount() -> None:
+    from fedmoe.ledger_cmd import ledger_app, rights_command
+
+    app.add_typer(ledger_app, name="ledger")
+    app.command("rights", help="Print each member's entitlement from the ledger and the policy.")(rights_command)
+
+
+_mount()
+
+
 def main() -> None:
     app()

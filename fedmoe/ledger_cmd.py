@@ -37,7 +37,7 @@ from server.ledger import (
 )
 from server.rights import PolicyError, entitlements, load_policy, statement
 
-DEFAULT_LEDGER = Path(".fedmoe/demo/operator/ledger.sqlite")
+DEFAULT_LEDGER = Path(".fedmoe/demo/runs/demo/ledger.sqlite")
 DEFAULT_KEY = Path(".fedmoe/demo/operator/operator_ed25519.pem")
 DEFAULT_POLICY = Path(".fedmoe/demo/operator/policy.toml")
 

@@ -5,6 +5,8 @@
     <workspace>/runs/<run>/         committed rounds (server/checkpoint.py)
     <workspace>/nodes/<member>/     node-local state of each simulated member
     <workspace>/releases/<name>/    exported releases (server/release.py)
+    <workspace>/operator/           the operator's Ed25519 key and usage-rights policy
+    <workspace>/runs/<run>/ledger.sqlite   the run's transparency ledger (server/ledger.py)
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ class Workspace:
 
     def run_dir(self, name: str = "default") -> Path:
         return self.root / "runs" / name
+
+    @property
+    def operator_dir(self) -> Path:
+        return self.root / "operator"
+
+    @property
+    def operator_key(self) -> Path:
+        return self.operator_dir / "operator_ed25519.pem"
+
+    @property
+    def policy(self) -> Path:
+        return self.operator_dir / "policy.toml"
+
+    def ledger(self, run: str = "default") -> Path:
+        return self.run_dir(run) / "ledger.sqlite"
 
     def node_dir(self, member: str) -> Path:
         return self.root / "nodes" / member

@@ -51,7 +51,8 @@ class Checkpoints:
         manifest: dict[str, Any],
         *,
         view: dict[str, torch.Tensor] | None = None,
-    ) -> None:
+    ) -> str:
+        """Commit round `rnd`; returns the sha256 of the committed state."""
         payload = tensors_to_bytes(state, torch.float32)
         digest = hashlib.sha256(payload).hexdigest()
         folder = self.round_dir(rnd)
@@ -66,6 +67,7 @@ class Checkpoints:
             {**manifest, "round": rnd, "state_sha256": digest, "view_sha256": view_digest},
         )
         atomic_write_json(self.run_dir / POINTER, {"round": rnd, "sha256": digest})
+        return digest
 
     def latest_round(self) -> int | None:
         pointer = self.run_dir / POINTER

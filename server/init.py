@@ -22,6 +22,7 @@ from model.lora import LoraSpec
 from model.moe import MoEConfig, build_model
 from model.pretrain import pretrain
 from model.tokenizer import pack, train_tokenizer
+from server.rights import DEFAULT_POLICY_TOML
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ def init_workspace(
             ws.corpora, bytes_per_domain=config.bytes_per_domain, general_bytes=config.general_bytes,
             val_bytes=config.val_bytes, seed=config.seed, log=log,
         )
+    if not ws.policy.is_file():
+        ws.operator_dir.mkdir(parents=True, exist_ok=True)
+        ws.policy.write_text(DEFAULT_POLICY_TOML)
+        log(f"default usage-rights policy written to {ws.policy}")
     if (ws.base / MANIFEST).is_file():
         return
     staging = ws.root / ".base-staging"

@@ -25,6 +25,17 @@ from typing import Any, Literal
 
 from server.ledger import Record
 
+DEFAULT_POLICY_TOML = """\
+# fedmoe usage-rights policy: contribution shares (from the ledger) -> entitlements
+[policy]
+min_share = 0.02                      # below: a free rider, base model only, no quota
+latest_share = 0.10                   # at/above: may pull the latest release
+delay_rounds = 2                      # in between: only releases >= this many rounds old
+quota_tokens_per_period = 1_000_000   # split among entitled members by share
+period_days = 30
+negative_rule = "clip"                # a negative per-round score counts as zero
+"""
+
 Tier = Literal["latest", "delayed", "base-only"]
 NEGATIVE_RULES = ("clip",)
 CONTRIBUTION = "contribution"

@@ -33,6 +33,7 @@ from model.lora import LoraMoE, expert_of
 from model.moe import evaluate_loss
 from model.tokenizer import pack
 from server.checkpoint import Checkpoints
+from server.ledger import Ledger, OperatorKey, Record, utc_now
 from server.scoring import open_value, score_open
 
 log = logging.getLogger("fedmoe.server")
@@ -201,6 +202,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
     held_views: dict[str, str] = {}  # member -> digest of the view it holds
     node_member: dict[int, str] = {}
 
+    ledger = Ledger(ws.ledger(run_name), OperatorKey.load_or_create(ws.operator_key))
     committed = checkpoints.load()
     view: dict[str, torch.Tensor] | None = None  # the view members trained from last round
     if committed is None:
@@ -213,6 +215,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             raise RuntimeError(f"{checkpoints.run_dir}: committed state does not match the base's trainable state")
         state = committed.state
         view = committed.view
+        record_in_ledger(ledger, checkpoints, config)  # rounds committed before a crash
         for manifest in checkpoints.manifests()[1:]:  # the score book is rebuilt from committed rounds
             book = book.add(manifest["round"], manifest.get("scores", {}))
         first = committed.round + 1
@@ -306,13 +309,35 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             scores=scores, shares=book.shares(), contribution=how,
         )
         checkpoints.commit(rnd, state, _manifest(summary, base, config), view=view)
+        record_in_ledger(ledger, checkpoints, config)  # after the commit: a crash between re-syncs
         reporter.round_finished(summary)
         summaries.append(summary)
     return summaries
 
 
+def record_in_ledger(ledger: Ledger, checkpoints: Checkpoints, config: RunConfig) -> None:
+    """Append every committed round the ledger lacks, rebuilt from its manifest (idempotent)."""
+    last = ledger.latest_round() or 0
+    budget = config.local_steps * config.batch_size * config.seq_len
+    for manifest in checkpoints.manifests():
+        if manifest["round"] <= last or not manifest["members"]:
+            continue
+        ledger.append_round([
+            Record(
+                round=manifest["round"], member=m["member"],
+                score=float(manifest.get("scores", {}).get(m["member"], 0.0)),
+                share=float(manifest.get("shares", {}).get(m["member"], 0.0)),
+                tokens=min(int(m["num_tokens"]), budget),  # self-reported: informational only
+                bytes_up=int(m["bytes_up"]), bytes_down=int(m["bytes_down"]), dp_epsilon=None,
+                release_sha256=manifest["state_sha256"], time=manifest["time"],
+            )
+            for m in manifest["members"]
+        ])
+
+
 def _manifest(summary: RoundSummary, base: Base, config: RunConfig) -> dict[str, object]:
     return {
+        "time": utc_now(),
         "base_sha256": base.sha256,
         "val_loss": summary.val_loss,
         "members": [asdict(m) for m in summary.members],

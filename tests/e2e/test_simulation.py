@@ -55,6 +55,27 @@ def test_simulation_lowers_validation_loss_on_every_domain_and_commits(two_round
         assert m.bytes_down < first[m.member], (m.member, m.bytes_down, first[m.member])
 
 
+def test_every_committed_round_is_in_a_verifiable_ledger(two_rounds) -> None:
+    from server.ledger import Ledger, OperatorKey, verify
+    from server.rights import entitlements, load_policy
+
+    ws, result = two_rounds
+    key = OperatorKey.load(ws.operator_key)
+    report = verify(ws.ledger("fresh"), key.public_key)
+    assert report.ok, report.problem
+    with Ledger(ws.ledger("fresh"), key) as ledger:
+        records = ledger.records()
+        assert [(r.round, r.member) for r in records] == [
+            (s.round, m.member) for s in result.summaries for m in s.members
+        ]
+        assert ledger.latest_head().size == len(records)
+        # rights follow from the ledger alone, identically every time
+        policy = load_policy(ws.policy)
+        first = entitlements(policy, ledger.records(), ledger.latest_round())
+        assert first == entitlements(policy, ledger.records(), ledger.latest_round())
+        assert set(first) == {m.member for m in result.summaries[-1].members}
+
+
 def test_restart_after_round_1_resumes_at_round_2_with_identical_state(two_rounds) -> None:
     ws, _ = two_rounds
     first = simulate(config(ws, num_rounds=1), LogReporter(), num_members=3, run_name="resumed")
@@ -67,6 +88,11 @@ def test_restart_after_round_1_resumes_at_round_2_with_identical_state(two_round
     resumed, fresh = Checkpoints(ws.run_dir("resumed")).load(), Checkpoints(ws.run_dir("fresh")).load()
     assert resumed.round == fresh.round == 2
     assert all(torch.equal(resumed.state[k], fresh.state[k]) for k in fresh.state)
+    from server.ledger import Ledger
+
+    with Ledger(ws.ledger("resumed"), create=False) as ledger:  # each round recorded exactly once
+        assert sorted({r.round for r in ledger.records()}) == [1, 2]
+        assert len(ledger.records()) == 6
 
 
 def test_exported_release_loads_with_transformers_and_peft_and_generates(two_rounds, tmp_path) -> None:
