@@ -49,10 +49,10 @@ def test_simulation_lowers_validation_loss_on_every_domain_and_commits(two_round
     assert len(last.members) == 3 and not last.rejected
     assert all(m.bytes_up > 0 and m.bytes_down > 0 for m in last.members)
     assert all(m.precision.startswith("bf16") for m in last.members)
-    # round 1 sends each member the full state, round 2 only what changed since (a patch)
+    # round 1 sends each member the full fp32 state, round 2 an int8 patch of what changed
     first = {m.member: m.bytes_down for m in result.summaries[0].members}
     for m in last.members:
-        assert m.bytes_down < first[m.member], (m.member, m.bytes_down, first[m.member])
+        assert m.bytes_down < first[m.member] / 2.5, (m.member, m.bytes_down, first[m.member])
 
 
 def test_every_committed_round_is_in_a_verifiable_ledger(two_rounds) -> None:
