@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from client.metrics import gpu_memory, record_round
 from client.node import Node, StaleView, run_round
 from client.precision import PrecisionError
 from fedmoe.protocol import ProtocolError, TrainInstruction
@@ -34,4 +35,12 @@ def train(msg: Message, context: Context) -> Message:
         return Message(error=Error(STALE_VIEW, f"member {node.member!r}: {exc}"), reply_to=msg)
     except PrecisionError as exc:
         return Message(error=Error(CONFIG_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
+    try:  # the daemon's metrics (client/metrics.py); never fails the round
+        record_round(
+            node.state_dir, member=node.member, round=ins.round, num_tokens=reply.num_tokens,
+            seconds=reply.seconds, local_steps=ins.local_steps, train_loss=reply.train_loss,
+            precision=reply.precision, gpu=gpu_memory(),
+        )
+    except OSError:
+        pass
     return Message(content=reply.to_record(), reply_to=msg)

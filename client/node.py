@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from aggregation.broadcast import PatchError, apply_patch, view_digest
+from aggregation.codec import CodecConfig, ErrorFeedback
 from client.precision import select_precision
 from client.trainer import TrainConfig, train_local
 from fedmoe.protocol import TrainInstruction, TrainReply
 from model.base import Base, load_base
 from model.corpus import DataError, read_texts
-from model.io import dtype_named, load_tensors, save_tensors, tensors_from_bytes, tensors_to_bytes
+from model.io import load_tensors, save_tensors, tensors_from_bytes
 from model.lora import LoraMoE
 from model.tokenizer import pack
 
@@ -108,6 +109,32 @@ def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
     return view
 
 
+def _residual_path(node: Node, ins: TrainInstruction, rnd: int) -> Path:
+    codec = ins.codec.replace("+", "_")
+    return node.state_dir / "error-feedback" / ins.run / f"{codec}-clip{ins.codec_clip:g}-round-{rnd:05d}.safetensors"
+
+
+def compress_update(delta: dict[str, torch.Tensor], ins: TrainInstruction, node: Node, seed: int) -> bytes:
+    """Encode the delta in the round's codec with error feedback kept in the node's state dir.
+
+    What the codec drops this round (rounding, unsent coordinates) is added to a later round's
+    delta. The residual is kept per run, codec and round (safetensors) and survives restarts:
+    round R starts from the residual of the latest earlier round, so a round the server re-runs
+    after a crash starts from exactly the same residual as the first time.
+    """
+    config = CodecConfig.parse(ins.codec, clip=ins.codec_clip or None)
+    folder = _residual_path(node, ins, 0).parent
+    prefix = _residual_path(node, ins, 0).name.removesuffix("00000.safetensors")
+    earlier = sorted(p for p in folder.glob(f"{prefix}*.safetensors") if p < _residual_path(node, ins, ins.round))
+    feedback = ErrorFeedback(load_tensors(earlier[-1]) if earlier else {})
+    generator = torch.Generator().manual_seed(seed)
+    payload = feedback.compress(delta, config, seed=ins.codec_seed, generator=generator)
+    save_tensors(_residual_path(node, ins, ins.round), feedback.residual)
+    for old in earlier[:-1]:  # keep the one a re-run of this round needs
+        old.unlink(missing_ok=True)
+    return payload
+
+
 def member_seed(seed: int, rnd: int, member: str) -> int:
     return (seed * 1_000_003 + rnd * 7919 + zlib.crc32(member.encode())) % (2**31)
 
@@ -133,7 +160,7 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
     return TrainReply(
         member=node.member,
         round=ins.round,
-        update=tensors_to_bytes(result.delta, dtype_named(ins.update_dtype)),
+        update=compress_update(result.delta, ins, node, member_seed(ins.seed, ins.round, node.member) + 1),
         view_sha256=ins.view_sha256,
         expert_tokens=result.expert_tokens,
         num_tokens=result.num_tokens,

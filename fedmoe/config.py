@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from aggregation.codec import CodecConfig
 from client.precision import CHOICES as PRECISIONS
 
 
@@ -30,7 +31,9 @@ class RunConfig:
     lr: float = 0.003
     min_expert_tokens: int = 64
     broadcast: str = "delta"  # "delta": int8 patches of the view; "full": full fp32 state
-    update_dtype: str = "float32"
+    codec: str = "fp16"  # update encoding, aggregation/codec.py: e.g. "int8", "randk0.05+int8", "topk0.01+int8"
+    codec_clip: float = 0.0  # > 0: shared range [-clip, clip] for int8/int4 (secure-aggregation summable)
+    max_update_bytes: int = 64 * 1024 * 1024  # a larger update is refused before it is parsed
     precision: str = "auto"
     eval_batches: int = 8
     seed: int = 0
@@ -67,7 +70,8 @@ class RunConfig:
             (self.lr > 0, "lr must be > 0"),
             (self.min_expert_tokens >= 0, "min-expert-tokens must be >= 0"),
             (self.broadcast in ("delta", "full"), "broadcast must be 'delta' or 'full'"),
-            (self.update_dtype in ("float32", "float16", "bfloat16"), "update-dtype must be float32, float16 or bfloat16"),
+            (self.codec_clip >= 0, "codec-clip must be >= 0"),
+            (self.max_update_bytes > 0, "max-update-bytes must be > 0"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.eval_batches >= 1, "eval-batches must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
@@ -78,10 +82,17 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"run config: {message}")
+        self.codec_config()
         return self
 
     def with_overrides(self, **changes: Any) -> RunConfig:
         return replace(self, **changes).validated()
+
+    def codec_config(self) -> CodecConfig:
+        try:
+            return CodecConfig.parse(self.codec, clip=self.codec_clip or None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"run config: {exc}") from None
 
     @property
     def workspace_path(self) -> Path:

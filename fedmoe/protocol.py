@@ -21,6 +21,7 @@ class ProtocolError(ValueError):
 @dataclass(frozen=True)
 class TrainInstruction:
     round: int
+    run: str  # the operator's run name: node-local state (error feedback) is kept per run
     state: bytes  # safetensors: the member's new view (full) or a patch of its last view
     state_kind: str  # "full" | "patch" (aggregation/broadcast.py)
     base_view_sha256: str  # patch only: digest of the view the patch applies to
@@ -35,7 +36,9 @@ class TrainInstruction:
     lr: float
     seed: int
     min_expert_tokens: int
-    update_dtype: str
+    codec: str  # aggregation/codec.py spec
+    codec_clip: float  # 0: none
+    codec_seed: int  # the round's shared seed (randk coordinates)
     precision: str
 
     def to_record(self) -> RecordDict:
@@ -63,7 +66,7 @@ class TrainInstruction:
 class TrainReply:
     member: str
     round: int
-    update: bytes  # safetensors of the delta (a subset of the trainable state)
+    update: bytes  # the delta (a subset of the trainable state), in the round's codec
     view_sha256: str  # the view the member holds now (the server sends patches against it)
     expert_tokens: dict[str, int]  # 'l:e' -> tokens routed to that expert
     num_tokens: int

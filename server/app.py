@@ -6,7 +6,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmoe.config import RunConfig
-from server.rounds import LogReporter, Reporter, run_rounds
+from server.metrics import with_metrics
+from server.rounds import Reporter, run_rounds
 
 
 def make_app(
@@ -25,7 +26,8 @@ def make_app(
     def main(grid: Grid, context: Context) -> None:
         try:
             run_config = config if config is not None else RunConfig.from_user_config(context.run_config)
-            run_rounds(grid, run_config, reporter or LogReporter(), run_name=run_name)
+            # FEDMOE_METRICS_PORT set (fedmoe serve): the reporter also serves Prometheus metrics
+            run_rounds(grid, run_config, with_metrics(reporter), run_name=run_name)
         except BaseException as exc:
             if errors is not None:
                 errors.append(exc)

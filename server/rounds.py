@@ -17,9 +17,11 @@ from typing import Protocol
 
 import torch
 from flwr.app import Message
+from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from aggregation.broadcast import advance, view_digest
+from aggregation.codec import UpdateRejected, decode
 from aggregation.contribution import ScoreBook
 from aggregation.fedavg import Update, aggregate
 from client.precision import select_precision
@@ -28,7 +30,7 @@ from fedmoe.protocol import TRAIN, ProtocolError, TrainInstruction, TrainReply
 from fedmoe.workspace import Workspace
 from model.base import Base, load_base
 from model.corpus import read_texts
-from model.io import tensors_from_bytes, tensors_to_bytes
+from model.io import tensors_to_bytes
 from model.lora import LoraMoE, expert_of
 from model.moe import evaluate_loss
 from model.tokenizer import pack
@@ -37,10 +39,6 @@ from server.ledger import Ledger, OperatorKey, Record, utc_now
 from server.scoring import open_value, score_open
 
 log = logging.getLogger("fedmoe.server")
-
-
-class UpdateRejected(ValueError):
-    """A member's update fails validation; the round goes on without it."""
 
 
 class RoundAborted(RuntimeError):
@@ -134,9 +132,14 @@ def evaluate(lora: LoraMoE, sets: dict[str, torch.Tensor], config: RunConfig) ->
     return losses
 
 
-def validate_update(reply: TrainReply, shapes: dict[str, tuple[int, ...]], config: RunConfig) -> Update:
-    """Decode and check a member's update: known names, exact shapes, finite, bounded counts."""
-    delta = tensors_from_bytes(reply.update, source=f"member {reply.member!r}")
+def validate_update(
+    reply: TrainReply, shapes: dict[str, tuple[int, ...]], config: RunConfig, *, codec_seed: int = 0
+) -> Update:
+    """Decode (strict, bounded) and check a member's update: names, shapes, finite, counts."""
+    delta = decode(
+        reply.update, shapes, member=reply.member, max_bytes=config.max_update_bytes,
+        seed=codec_seed, config=config.codec_config(),
+    )
     for name, tensor in delta.items():
         if name not in shapes:
             raise UpdateRejected(f"member {reply.member!r}: unknown tensor {name!r}")
@@ -228,6 +231,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
         reporter.round_started(rnd, len(nodes))
 
+        codec, codec_seed = config.codec_config(), config.seed * 1_000_003 + rnd
         # Broadcast: the round's view of the global state; a member that holds the previous
         # view gets only the int8 patch to it, any other member the full view.
         previous_digest = view_digest(view) if view is not None else ""
@@ -242,15 +246,17 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             else:
                 kind, base_digest, payload = "full", "", full_payload
             ins = TrainInstruction(
-                round=rnd, state=payload, state_kind=kind, base_view_sha256=base_digest, view_sha256=digest,
+                round=rnd, run=run_name, state=payload, state_kind=kind, base_view_sha256=base_digest, view_sha256=digest,
                 base_sha256=base.sha256, base_path=str(ws.base),
                 members_dir=str(ws.members_dir), nodes_dir=str(ws.root / "nodes"),
                 local_steps=config.local_steps, batch_size=config.batch_size, seq_len=config.seq_len,
                 lr=config.lr, seed=config.seed, min_expert_tokens=config.min_expert_tokens,
-                update_dtype=config.update_dtype, precision=config.precision,
+                codec=str(codec), codec_clip=config.codec_clip, codec_seed=codec_seed,
+                precision=config.precision,
             )
-            bytes_down[node] = len(payload)
-            messages.append(Message(content=ins.to_record(), message_type=TRAIN, dst_node_id=node, group_id=str(rnd)))
+            content = ins.to_record()
+            bytes_down[node] = recorddict_to_proto(content).ByteSize()  # what goes on the wire
+            messages.append(Message(content=content, message_type=TRAIN, dst_node_id=node, group_id=str(rnd)))
         replies = exchange(grid, messages, config.round_timeout, lambda n: reporter.member_done(rnd, n, len(nodes)))
 
         updates: list[Update] = []
@@ -267,7 +273,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                 parsed = TrainReply.from_record(reply.content)
                 if parsed.round != rnd:
                     raise UpdateRejected(f"member {parsed.member!r}: reply for round {parsed.round}, expected {rnd}")
-                update = validate_update(parsed, shapes, config)
+                update = validate_update(parsed, shapes, config, codec_seed=codec_seed)
             except (ProtocolError, UpdateRejected, ValueError) as exc:
                 rejected[f"node {node}"] = str(exc)
                 reporter.note(f"round {rnd}: rejected: {exc}")
@@ -276,7 +282,8 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             node_member[node] = parsed.member
             held_views[parsed.member] = parsed.view_sha256
             reports.append(MemberReport(
-                member=parsed.member, node_id=node, bytes_down=bytes_down[node], bytes_up=len(parsed.update),
+                member=parsed.member, node_id=node, bytes_down=bytes_down[node],
+                bytes_up=recorddict_to_proto(reply.content).ByteSize(),
                 num_tokens=parsed.num_tokens, train_loss=parsed.train_loss, seconds=parsed.seconds,
                 experts_sent=len(parsed.expert_tokens), precision=parsed.precision,
             ))

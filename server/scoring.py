@@ -102,15 +102,18 @@ def score_groups(
 ) -> RoundScores:
     """Secure mode: each group's (weighted delta sum, weight sums) is all the server has.
 
-    The union of groups is valued by combining their sums (sum of sums / sum of weights per
-    tensor), exactly as the round's aggregate is formed; `group_shapley` gives each group its
-    Shapley value among the round's groups.
+    A union of groups is valued by its part of the round's actual aggregate: the sum of its
+    groups' sums divided by the whole round's weight per tensor. That keeps values additive in
+    members: a member that sends nothing adds nothing to its group's sum, and cannot look useful
+    by diluting a harmful group-mate (as it would if each union were averaged on its own).
+    `group_shapley` gives each group its Shapley value among the round's groups.
     """
     groups = list(group_deltas)
+    round_weights = _total_weights([w for _, w in group_deltas.values()])
 
     def combine(coalition: Coalition) -> dict[str, torch.Tensor]:
         chosen = [g for g in groups if g <= coalition]
-        return combine_group_sums([group_deltas[g] for g in chosen])
+        return combine_group_sums([group_deltas[g] for g in chosen], reference=round_weights)
 
     value = value_of(combine)
     values = group_shapley(groups, value, rng=random.Random(seed))
@@ -120,15 +123,26 @@ def score_groups(
     )
 
 
-def combine_group_sums(sums: Sequence[tuple[dict[str, torch.Tensor], dict[str, float]]]) -> dict[str, torch.Tensor]:
-    """Mean delta from groups' weighted sums: sum_g S_g[name] / sum_g W_g[name]."""
+def _total_weights(weights: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for w in weights:
+        for name, value in w.items():
+            total[name] = total.get(name, 0.0) + value
+    return total
+
+
+def combine_group_sums(
+    sums: Sequence[tuple[dict[str, torch.Tensor], dict[str, float]]],
+    *,
+    reference: Mapping[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Delta from groups' weighted sums: sum_g S_g[name] / W[name], where W is `reference`
+    (e.g. the whole round's weights) or, when None, the chosen groups' own weights (their mean)."""
     totals: dict[str, torch.Tensor] = {}
-    weights: dict[str, float] = {}
     for delta_sum, weight_sum in sums:
         for name, tensor in delta_sum.items():
-            w = weight_sum.get(name, 0.0)
-            if w <= 0:
+            if weight_sum.get(name, 0.0) <= 0:
                 continue
             totals[name] = totals[name] + tensor if name in totals else tensor.clone()
-            weights[name] = weights.get(name, 0.0) + w
-    return {name: totals[name] / weights[name] for name in totals}
+    weights = reference if reference is not None else _total_weights([w for _, w in sums])
+    return {name: totals[name] / weights[name] for name in totals if weights.get(name, 0.0) > 0}

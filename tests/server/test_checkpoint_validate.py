@@ -1,20 +1,22 @@
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 
 from fedmoe.config import RunConfig
 from fedmoe.protocol import TrainReply
-from model.io import tensors_to_bytes
+from aggregation.codec import CodecConfig, encode
 from server.checkpoint import CheckpointError, Checkpoints
 from server.rounds import UpdateRejected, validate_update
 
 SHAPES = {"a.lora_B": (4, 2), "layers.0.mlp.experts.down_proj.lora_B.e1": (3, 2)}
-CONFIG = RunConfig(local_steps=2, batch_size=2, seq_len=16)  # token budget 64
+CONFIG = RunConfig(local_steps=2, batch_size=2, seq_len=16, codec="fp32")  # token budget 64
 
 
 def reply(delta: dict[str, torch.Tensor], num_tokens: int = 64, experts: dict[str, int] | None = None) -> TrainReply:
-    return TrainReply("acme", 1, tensors_to_bytes(delta), "", experts or {}, num_tokens, 4, 1.0, 1.0, "bf16")
+    return TrainReply("acme", 1, encode(delta, CodecConfig("fp32"), seed=0), "", experts or {}, num_tokens, 4, 1.0, 1.0, "bf16")
 
 
 def test_commit_and_load_round_trip_and_pointer_moves_last(tmp_path) -> None:
@@ -51,9 +53,8 @@ def test_valid_update_passes() -> None:
 @pytest.mark.parametrize(
     ("delta", "tokens", "experts", "message"),
     [
-        ({"a.lora_B": torch.ones(4, 3)}, 64, {}, r"member 'acme': tensor 'a.lora_B' has shape \(4, 3\), expected \(4, 2\)"),
-        ({"a.lora_B": torch.full((4, 2), float("nan"))}, 64, {}, "NaN or Inf"),
-        ({"b.lora_B": torch.ones(4, 2)}, 64, {}, "unknown tensor 'b.lora_B'"),
+        ({"a.lora_B": torch.ones(4, 3)}, 64, {}, r"member 'acme': tensor 'a.lora_B': has shape \[4, 3\], expected \(4, 2\)"),
+        ({"b.lora_B": torch.ones(4, 2)}, 64, {}, "member 'acme': tensor 'b.lora_B': not in the trainable state"),
         ({"a.lora_B": torch.ones(4, 2)}, 10**6, {}, "num-tokens 1000000 outside"),
         ({"a.lora_B": torch.ones(4, 2)}, 64, {"0:1": 10**9}, r"expert-tokens\[0:1\]"),
     ],
@@ -63,7 +64,18 @@ def test_bad_updates_are_rejected_naming_member_and_field(delta, tokens, experts
         validate_update(reply(delta, tokens, experts), SHAPES, CONFIG)
 
 
-def test_garbage_payload_is_refused_naming_member() -> None:
+def test_garbage_and_non_finite_payloads_are_refused_naming_member() -> None:
     bad = TrainReply("acme", 1, b"\xff" * 40, "", {}, 64, 4, 1.0, 1.0, "bf16")
-    with pytest.raises(ValueError, match="member 'acme': not a valid safetensors payload"):
+    with pytest.raises(UpdateRejected, match="member 'acme': bad magic"):
         validate_update(bad, SHAPES, CONFIG)
+    payload = bytearray(encode({"a.lora_B": torch.ones(4, 2)}, CodecConfig("fp32"), seed=0))
+    payload[-4:] = struct.pack("<f", float("nan"))  # the last value of the raw fp32 section
+    nan = TrainReply("acme", 1, bytes(payload), "", {}, 64, 4, 1.0, 1.0, "bf16")
+    with pytest.raises(UpdateRejected, match="member 'acme'.*a.lora_B"):
+        validate_update(nan, SHAPES, CONFIG)
+
+
+def test_an_update_in_another_codec_than_the_rounds_is_refused() -> None:
+    other = TrainReply("acme", 1, encode({"a.lora_B": torch.ones(4, 2)}, CodecConfig("int8"), seed=0), "", {}, 64, 4, 1.0, 1.0, "x")
+    with pytest.raises(UpdateRejected, match="member 'acme'"):
+        validate_update(other, SHAPES, CONFIG)
