@@ -22,7 +22,7 @@ from aggregation.contribution import (
     gtg_shapley,
     is_null_update,
 )
-from aggregation.fedavg import Update, aggregate
+from aggregation.fedavg import Update
 from client.precision import Precision
 from model.lora import LoraMoE, expert_of
 from model.moe import evaluate_loss
@@ -88,10 +88,31 @@ def score_open(
 
 def open_value(lora: LoraMoE, state: Mapping[str, torch.Tensor], updates: Sequence[Update],
                val_sets: Mapping[str, torch.Tensor], batch_size: int, precision: Precision) -> CoalitionValue:
-    by_member = {u.member: u for u in updates}
+    """v(S) for individual updates: S's part of the round's aggregate.
+
+    The round applies sum_i w_i delta_i / W (per tensor; W = every member's weight, as in
+    aggregation/fedavg.py). A coalition is valued by its own terms of that sum over the same W,
+    so values are additive in members: a zero update adds nothing anywhere (its Shapley value is
+    exactly zero) and nobody gains by diluting a harmful member, as with a coalition's own mean.
+    """
+    sums = {u.member: _weighted(u) for u in updates}
+    round_weights = _total_weights([w for _, w in sums.values()])
     return CoalitionValue(
-        lora, state, lambda s: aggregate([by_member[m] for m in sorted(s)], expert_of), val_sets, batch_size, precision
+        lora, state,
+        lambda s: combine_group_sums([sums[m] for m in sorted(s)], reference=round_weights),
+        val_sets, batch_size, precision,
     )
+
+
+def _weighted(update: Update) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(w * delta, w) per tensor, with the weights aggregation/fedavg.py uses."""
+    deltas, weights = {}, {}
+    for name, delta in update.delta.items():
+        group = expert_of(name)
+        w = float(update.num_tokens if group is None else update.expert_tokens.get(group, 0))
+        if w > 0:
+            deltas[name], weights[name] = delta * w, w
+    return deltas, weights
 
 
 def score_groups(
