@@ -1,0 +1,1 @@
+"""Privacy: secure aggregation (SecAgg+-style), differential privacy, key handling."""
