@@ -15,6 +15,7 @@ metric is documented in docs/deployment.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,10 +148,8 @@ def _nvml(member: str) -> Iterator[Any]:
     except Exception:  # noqa: BLE001
         return
     finally:
-        try:
+        with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
     yield util
     yield used
 

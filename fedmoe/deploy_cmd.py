@@ -18,15 +18,18 @@ This module is also runnable as `python -m fedmoe.deploy_cmd ...` (the tests use
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,7 +45,8 @@ app = typer.Typer(help="fedmoe deployment: certificates, operator server, member
                   no_args_is_help=True)
 
 CONNECTION = "fedmoe"  # name of the SuperLink connection in the private FLWR_HOME/config.toml
-EXIT_UNREGISTERED = 305  # flower-supernode: the SuperLink refused to activate the node
+NODE_REFUSED = "Failed to activate SuperNode"  # flower-supernode's log when the SuperLink refuses its key
+EXIT_REFUSED = 3  # fedmoe join: refused by the SuperLink (key not registered)
 
 
 class DeployError(RuntimeError):
@@ -130,26 +134,50 @@ def stop_tree(pid: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_alive(p) for p in tree):
         time.sleep(0.2)
-    for p in tree + [q for p in tree if _alive(p) for q in process_tree(p)]:
-        if _alive(p):
+    for q in tree + [r for p in tree if _alive(p) for r in process_tree(p)]:
+        if _alive(q):
             try:
-                os.kill(p, signal.SIGKILL)
+                os.kill(q, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
 
 @dataclass
 class Child:
-    """A Flower process run by a fedmoe supervisor."""
+    """A Flower process run by a fedmoe supervisor; its output goes to `log` (or our stdout)
+    through a reader thread that keeps the last lines, so the supervisor can say why it ended
+    (flower-supernode reports a refused key in its log, not in its exit status)."""
 
     name: str
     process: subprocess.Popen[bytes]
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200))
+    reader: threading.Thread | None = None
 
     @classmethod
     def start(cls, name: str, argv: Sequence[str], env: Mapping[str, str], log: Path | None) -> Child:
-        out = open(log, "ab") if log is not None else None  # noqa: SIM115 - owned by the child
-        process = subprocess.Popen(list(argv), env=dict(env), stdout=out, stderr=subprocess.STDOUT if out else None)
-        return cls(name, process)
+        process = subprocess.Popen(list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        child = cls(name, process)
+        child.reader = threading.Thread(target=child._pump, args=(log,), daemon=True, name=f"{name}-output")
+        child.reader.start()
+        return child
+
+    def _pump(self, log: Path | None) -> None:
+        assert self.process.stdout is not None
+        sink = open(log, "ab") if log is not None else sys.stdout.buffer  # noqa: SIM115
+        try:
+            for line in iter(self.process.stdout.readline, b""):
+                sink.write(line)
+                sink.flush()
+                self.tail.append(line.decode(errors="replace"))
+        finally:
+            if log is not None:
+                sink.close()
+
+    def said(self, text: str, wait: float = 3.0) -> bool:
+        """Whether the child's output contained `text` (waits briefly for the output to drain)."""
+        if self.reader is not None:
+            self.reader.join(timeout=wait)
+        return any(text in line for line in list(self.tail))
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.process.poll() is None:
@@ -157,33 +185,61 @@ class Child:
         return self.process.wait()
 
 
-def supervise(child: Child, on_exit: Any = None) -> int:
-    """Wait for `child`; SIGTERM/SIGINT stop it (and its tree) and return 0."""
-    stopping = False
+def supervise(child: Child, grace: float = 15.0) -> int:
+    """Wait for `child`; SIGTERM/SIGINT stop it and its tree and return 0, else its exit code.
+
+    The handler only records the signal: the main loop does the stopping, so no wait is re-entered
+    from inside a signal handler (Popen.wait holds a non-reentrant lock).
+    """
+    requested: list[int] = []
 
     def handle(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            console.print(f"{signal.Signals(signum).name}: stopping {child.name} (pid {child.process.pid})")
-            child.stop()
+        requested.append(signum)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    tree: list[int] = []
+    deadline = 0.0
     try:
         while True:
             try:
-                code = child.process.wait()
+                code = child.process.wait(timeout=0.5)
                 break
-            except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
-                continue
+            except subprocess.TimeoutExpired:
+                pass
+            if requested and not tree:
+                console.print(f"{signal.Signals(requested[0]).name}: stopping {child.name} (pid {child.process.pid})")
+                tree = process_tree(child.process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.process.pid, signal.SIGTERM)
+                deadline = time.monotonic() + grace
+            elif tree and time.monotonic() > deadline:
+                _kill(tree)
+        if requested:  # what the child started (SuperExec, app processes) goes with it
+            tree = tree or process_tree(child.process.pid)
+            end = time.monotonic() + 5.0
+            while time.monotonic() < end and any(_alive(p) for p in tree[1:]):
+                time.sleep(0.2)
+            _kill(tree[1:])
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if stopping:
-        return 0
-    if on_exit is not None:
-        on_exit(code)
-    return code
+    return 0 if requested else code
+
+
+def _kill(pids: Sequence[int]) -> None:
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _sigterm_interrupts() -> None:
+    """Until `supervise` takes over, SIGTERM interrupts start-up like Ctrl-C (the child is stopped)."""
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def wait_for_port(host: str, port: int, timeout: float, child: Child | None = None) -> None:
@@ -274,7 +330,7 @@ def register_member(flwr_home: Path, public_key: Path, name: str, connection: st
     """Register one member's public key with the SuperLink (Control API); idempotent."""
     result = subprocess.run(
         [flower_bin("flwr"), "supernode", "register", str(public_key), connection, "--name", name, "--format", "json"],
-        env=flower_env(flwr_home), capture_output=True, text=True, timeout=60,
+        env=flower_env(flwr_home), capture_output=True, text=True, timeout=60, check=False,
     )
     text = result.stdout + result.stderr
     if result.returncode == 0 and '"success": true' in text:
@@ -316,6 +372,7 @@ def certs_command(
 
 def serve_command(
     certs: Annotated[Path, typer.Option(help="Folder from `fedmoe certs` (operator/ is used).")] = Path("certs"),
+    member_keys: Annotated[Path | None, typer.Option(help="Folder of members' public keys <name>.pub (default <certs>/operator/members).")] = None,
     state: Annotated[Path, typer.Option(help="Operator state: SuperLink database, FLWR_HOME, logs.")] = Path(".fedmoe/operator"),
     host: Annotated[str, typer.Option(help="Address the SuperLink binds (Fleet, Control and Runtime APIs).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="SuperLink HTTPS port.")] = 9092,
@@ -330,16 +387,17 @@ def serve_command(
     from server.metrics import Prices
 
     layout = CertLayout(certs.resolve())
+    keys_dir = (member_keys or layout.root / "operator" / "members").resolve()
     state = state.resolve()
     try:
         check_readable(layout.server_cert, "server certificate")
         check_readable(layout.server_key, "server key", private=True)
         check_ca(layout.operator_ca)
-        members = layout.registered_members()
-        if not members:
-            raise DeployError(f"{layout.root / 'operator' / 'members'}: no member public keys (run `fedmoe certs -m NAME`)")
-        for name in members:
-            check_readable(layout.registered_key(name), f"member {name!r} public key")
+        keys = {p.stem: p for p in sorted(keys_dir.glob("*.pub"))} if keys_dir.is_dir() else {}
+        if not keys:
+            raise DeployError(f"{keys_dir}: no member public keys <name>.pub (run `fedmoe certs -m NAME`)")
+        for name, path in keys.items():
+            check_readable(path, f"member {name!r} public key")
         state.mkdir(parents=True, exist_ok=True)
         if not os.access(state, os.W_OK):
             raise DeployError(f"state folder {state}: not writable")
@@ -351,16 +409,20 @@ def serve_command(
         if metrics_port:
             extra["FEDMOE_METRICS_PORT"] = str(metrics_port)
         env = flower_env(flwr_home, extra)
+        _sigterm_interrupts()
         child = Child.start("flower-superlink", superlink_argv(layout, state / "superlink.db", host, port), env, log_file)
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
     try:
         wait_for_port(address.rsplit(":", 1)[0], port, 60, child)
-        for name in members:
-            console.print(f"member {name}: {register_member(flwr_home, layout.registered_key(name), name)}")
+        for name, path in keys.items():
+            console.print(f"member {name}: {register_member(flwr_home, path, name)}")
     except DeployError as exc:
         child.stop()
         raise _fail(str(exc), code=1) from None
+    except KeyboardInterrupt:
+        child.stop()
+        raise typer.Exit(code=0) from None
     console.print(f"SuperLink ready on https://{address} (pid {child.process.pid}); "
                   f"submit with `FLWR_HOME={flwr_home} fedmoe submit` or `flwr run . {CONNECTION}`"
                   + (f"; metrics on :{metrics_port} during runs" if metrics_port else ""))
@@ -386,28 +448,33 @@ def join_command(
 ) -> None:
     """Member daemon: check data, certificates and key, then run a SuperNode with them as node
     config; stop cleanly on SIGTERM."""
+    _sigterm_interrupts()
     try:
         child, state = _start_supernode(superlink, member, data, ca, key, state_dir, base, device,
                                         clientapp_port, flwr_home, log_file)
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
-    if metrics_port:
-        from client.metrics import serve_daemon_metrics
+    try:
+        if metrics_port:
+            from client.metrics import serve_daemon_metrics
 
-        try:
-            serve_daemon_metrics(state, member, metrics_port, metrics_addr)
-        except OSError as exc:
-            console.print(f"[yellow]warning:[/yellow] metrics endpoint :{metrics_port} not started: {exc}")
+            try:
+                serve_daemon_metrics(state, member, metrics_port, metrics_addr)
+            except OSError as exc:
+                console.print(f"[yellow]warning:[/yellow] metrics endpoint :{metrics_port} not started: {exc}")
+    except KeyboardInterrupt:
+        child.stop()
+        raise typer.Exit(code=0) from None
     console.print(f"member {member}: SuperNode started (pid {child.process.pid}) towards {superlink}")
 
-    def on_exit(code: int) -> None:
-        if code == EXIT_UNREGISTERED:
-            console.print(f"[red]error:[/red] the SuperLink at {superlink} refused member {member!r}: "
-                          f"its public key is not registered there (flower exit code {code})")
-        elif code:
-            console.print(f"[red]error:[/red] flower-supernode exited with code {code}")
-
-    raise typer.Exit(code=supervise(child, on_exit))
+    code = supervise(child)
+    if code and child.said(NODE_REFUSED):
+        console.print(f"[red]error:[/red] the SuperLink at {superlink} refused member {member!r}: "
+                      "its public key is not registered there (Flower exit code 305)")
+        raise typer.Exit(code=EXIT_REFUSED)
+    if code:
+        console.print(f"[red]error:[/red] flower-supernode exited with code {code}")
+    raise typer.Exit(code=code)
 
 
 def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Path, state_dir: Path, base: Path,
@@ -476,7 +543,7 @@ def submit(flwr_home: Path, app_dir: Path, values: Mapping[str, object], *, conn
     argv = [flower_bin("flwr"), "run", str(app_dir), connection, "--format", "json"]
     if values:
         argv += ["--run-config", run_config_string(values)]
-    result = subprocess.run(argv, env=flower_env(flwr_home), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(argv, env=flower_env(flwr_home), capture_output=True, text=True, timeout=300, check=False)
     text = result.stdout
     try:
         reply = json.loads(text[text.index("{"): text.rindex("}") + 1])
@@ -487,7 +554,7 @@ def submit(flwr_home: Path, app_dir: Path, values: Mapping[str, object], *, conn
         raise DeployError(f"flwr run failed: {' '.join(detail)}")
     run_id = str(reply["run-id"])
     if stream:
-        subprocess.run([flower_bin("flwr"), "log", run_id, connection, "--stream"], env=flower_env(flwr_home))
+        subprocess.run([flower_bin("flwr"), "log", run_id, connection, "--stream"], env=flower_env(flwr_home), check=False)
     return run_id
 
 

@@ -114,7 +114,8 @@ def plot_cost(costs: Sequence[tuple[int, float]], path: Path, currency: str) -> 
     return _save(fig, path)
 
 
-def write_report(run_dir: Path, out: Path, prices: Prices = Prices(), *, currency: str = "USD") -> Report:
+def write_report(run_dir: Path, out: Path, prices: Prices | None = None, *, currency: str = "USD") -> Report:
+    prices = prices or Prices()
     manifests = Checkpoints(run_dir).manifests()
     if not manifests:
         raise ReportError(f"{run_dir}: no committed round to report")
@@ -145,8 +146,8 @@ def _markdown(run_dir: Path, manifests: Sequence[dict[str, Any]], costs: Sequenc
     lines = [
         f"# fedmoe run report: `{run_dir.name}`",
         "",
-        f"Committed rounds: {first['round']}..{last['round']} (run folder `{run_dir}`); "
-        f"last commit {last.get('time', '?')}, state sha256 `{str(last.get('state_sha256', ''))[:16]}…`.",
+        (f"Committed rounds: {first['round']}..{last['round']} (run folder `{run_dir}`); "
+         f"last commit {last.get('time', '?')}, state sha256 `{str(last.get('state_sha256', ''))[:16]}…`."),
         "",
         "## Validation loss per domain",
         "",
@@ -167,11 +168,11 @@ def _markdown(run_dir: Path, manifests: Sequence[dict[str, Any]], costs: Sequenc
             f"{c.gpu_hours if c else 0.0:.4f} | {c.total if c else 0.0:.4f} |"
         )
     total = sum(c.total for _, c in costs)
-    lines += ["", f"Estimated total cost: **{total:.4f} {currency}** at {prices.gpu_hour} {currency}/GPU-hour "
-              f"({prices.member_gpus} GPU per member, {prices.server_gpus} for the server) and "
-              f"{prices.million_tokens} {currency} per million tokens.",
-              "Formula: `gpu_hours = (member_gpus * sum(member training seconds) + server_gpus * round seconds) / 3600`; "
-              "`cost = price_gpu_hour * gpu_hours + price_million_tokens * tokens / 1e6`."]
+    lines += ["", (f"Estimated total cost: **{total:.4f} {currency}** at {prices.gpu_hour} {currency}/GPU-hour "
+                   f"({prices.member_gpus} GPU per member, {prices.server_gpus} for the server) and "
+                   f"{prices.million_tokens} {currency} per million tokens."),
+              ("Formula: `gpu_hours = (member_gpus * sum(member training seconds) + server_gpus * round seconds)"
+               " / 3600`; `cost = price_gpu_hour * gpu_hours + price_million_tokens * tokens / 1e6`.")]
     if last.get("shares"):
         lines += ["", f"## Contribution shares after round {last['round']}", "", "| member | share |", "|---|---:|"]
         lines += [f"| {k} | {v:.1%} |" for k, v in sorted(last["shares"].items(), key=lambda kv: -kv[1])]

@@ -109,7 +109,11 @@ class PrometheusReporter:
 
     def __init__(self, inner: Reporter | None = None, *, prices: Prices | None = None,
                  registry: CollectorRegistry | None = None) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge  # imported only when metrics are on
+        from prometheus_client import (  # imported only when metrics are on
+            CollectorRegistry,
+            Counter,
+            Gauge,
+        )
 
         self.inner = inner
         self.prices = prices or Prices()

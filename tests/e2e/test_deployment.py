@@ -1,0 +1,397 @@
+"""A real deployment on 127.0.0.1: `fedmoe serve` (flower-superlink with TLS, node authentication
+and a database) and 3 `fedmoe join` daemons (flower-supernode), each a separate process tree;
+the fedmoe app submitted with `flwr run` runs 2 rounds. Every process is stopped by PID at the
+end, also when a test fails. The deploy/ recipes (compose, Helm, systemd, Prometheus, Grafana)
+are validated at the end of the file (not slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fedmoe.deploy_cmd import free_port, process_tree
+from fedmoe.workspace import Workspace
+from privacy.certs import CertLayout, issue
+from server.checkpoint import Checkpoints
+
+slow = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "deployment.md"
+# member -> its private domain; named like the simulated members of tests/e2e/test_simulation.py, so
+# the deployed run trains exactly what the simulated one does (same data order, same seeds)
+MEMBERS = {"changelogs": "changelogs", "code": "code", "legal": "legal"}
+RUN_CONFIG = {
+    "num-rounds": 2, "local-steps": 8, "batch-size": 8, "seq-len": 64, "eval-batches": 2, "min-expert-tokens": 16,
+    "min-members": 3, "round-timeout": 300.0, "contribution-permutations": 10,
+}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+    """SIGTERM every supervisor, then SIGKILL anything left of their process trees (read first)."""
+    trees = {p.pid: process_tree(p.pid) for p in processes}
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(q) for tree in trees.values() for q in tree):
+        time.sleep(0.2)
+    for tree in trees.values():
+        for q in tree:
+            if _alive(q):
+                os.kill(q, signal.SIGKILL)
+    for p in processes:
+        p.wait(timeout=10)
+
+
+def scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def sample(text: str, name: str) -> float | None:
+    match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def documented_metrics(section: str) -> list[str]:
+    """Metric names in the table under `## <section>` of docs/deployment.md (GPU-only rows aside)."""
+    text = DOCS.read_text().split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return [m.group(1) for m in re.finditer(r"^\| `(fedmoe_\w+)`[^\n]*$", text, re.MULTILINE)
+            if "GPU only" not in m.group(0)]
+
+
+@dataclass
+class Deployment:
+    ws: Workspace
+    root: Path
+    layout: CertLayout
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    joins: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    server_scrape: str | None = None
+    daemon_scrapes: dict[str, str] = field(default_factory=dict)
+    rogue_code: int | None = None
+    rogue_output: str = ""
+    run_seconds: float = 0.0
+
+    def spawn(self, name: str, *args: str, threads: int | None = None) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
+        if threads:  # 3 members' trainers share this machine's cores
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        out = open(self.root / f"{name}.out", "wb")  # noqa: SIM115
+        p = subprocess.Popen([sys.executable, "-m", "fedmoe.deploy_cmd", *args], env=env, stdout=out,
+                             stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        self.processes.append(p)
+        return p
+
+    def output(self, name: str) -> str:
+        path = self.root / f"{name}.out"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def _wait(what: str, until, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if until():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}\n{log}")
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not after {timeout:.0f}s")
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    root = tmp_path_factory.mktemp("deployment")
+    ws = Workspace(root / "consortium")
+    shutil.copytree(tiny_workspace.corpora, ws.corpora)
+    shutil.copytree(tiny_workspace.base, ws.base)
+    issued = issue(root / "certs", [*MEMBERS, "rogue"])
+    layout = issued.layout
+    layout.registered_key("rogue").unlink()  # rogue has a key pair and the CA, but is not registered
+    d = Deployment(ws, root, layout)
+    request.addfinalizer(lambda: stop_all(d.processes))
+
+    port, metrics_port = free_port(), free_port()
+    serve = d.spawn("serve", "serve", "--certs", str(layout.root), "--state", str(root / "operator"),
+                    "--port", str(port), "--metrics-port", str(metrics_port),
+                    "--price-gpu-hour", "2.0", "--price-million-tokens", "0.5", "--log-file", str(root / "superlink.log"))
+    _wait("serve ready", lambda: "SuperLink ready" in d.output("serve"), 90, serve, d.output("serve"))
+    assert d.output("serve").count("registered (node") == 3
+
+    daemon_ports = {}
+    for member in [*MEMBERS, "rogue"]:
+        daemon_ports[member] = free_port()
+        p = d.spawn(member, "join", "--superlink", f"127.0.0.1:{port}", "--member", member,
+                    "--data", str(ws.members_dir / MEMBERS.get(member, "readmes")),
+                    "--ca", str(layout.member_ca(member)), "--key", str(layout.member_key(member)),
+                    "--state-dir", str(root / "nodes" / member), "--base", str(ws.base),
+                    "--metrics-port", str(daemon_ports[member]), "--clientapp-port", str(free_port()),
+                    "--log-file", str(root / f"{member}-supernode.log"), threads=1)
+        if member != "rogue":
+            d.joins[member] = p
+    rogue = d.processes[-1]
+    d.rogue_code = rogue.wait(timeout=90)
+    d.rogue_output = d.output("rogue") + (root / "rogue-supernode.log").read_text(errors="replace")
+
+    started = time.monotonic()
+    submit = subprocess.run(  # noqa: PLW1510 - the return code is asserted
+        [sys.executable, "-m", "fedmoe.deploy_cmd", "submit", "--flwr-home", str(root / "operator" / "flwr-home"),
+         "--app", str(ROOT), "-c", f"workspace={ws.root}", *(f"-c{k}={json.dumps(v)}" for k, v in RUN_CONFIG.items())],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    checkpoints = Checkpoints(ws.run_dir("default"))
+
+    def round_1_seen_live() -> bool:  # scrape while round 2 is running
+        text = scrape(metrics_port)
+        if text is not None and (sample(text, "fedmoe_round") or 0) >= 1 and d.server_scrape is None:
+            d.server_scrape = text
+            for member in MEMBERS:
+                d.daemon_scrapes[member] = scrape(daemon_ports[member]) or ""
+        return (checkpoints.latest_round() or 0) >= 2
+
+    _wait("2 committed rounds", round_1_seen_live, 300, serve,
+          d.output("serve") + (root / "superlink.log").read_text(errors="replace")[-4000:])
+    d.run_seconds = time.monotonic() - started
+    return d
+
+
+@slow
+def test_two_rounds_over_tls_with_node_auth_lower_validation_loss_and_commit(deployment: Deployment) -> None:
+    d = deployment
+    manifests = Checkpoints(d.ws.run_dir("default")).manifests()
+    assert [m["round"] for m in manifests] == [0, 1, 2]
+    assert Checkpoints(d.ws.run_dir("default")).load().round == 2
+    for m in manifests[1:]:
+        assert sorted(r["member"] for r in m["members"]) == sorted(MEMBERS) and not m["rejected"], m["rejected"]
+    before, after = manifests[0]["val_loss"], manifests[-1]["val_loss"]
+    for domain in MEMBERS.values():
+        assert after[domain] < before[domain], (domain, before[domain], after[domain])
+    assert d.ws.ledger("default").is_file()
+    # the SuperLink really ran with TLS, node authentication and its database
+    superlink = (d.root / "superlink.log").read_text()
+    assert "https://127.0.0.1" in superlink or "Uvicorn running on https" in d.output("serve") + superlink
+    assert (d.root / "operator" / "superlink.db").is_file()
+    print(f"deployed 2 rounds in {d.run_seconds:.0f}s")
+
+
+@slow
+def test_a_supernode_with_an_unregistered_key_is_refused(deployment: Deployment) -> None:
+    assert deployment.rogue_code == 3, deployment.rogue_output  # fedmoe join: refused by the SuperLink
+    assert "refused member 'rogue'" in deployment.rogue_output
+    assert "Failed to activate SuperNode" in deployment.rogue_output
+    assert "SuperNode ID" not in deployment.rogue_output  # it never got a node id
+    for member in MEMBERS:
+        assert "SuperNode ID" in (deployment.root / f"{member}-supernode.log").read_text()
+
+
+@slow
+def test_metrics_endpoints_serve_every_documented_metric_during_the_run(deployment: Deployment) -> None:
+    text = deployment.server_scrape
+    assert text is not None, "the operator's metrics endpoint was never reachable during the run"
+    names = documented_metrics("Operator metrics")
+    assert len(names) >= 15
+    missing = [n for n in names if sample(text, n) is None]
+    assert not missing, missing
+    assert sample(text, "fedmoe_round") >= 1
+    assert sample(text, "fedmoe_bytes_up_total") > 0 and sample(text, "fedmoe_bytes_down_total") > 0
+    assert sample(text, "fedmoe_estimated_cost_total") > 0  # priced with --price-gpu-hour 2.0
+    for domain in MEMBERS.values():
+        assert re.search(rf'^fedmoe_validation_loss\{{domain="{domain}"\}} ', text, re.MULTILINE)
+    daemon_names = documented_metrics("Member daemon metrics")
+    for member, scraped in deployment.daemon_scrapes.items():
+        missing = [n for n in daemon_names if sample(scraped, n) is None]
+        assert not missing, (member, missing)
+        assert sample(scraped, "fedmoe_daemon_rounds_trained_total") >= 1
+        assert sample(scraped, "fedmoe_daemon_tokens_per_second") > 0
+
+
+@slow
+def test_report_of_the_deployed_run_has_nontrivial_plots(deployment: Deployment, tmp_path: Path) -> None:
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    out = tmp_path / "report"
+    result = subprocess.run(  # noqa: PLW1510 - the return code is asserted
+        [sys.executable, "-m", "fedmoe.deploy_cmd", "report", "--run-dir", str(deployment.ws.run_dir("default")),
+         "--out", str(out), "--price-gpu-hour", "2.0"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("loss", "bytes", "shares", "cost"):
+        path = out / f"{name}.png"
+        assert path.stat().st_size > 5_000
+        pixels = mpimg.imread(path)
+        assert pixels.shape[0] >= 200 and pixels.shape[1] >= 300
+        assert np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0).shape[0] > 10
+    assert "| code |" in (out / "summary.md").read_text()
+
+
+@slow
+def test_sigterm_stops_a_daemon_and_its_supernode_cleanly(deployment: Deployment) -> None:
+    join = deployment.joins["legal"]
+    tree = process_tree(join.pid)
+    assert len(tree) >= 2  # the supervisor and flower-supernode (and its SuperExec)
+    join.send_signal(signal.SIGTERM)
+    assert join.wait(timeout=30) == 0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+        time.sleep(0.2)
+    assert not [p for p in tree if _alive(p)]
+    assert "SIGTERM: stopping flower-supernode" in deployment.output("legal")
+
+
+# ------------------------------------------------------------------ deploy/ recipes (fast)
+DEPLOY = ROOT / "deploy"
+
+
+def _yaml(path: Path):  # type: ignore[no-untyped-def]
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _compose_tool() -> list[str] | None:
+    for argv in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(argv[0]) is None:
+            continue
+        try:
+            probe = subprocess.run([*argv, "version"], capture_output=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return argv
+    return None
+
+
+def test_compose_file_runs_an_operator_and_three_members_with_their_own_state() -> None:
+    compose = _yaml(DEPLOY / "docker-compose.yml")
+    services = compose["services"]
+    members = sorted(name for name in services if name.startswith("member-"))
+    assert members == ["member-1", "member-2", "member-3"]
+    operator = services["operator"]["command"]
+    assert operator[0] == "serve" and "--certs" in operator and "0.0.0.0" in operator
+    assert "/state" in " ".join(services["operator"]["volumes"])
+    states = set()
+    for name in members:
+        command, volumes = services[name]["command"], services[name]["volumes"]
+        assert command[0] == "join" and command[command.index("--member") + 1] == name
+        assert command[command.index("--key") + 1] == f"/certs/members/{name}/auth_key"
+        assert command[command.index("--superlink") + 1] == "operator:9092"
+        state = next(v.split(":")[0] for v in volumes if v.endswith(":/state"))
+        assert state in compose["volumes"]
+        states.add(state)
+    assert len(states) == 3  # no two members share node-local state
+    certs = services["certs"]["command"]
+    assert certs[0] == "certs" and "operator" in certs  # the SuperLink's SAN matches the service name
+    tool = _compose_tool()
+    if tool is not None:  # the real validator where a compose CLI exists (docker compose / docker-compose)
+        result = subprocess.run([*tool, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+
+
+def _render(template: str, values: dict, release: str, chart: dict) -> str:
+    """The subset of Helm templating the chart uses: {{ .Values.a.b }}, .Release.Name, .Chart.X, | quote."""
+
+    def lookup(expr: str) -> str:
+        expr, _, pipe = (part.strip() for part in expr.partition("|"))
+        root, *path = expr.lstrip(".").split(".")
+        value: object = {"Values": values, "Release": {"Name": release}, "Chart": chart}[root]
+        for key in path:
+            value = value[key]  # type: ignore[index]
+        assert pipe in ("", "quote"), pipe
+        return json.dumps(str(value)) if pipe == "quote" else str(value)
+
+    rendered = re.sub(r"\{\{-?\s*(.*?)\s*-?\}\}", lambda m: lookup(m.group(1)), template)
+    assert "{{" not in rendered
+    return rendered
+
+
+def test_helm_chart_renders_to_a_statefulset_and_service_for_the_operator() -> None:
+    import yaml
+
+    chart_dir = DEPLOY / "helm" / "fedmoe-operator"
+    chart = _yaml(chart_dir / "Chart.yaml")
+    assert chart["apiVersion"] == "v2" and chart["name"] == "fedmoe-operator" and chart["version"]
+    values = _yaml(chart_dir / "values.yaml")
+    helm_chart = {"Name": chart["name"], "AppVersion": chart["appVersion"], "Version": chart["version"]}
+    docs = []
+    for template in sorted((chart_dir / "templates").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(_render(template.read_text(), values, "test", helm_chart)) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"StatefulSet", "Service"}
+    for d in docs:
+        assert d["apiVersion"] and d["metadata"]["name"] == "test-operator"
+    sts = kinds["StatefulSet"]["spec"]
+    assert sts["selector"]["matchLabels"] == sts["template"]["metadata"]["labels"]
+    container = sts["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[0] == "serve" and args[args.index("--port") + 1] == str(values["superlink"]["port"])
+    assert {p["containerPort"] for p in container["ports"]} == {values["superlink"]["port"], values["metrics"]["port"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["tls"] == "/certs/operator" and args[args.index("--certs") + 1] == "/certs"
+    assert mounts["member-keys"] == args[args.index("--member-keys") + 1]
+    assert {c["metadata"]["name"] for c in sts["volumeClaimTemplates"]} == {"state", "workspace"}
+    assert mounts["state"] == args[args.index("--state") + 1]
+    service = kinds["Service"]["spec"]
+    assert service["selector"] == sts["selector"]["matchLabels"]
+    if shutil.which("helm"):
+        result = subprocess.run(["helm", "lint", str(chart_dir)], capture_output=True, text=True, timeout=60,
+                                check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_systemd_unit_runs_fedmoe_join_and_stops_it_with_sigterm() -> None:
+    unit = (DEPLOY / "systemd" / "fedmoe-member.service").read_text()
+    sections = re.findall(r"^\[(\w+)\]$", unit, re.MULTILINE)
+    assert sections == ["Unit", "Service", "Install"]
+    exec_start = re.search(r"^ExecStart=(.*?)(?<!\\)$", unit, re.MULTILINE | re.DOTALL).group(1)
+    for flag in ("join", "--superlink", "--member", "--data", "--ca", "--key", "--state-dir", "--base"):
+        assert flag in exec_start, flag
+    assert "KillSignal=SIGTERM" in unit and "KillMode=mixed" in unit
+    env_keys = set(re.findall(r"^(FEDMOE_\w+)=", (DEPLOY / "systemd" / "member.env.example").read_text(), re.MULTILINE))
+    assert set(re.findall(r"\$\{(FEDMOE_\w+)\}", unit)) <= env_keys
+    if shutil.which("systemd-analyze"):
+        result = subprocess.run(["systemd-analyze", "verify", str(DEPLOY / "systemd" / "fedmoe-member.service")],
+                                capture_output=True, text=True, timeout=60, check=False)
+        problems = [line for line in (result.stdout + result.stderr).splitlines()
+                    if line.strip() and "is not executable" not in line]  # fedmoe is not installed here
+        assert not problems, problems
+
+
+def test_prometheus_and_grafana_use_only_documented_metrics() -> None:
+    documented = set(documented_metrics("Operator metrics")) | set(re.findall(r"`(fedmoe_\w+)`", DOCS.read_text()))
+    scrape = _yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert set(jobs) == {"fedmoe-operator", "fedmoe-members"}
+    assert jobs["fedmoe-operator"]["static_configs"][0]["targets"] == ["operator:9400"]
+    dashboard = json.loads((DEPLOY / "grafana" / "fedmoe-dashboard.json").read_text())
+    assert dashboard["uid"] and dashboard["panels"]
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"fedmoe_\w+", target["expr"])}
+    assert used and used <= documented, used - documented
+    assert {"fedmoe_validation_loss", "fedmoe_daemon_tokens_per_second", "fedmoe_estimated_cost_total"} <= used

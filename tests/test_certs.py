@@ -1,0 +1,126 @@
+"""`fedmoe certs` (privacy/certs.py) and the input checks of `fedmoe join` / `fedmoe serve`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from privacy.certs import CertError, CertLayout, check_member_key, issue
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_issue_writes_a_ca_a_server_certificate_and_member_keys_with_safe_permissions(tmp_path: Path) -> None:
+    issued = issue(tmp_path / "certs", ["acme", "globex"], hostnames=["link.example.org", "10.0.0.7"])
+    layout = issued.layout
+    ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
+    # the server certificate is signed by the CA and names every address members will dial
+    ca.public_key().verify(server.signature, server.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "link.example.org"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.0.0.7"}
+    for private in (layout.ca_key, layout.server_key, layout.member_key("acme"), layout.member_key("globex")):
+        assert _mode(private) == 0o600, private
+    for public in (layout.ca_cert, layout.server_cert, layout.operator_ca, layout.member_ca("acme"),
+                   layout.member_public_key("acme"), layout.registered_key("acme")):
+        assert _mode(public) == 0o644, public
+    assert layout.registered_members() == ["acme", "globex"]
+
+
+def test_member_keys_are_what_flower_loads(tmp_path: Path) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+
+    layout = issue(tmp_path / "certs", ["acme"]).layout
+    key = serialization.load_ssh_private_key(layout.member_key("acme").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    assert layout.registered_key("acme").read_text().startswith("ecdsa-sha2-nistp256 ")
+    assert try_load_public_key(layout.registered_key("acme"))  # what `flwr supernode register` reads
+    assert check_member_key(layout.member_key("acme")) == layout.member_key("acme").resolve()
+
+
+def test_running_again_keeps_everything_and_adds_new_members_under_the_same_ca(tmp_path: Path) -> None:
+    first = issue(tmp_path / "certs", ["acme"])
+    before = {p: p.read_bytes() for p in first.written}
+    second = issue(tmp_path / "certs", ["acme", "initech"])
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert {p.name for p in second.written} == {"auth_key", "auth_key.pub", "initech.pub", "ca.pem"}
+    assert second.layout.member_ca("initech").read_bytes() == first.layout.ca_cert.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["../evil", "a b", "", "x" * 65])
+def test_bad_member_names_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(CertError, match="member"):
+        issue(tmp_path / "certs", [name])
+
+
+def test_member_key_checks_name_the_file_and_the_problem(tmp_path: Path) -> None:
+    layout = issue(tmp_path / "certs", ["acme"]).layout
+    with pytest.raises(CertError, match="not found"):
+        check_member_key(tmp_path / "missing")
+    loose = tmp_path / "loose"
+    loose.write_bytes(layout.member_key("acme").read_bytes())
+    loose.chmod(0o644)
+    with pytest.raises(CertError, match=r"loose: permissions 0o644 are too open"):
+        check_member_key(loose)
+    edwards = tmp_path / "ed25519"
+    edwards.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    edwards.chmod(0o600)
+    with pytest.raises(CertError, match="needs an EC"):
+        check_member_key(edwards)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedmoe.deploy_cmd", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}, timeout=120, check=False)
+
+
+def test_join_refuses_missing_or_corrupt_inputs_with_one_line(tmp_path: Path) -> None:
+    layout = CertLayout(issue(tmp_path / "certs", ["acme"]).layout.root)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "docs.jsonl").write_text('{"text": "hello"}\n')
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+
+    def join(**over: str) -> subprocess.CompletedProcess[str]:
+        args = {"superlink": "127.0.0.1:1", "member": "acme", "data": str(data), "ca": str(layout.member_ca("acme")),
+                "key": str(layout.member_key("acme")), "state-dir": str(tmp_path / "state"), "base": str(base),
+                "metrics-port": "0", **over}
+        return _cli("join", *[x for k, v in args.items() for x in (f"--{k}", v)])
+
+    cases = {
+        "data": ({"data": str(tmp_path / "nope")}, "error: data " + str(tmp_path / "nope") + ": not found"),
+        "key": ({"key": str(tmp_path / "nokey")}, "error: member key " + str(tmp_path / "nokey") + ": not found"),
+        "ca": ({"ca": str(tmp_path / "noca.pem")}, "error: CA certificate " + str(tmp_path / "noca.pem") + ": not found"),
+        "base": ({"base": str(tmp_path)}, "not a model directory"),
+    }
+    for what, (over, message) in cases.items():
+        result = join(**over)
+        assert result.returncode == 2, (what, result.stdout, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], (what, result.stderr)
+    (data / "broken.jsonl").write_text('{"text": oops\n')
+    result = join()
+    assert result.returncode == 2 and "broken.jsonl: line 1" in result.stderr, result.stderr
+
+
+def test_serve_refuses_without_member_keys(tmp_path: Path) -> None:
+    layout = issue(tmp_path / "certs", []).layout
+    result = _cli("serve", "--certs", str(layout.root), "--state", str(tmp_path / "state"))
+    assert result.returncode == 2
+    assert "no member public keys" in result.stderr
