@@ -11,7 +11,7 @@ zeros). Each round the global state moves by the aggregate of all five updates. 
   individual values are recovered across rounds by least squares.
 Reports Spearman rank correlation and mean absolute share error vs the reference, the model
 evaluations each method spent, and the free rider's share. Writes bench/results/contribution.json.
-Run: `.venv/bin/python bench/contribution.py [--workspace .fedmoe/demo --rounds 6]`.
+Run: `.venv/bin/python bench/contribution.py [--workspace .fedmoe/demo --rounds 16]`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def spearman(a: dict[str, float], b: dict[str, float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     console = Console()
