@@ -8,14 +8,16 @@ from flwr.clientapp import ClientApp
 from client.metrics import gpu_memory, record_round
 from client.node import Node, StaleView, run_round
 from client.precision import PrecisionError
-from fedmoe.protocol import ProtocolError, TrainInstruction
+from client.secure import handle_stage
+from fedmoe.protocol import SECAGG_STAGES, ProtocolError, SecAggMessage, TrainInstruction
+from privacy.secagg import SecAggError
 from model.base import BaseModelError
 from model.corpus import DataError
 
 app = ClientApp()
 
 # Error codes in replies (Flower reserves small numbers; ours are 100+).
-DATA_ERROR, BASE_ERROR, CONFIG_ERROR, STALE_VIEW = 101, 102, 103, 104
+DATA_ERROR, BASE_ERROR, CONFIG_ERROR, STALE_VIEW, SECAGG_ERROR = 101, 102, 103, 104, 105
 
 
 @app.train()
@@ -44,3 +46,21 @@ def train(msg: Message, context: Context) -> Message:
     except OSError:
         pass
     return Message(content=reply.to_record(), reply_to=msg)
+
+
+def _secagg_stage(stage: str):  # type: ignore[no-untyped-def]
+    def serve(msg: Message, context: Context) -> Message:
+        """One secure-aggregation stage: refusals go back as errors (the server drops the node)."""
+        try:
+            parsed = SecAggMessage.from_record(msg.content, stage=stage, reply=False)
+            node = Node.from_node_config(context.node_config, parsed)  # type: ignore[arg-type]
+            reply = handle_stage(parsed, node.state_dir, node.member)
+        except (ProtocolError, SecAggError, DataError, KeyError, ValueError, OSError) as exc:
+            return Message(error=Error(SECAGG_ERROR, f"node {context.node_id}: secagg {stage}: {exc}"), reply_to=msg)
+        return Message(content=reply.to_record(), reply_to=msg)
+
+    return serve
+
+
+for _stage in SECAGG_STAGES:
+    app.train(f"secagg_{_stage}")(_secagg_stage(_stage))

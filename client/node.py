@@ -8,11 +8,13 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from aggregation.broadcast import PatchError, apply_patch, view_digest
 from aggregation.codec import CodecConfig, ErrorFeedback
+from client import secure
 from client.precision import select_precision
 from client.trainer import TrainConfig, train_local
 from fedmoe.protocol import TrainInstruction, TrainReply
@@ -21,6 +23,14 @@ from model.corpus import DataError, read_texts
 from model.io import load_tensors, save_tensors, tensors_from_bytes
 from model.lora import LoraMoE
 from model.tokenizer import pack
+
+
+class NodeHints(Protocol):
+    """Where a simulated node finds things (TRAIN and secure-aggregation messages carry them)."""
+
+    base_path: str
+    members_dir: str
+    nodes_dir: str
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,7 @@ class Node:
     device: str = "auto"
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, object], ins: TrainInstruction) -> Node:
+    def from_node_config(cls, node_config: Mapping[str, object], ins: NodeHints) -> Node:
         """A SuperNode names its data explicitly; a simulated node is a partition of the demo."""
         if "data-path" in node_config:
             data = Path(str(node_config["data-path"]))
@@ -157,10 +167,22 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         ),
         precision,
     )
+    update_seed = member_seed(ins.seed, ins.round, node.member) + 1
+    identity = b""
+    if ins.secure:
+        # the update stays here: pre-scaled by its weights, compressed, kept for the SecAgg stages
+        layout = secure.layout_for(lora, ins)
+        counts = layout.weights(result.num_tokens, result.expert_tokens)
+        payload = compress_update(layout.prescale(result.delta, counts), ins, node, update_seed)
+        secure.keep_input(node.state_dir, ins.run, ins.round, layout.encode(payload, counts))
+        update, identity = b"", secure.public_bytes(secure.identity_key(node.state_dir))
+    else:
+        update = compress_update(result.delta, ins, node, update_seed)
     return TrainReply(
         member=node.member,
         round=ins.round,
-        update=compress_update(result.delta, ins, node, member_seed(ins.seed, ins.round, node.member) + 1),
+        update=update,
+        identity=identity,
         view_sha256=ins.view_sha256,
         expert_tokens=result.expert_tokens,
         num_tokens=result.num_tokens,

@@ -38,9 +38,14 @@ class RunConfig:
     eval_batches: int = 8
     seed: int = 0
     round_timeout: float = 600.0
-    contribution: str = "open"  # "open": GTG-Shapley on individual updates; "off"
+    contribution: str = "auto"  # "open": GTG-Shapley on updates; "secure": group sums; "off"; "auto": by secagg
+    contribution_min_group: int = 3  # secure contribution: smallest group whose sum is revealed
     contribution_batches: int = 2  # validation batches per domain for each coalition evaluation
     contribution_permutations: int = 40  # most GTG-Shapley permutations per round
+    secagg: str = "off"  # "on": the operator sees only sums of updates (privacy/secagg.py)
+    secagg_threshold: int = 0  # shares needed to unmask; 0: two thirds of each member's share holders
+    secagg_neighbours: int = 0  # neighbours per member (SecAgg+); 0: about 2*log2(members)
+    secagg_timeout: float = 120.0  # seconds per secure-aggregation stage
 
     @classmethod
     def from_user_config(cls, user: Mapping[str, Any]) -> RunConfig:
@@ -75,15 +80,38 @@ class RunConfig:
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.eval_batches >= 1, "eval-batches must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
-            (self.contribution in ("open", "off"), "contribution must be 'open' or 'off'"),
+            (self.contribution in ("auto", "open", "secure", "off"),
+             "contribution must be 'auto', 'open', 'secure' or 'off'"),
+            (self.contribution_min_group >= 2, "contribution-min-group must be >= 2"),
+            (self.secagg in ("on", "off"), "secagg must be 'on' or 'off'"),
+            (self.secagg_threshold >= 0, "secagg-threshold must be >= 0 (0: automatic)"),
+            (self.secagg_neighbours >= 0, "secagg-neighbours must be >= 0 (0: automatic)"),
+            (self.secagg_timeout > 0, "secagg-timeout must be > 0"),
+            (self.secagg == "on" or self.contribution != "secure",
+             "contribution 'secure' values group sums from secure aggregation: set secagg = 'on'"),
+            (self.secagg == "off" or self.contribution != "open",
+             "contribution 'open' needs individual updates, which secagg = 'on' hides: use 'secure' or 'auto'"),
             (self.contribution_batches >= 1, "contribution-batches must be >= 1"),
             (self.contribution_permutations >= 1, "contribution-permutations must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"run config: {message}")
-        self.codec_config()
+        codec = self.codec_config()
+        if self.secagg == "on" and not codec.secure_compatible:
+            raise ConfigError(
+                f"run config: secagg = 'on' sums members' integers blind, so codec must be int8/int4 "
+                f"with a shared codec-clip > 0 and no topk (got codec {self.codec!r}, codec-clip "
+                f"{self.codec_clip}); e.g. codec = 'randk0.1+int8', codec-clip = 0.05"
+            )
         return self
+
+    @property
+    def contribution_mode(self) -> str:
+        """'open', 'secure' or 'off' ('auto' follows secagg)."""
+        if self.contribution == "auto":
+            return "secure" if self.secagg == "on" else "open"
+        return self.contribution
 
     def with_overrides(self, **changes: Any) -> RunConfig:
         return replace(self, **changes).validated()

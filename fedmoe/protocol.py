@@ -1,4 +1,5 @@
-"""The round's messages: the operator's TRAIN instruction and the member's reply.
+"""The round's messages: the operator's TRAIN instruction, the member's reply, and the four
+secure-aggregation stage messages (`SecAggMessage`) that follow TRAIN when secagg is on.
 
 Typed dataclasses with their Flower `RecordDict` form. Tensors cross the wire as safetensors
 bytes inside a ConfigRecord (never pickle); the codec issue replaces the payload encoding.
@@ -40,6 +41,7 @@ class TrainInstruction:
     codec_clip: float  # 0: none
     codec_seed: int  # the round's shared seed (randk coordinates)
     precision: str
+    secure: bool  # secure aggregation: keep the update on the node for the SecAgg stages
 
     def to_record(self) -> RecordDict:
         config = {k: v for k, v in asdict(self).items() if k != "state"}
@@ -74,6 +76,7 @@ class TrainReply:
     train_loss: float
     seconds: float
     precision: str
+    identity: bytes = b""  # the member's long-term Ed25519 public key (secure aggregation)
 
     def to_record(self) -> RecordDict:
         return RecordDict(
@@ -86,6 +89,7 @@ class TrainReply:
                         "round": self.round,
                         "precision": self.precision,
                         "view-sha256": self.view_sha256,
+                        "identity": self.identity,
                     }
                 ),
                 "metrics": MetricRecord(
@@ -114,6 +118,7 @@ class TrainReply:
                 round=_typed("round", info["round"], int),
                 precision=_typed("precision", info["precision"], str),
                 view_sha256=_typed("view-sha256", info["view-sha256"], str),
+                identity=_typed("identity", info["identity"], bytes),
                 update=_typed("update", update, bytes),
                 expert_tokens={k: _typed(f"expert-tokens[{k}]", v, int) for k, v in experts.items()},
                 num_tokens=_typed("num-tokens", metrics["num-tokens"], int),
@@ -138,6 +143,120 @@ def _typed_fields(cls: type, values: dict[str, object], *, skip: set[str]) -> di
             continue
         if f.name not in values:
             raise ProtocolError(f"message lacks field {f.name!r}")
-        kind = {"int": int, "float": (int, float), "str": str, "bytes": bytes}[str(f.type)]
+        kind = {"int": int, "float": (int, float), "str": str, "bytes": bytes, "bool": bool}[str(f.type)]
         out[f.name] = _typed(f.name, values[f.name], kind)
     return out
+
+
+# ---------------------------------------------------------------- secure aggregation stages
+
+SECAGG_STAGES = ("advertise", "share", "mask", "unmask")
+# what each stage carries each way (privacy/secagg.py has the protocol); a reply's "seconds" is
+# the member's time on the stage (crypto and its session file), for the operator's metrics
+SECAGG_FIELDS: dict[str, tuple[dict[str, type | tuple[type, ...]], dict[str, type | tuple[type, ...]]]] = {
+    "advertise": (
+        {"group": list, "identities": list, "threshold": int, "neighbours": int, "ring-bits": int,
+         "vector-length": int, "graph-seed": bytes},
+        {"c-pub": bytes, "s-pub": bytes, "b-commitment": bytes, "signature": bytes, "seconds": float},
+    ),
+    "share": (
+        {"senders": list, "c-pubs": list, "s-pubs": list, "b-commitments": list, "signatures": list},
+        {"receivers": list, "ciphertexts": list, "seconds": float},
+    ),
+    "mask": ({"senders": list, "ciphertexts": list}, {"packed": bytes, "seconds": float}),
+    "unmask": (
+        {"survivors": list, "dropped": list},
+        {"b-owners": list, "b-shares": list, "s-owners": list, "s-shares": list, "seconds": float},
+    ),
+}
+
+
+def secagg_message_type(stage: str) -> str:
+    return f"{TRAIN}.secagg_{stage}"
+
+
+@dataclass(frozen=True)
+class SecAggMessage:
+    """One secure-aggregation stage, either way: server -> member (`member` empty) or back.
+
+    `fields` holds the stage's values (SECAGG_FIELDS); lists hold only str or only bytes. The
+    node hints (base/members/nodes paths) let a simulated node find its state dir, as in TRAIN.
+    """
+
+    stage: str
+    run: str
+    round: int
+    group: int  # which secure-aggregation group of the round (contribution groups)
+    member: str
+    base_path: str
+    members_dir: str
+    nodes_dir: str
+    fields: dict[str, object]
+
+    def __post_init__(self) -> None:
+        if self.stage not in SECAGG_STAGES:
+            raise ProtocolError(f"unknown secure-aggregation stage {self.stage!r}")
+
+    @property
+    def reply(self) -> bool:
+        return bool(self.member)
+
+    def to_record(self) -> RecordDict:
+        head = {k: getattr(self, k) for k in ("stage", "run", "round", "group", "member", "base_path", "members_dir", "nodes_dir")}
+        return RecordDict({
+            "secagg": ConfigRecord({"version": PROTOCOL_VERSION, **head}),
+            "fields": ConfigRecord(dict(self.fields)),  # type: ignore[arg-type]
+        })
+
+    @classmethod
+    def from_record(cls, content: RecordDict, *, stage: str, reply: bool) -> SecAggMessage:
+        """Parse and check a stage message; `stage` and `reply` are what the receiver expects."""
+        try:
+            head = dict(content.config_records["secagg"])
+            values = dict(content.config_records["fields"])
+        except KeyError as exc:
+            raise ProtocolError(f"secure-aggregation message lacks {exc.args[0]!r}") from None
+        if head.pop("version", None) != PROTOCOL_VERSION:
+            raise ProtocolError(f"secure-aggregation message has protocol version other than {PROTOCOL_VERSION}")
+        if head.get("stage") != stage:
+            raise ProtocolError(f"secure-aggregation message for stage {head.get('stage')!r}, expected {stage!r}")
+        expected = SECAGG_FIELDS[stage][1 if reply else 0]
+        if set(values) != set(expected):
+            raise ProtocolError(f"secagg {stage} message has fields {sorted(values)}, expected {sorted(expected)}")
+        for name, kind in expected.items():
+            _typed(name, values[name], kind)
+            if kind is list and len({type(v) for v in values[name]}) > 1:  # type: ignore[attr-defined]
+                raise ProtocolError(f"field {name!r} mixes types")
+        message = cls(
+            stage=stage,
+            run=_typed("run", head.get("run"), str),  # type: ignore[arg-type]
+            round=_typed("round", head.get("round"), int),  # type: ignore[arg-type]
+            group=_typed("group", head.get("group"), int),  # type: ignore[arg-type]
+            member=_typed("member", head.get("member"), str),  # type: ignore[arg-type]
+            base_path=_typed("base_path", head.get("base_path"), str),  # type: ignore[arg-type]
+            members_dir=_typed("members_dir", head.get("members_dir"), str),  # type: ignore[arg-type]
+            nodes_dir=_typed("nodes_dir", head.get("nodes_dir"), str),  # type: ignore[arg-type]
+            fields=values,
+        )
+        if message.reply != reply:
+            raise ProtocolError(f"secagg {stage} message {'lacks' if reply else 'has'} a member")
+        return message
+
+    def strings(self, name: str) -> list[str]:
+        values = self.fields[name]
+        if not all(isinstance(v, str) for v in values):  # type: ignore[attr-defined]
+            raise ProtocolError(f"field {name!r} must hold strings")
+        return list(values)  # type: ignore[call-overload]
+
+    def blobs(self, name: str) -> list[bytes]:
+        values = self.fields[name]
+        if not all(isinstance(v, bytes) for v in values):  # type: ignore[attr-defined]
+            raise ProtocolError(f"field {name!r} must hold bytes")
+        return list(values)  # type: ignore[call-overload]
+
+    def pairs(self, keys: str, values: str) -> dict[str, bytes]:
+        """Two parallel lists (names, blobs) as a mapping; refuses unequal lengths or repeats."""
+        names, blobs = self.strings(keys), self.blobs(values)
+        if len(names) != len(blobs) or len(set(names)) != len(names):
+            raise ProtocolError(f"fields {keys!r} and {values!r} do not pair up")
+        return dict(zip(names, blobs, strict=True))

@@ -45,6 +45,7 @@ str/int/bytes that the shells marshal.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -467,6 +468,79 @@ class MemberSession:
         s_shares = {o: self._held[o][1] for o in gone}
         return UnmaskReply(self.member, self.params.round, b_shares, s_shares)
 
+    # -- persistence: a member daemon keeps the session on its own disk between stage messages
+
+    def to_json(self) -> bytes:
+        """The session's secrets and progress as canonical JSON (hex for bytes); node-local only.
+
+        The identity key and the directory are not included: the caller supplies them again to
+        `from_json`. Whoever reads this file can unmask this member, so the caller writes it
+        owner-only and deletes it when the round ends.
+        """
+        p = self.params
+        data = {
+            "version": 1,
+            "params": {
+                "round": p.round, "members": list(p.members), "threshold": p.threshold,
+                "neighbours": p.neighbours, "ring_bits": p.ring_bits,
+                "vector_length": p.vector_length, "graph_seed": p.graph_seed.hex(),
+            },
+            "member": self.member,
+            "stage": self._stage,
+            "c_sk": self._c_sk.private_bytes_raw().hex(),
+            "s_sk": self._s_sk.private_bytes_raw().hex(),
+            "b": self._b.hex(),
+            "own_b_share": self._own_b_share.hex(),
+            "adverts": {
+                m: [a.c_pub.hex(), a.s_pub.hex(), a.b_commitment.hex(), a.signature.hex()]
+                for m, a in sorted(self._adverts.items())
+            },
+            "held": {m: [b.hex(), s.hex()] for m, (b, s) in sorted(self._held.items())},
+        }
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(
+        cls,
+        raw: bytes,
+        identity_key: Ed25519PrivateKey,
+        directory: Mapping[str, Ed25519PublicKey],
+    ) -> MemberSession:
+        """A session saved by `to_json`; InvalidInput for anything that is not one."""
+        try:
+            data = json.loads(raw)
+            if data["version"] != 1:
+                raise ValueError(f"version {data['version']!r}")
+            p = data["params"]
+            params = SecAggParams(
+                round=int(p["round"]), members=tuple(p["members"]), threshold=int(p["threshold"]),
+                neighbours=int(p["neighbours"]), ring_bits=int(p["ring_bits"]),
+                vector_length=int(p["vector_length"]), graph_seed=bytes.fromhex(p["graph_seed"]),
+            )
+            session = cls(params, str(data["member"]), identity_key, directory)
+            session._stage = int(data["stage"])
+            if not 0 <= session._stage < len(_MEMBER_STAGES):
+                raise ValueError(f"stage {session._stage}")
+            session._c_sk = X25519PrivateKey.from_private_bytes(bytes.fromhex(data["c_sk"]))
+            session._s_sk = X25519PrivateKey.from_private_bytes(bytes.fromhex(data["s_sk"]))
+            session._b = bytes.fromhex(data["b"])
+            session._own_b_share = bytes.fromhex(data["own_b_share"])
+            session._adverts = {
+                m: KeyAdvert(m, params.round, *(bytes.fromhex(v) for v in fields))
+                for m, fields in data["adverts"].items()
+            }
+            session._held = {
+                m: (bytes.fromhex(b), bytes.fromhex(s)) for m, (b, s) in data["held"].items()
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"saved secure-aggregation session is unreadable: {exc}") from None
+        return session
+
+    @property
+    def stage(self) -> str:
+        """The stage method to call next ("done" once unmask has answered)."""
+        return _MEMBER_STAGES[self._stage]
+
     # -- helpers
 
     def _expect(self, stage: str) -> None:
@@ -534,7 +608,16 @@ _SERVER_STAGES = ("receive_adverts", "receive_shares", "receive_masked", "finish
 class ServerSession:
     """The server's side of one round: routes messages, tracks who is active, unmasks the sum."""
 
-    def __init__(self, params: SecAggParams, directory: Mapping[str, Ed25519PublicKey]) -> None:
+    def __init__(
+        self,
+        params: SecAggParams,
+        directory: Mapping[str, Ed25519PublicKey],
+        *,
+        lenient: bool = False,
+    ) -> None:
+        """`lenient`: a member whose message breaks the protocol is left out of the round (as
+        if it had dropped at that stage) and named in `refused`, instead of failing the stage.
+        The round loop runs lenient, so one misbehaving member cannot stop everybody's round."""
         missing = [m for m in params.members if m not in directory]
         if missing:
             raise InvalidInput(f"member {missing[0]!r} has no identity key in the directory")
@@ -545,13 +628,30 @@ class ServerSession:
         self._adverts: dict[str, KeyAdvert] = {}  # A1
         self._shared: set[str] = set()  # A2
         self._masked: dict[str, U64] = {}  # A3 -> y
+        self._lenient = lenient
+        self.refused: dict[str, str] = {}  # member -> why its message was refused
+
+    def _accept(self, member: str, check: Callable[[], None]) -> bool:
+        """Run a per-member check; a violation is raised, or (lenient) recorded and skipped."""
+        try:
+            check()
+        except ProtocolViolation as exc:
+            if not self._lenient:
+                raise
+            self.refused[member] = str(exc)
+            return False
+        return True
 
     def receive_adverts(self, adverts: Mapping[str, KeyAdvert]) -> dict[str, dict[str, KeyAdvert]]:
         """Verify adverts; returns, for each advertiser, its advertising neighbours' adverts."""
         self._enter("receive_adverts")
-        for member, advert in adverts.items():
-            _verify_advert(advert, member, self.params, self._directory)
-        self._adverts = dict(adverts)
+        self._adverts = {
+            member: advert
+            for member, advert in sorted(adverts.items())
+            if self._accept(
+                member, lambda a=advert, m=member: _verify_advert(a, m, self.params, self._directory)
+            )
+        }
         self._require(len(self._adverts), "advertised keys")
         return {
             m: {j: self._adverts[j] for j in self._graph[m] if j in self._adverts}
@@ -563,7 +663,8 @@ class ServerSession:
     ) -> dict[str, dict[str, bytes]]:
         """Ciphertexts sender -> receiver in; inboxes receiver -> sender out, among senders only."""
         self._enter("receive_shares")
-        for sender, ciphertexts in per_member.items():
+
+        def check(sender: str, ciphertexts: Mapping[str, bytes]) -> None:
             self._check_known(sender, self._adverts, "sent shares without a verified advert")
             expected = {j for j in self._graph[sender] if j in self._adverts}
             if set(ciphertexts) != expected:
@@ -571,7 +672,12 @@ class ServerSession:
                     f"member {sender!r}: sent shares to {sorted(ciphertexts)}, "
                     f"expected {sorted(expected)}"
                 )
-        self._shared = set(per_member)
+
+        self._shared = {
+            sender
+            for sender, ciphertexts in sorted(per_member.items())
+            if self._accept(sender, lambda s=sender, c=ciphertexts: check(s, c))
+        }
         self._require(len(self._shared), "shared keys")
         return {
             receiver: {
@@ -586,25 +692,28 @@ class ServerSession:
         Survivors sent a masked input; dropped members shared keys but sent none.
         """
         self._enter("receive_masked")
-        for member, masked in inputs.items():
-            self._check_known(member, self._shared, "sent a masked input without sharing keys")
-            if masked.member != member or masked.round != self.params.round:
-                raise ProtocolViolation(
-                    f"member {member!r}: masked input is labelled {masked.member!r}, "
-                    f"round {masked.round}"
-                )
-            if len(masked.packed) != self.params.packed_bytes:
-                raise ProtocolViolation(
-                    f"member {member!r}: masked input is {len(masked.packed)} bytes, "
-                    f"expected {self.params.packed_bytes}"
-                )
-            try:
-                y = unpack(masked.packed, self.params.ring_bits, self.params.vector_length)
-            except InvalidInput as error:
-                raise ProtocolViolation(f"member {member!r}: {error}") from None
-            self._masked[member] = y.numpy().astype("<u8")
+        for member, masked in sorted(inputs.items()):
+            self._accept(member, lambda m=member, x=masked: self._take_masked(m, x))
         self._require(len(self._masked), "sent masked inputs")
         return set(self._masked), self._shared - set(self._masked)
+
+    def _take_masked(self, member: str, masked: MaskedInput) -> None:
+        self._check_known(member, self._shared, "sent a masked input without sharing keys")
+        if masked.member != member or masked.round != self.params.round:
+            raise ProtocolViolation(
+                f"member {member!r}: masked input is labelled {masked.member!r}, "
+                f"round {masked.round}"
+            )
+        if len(masked.packed) != self.params.packed_bytes:
+            raise ProtocolViolation(
+                f"member {member!r}: masked input is {len(masked.packed)} bytes, "
+                f"expected {self.params.packed_bytes}"
+            )
+        try:
+            y = unpack(masked.packed, self.params.ring_bits, self.params.vector_length)
+        except InvalidInput as error:
+            raise ProtocolViolation(f"member {member!r}: {error}") from None
+        self._masked[member] = y.numpy().astype("<u8")
 
     def unmask_requests(self) -> dict[str, UnmaskRequest]:
         """What to ask each survivor: b shares of itself and of its surviving inbox senders,
@@ -634,13 +743,14 @@ class ServerSession:
         s_shares: dict[str, dict[str, shamir.Share]] = {
             m: {} for m in self._shared - set(self._masked)
         }
-        for holder, reply in replies.items():
+        def parse(holder: str, reply: UnmaskReply) -> None:
             self._check_known(holder, self._masked, "sent an unmask reply without a masked input")
             if reply.member != holder or reply.round != self.params.round:
                 raise ProtocolViolation(
                     f"member {holder!r}: unmask reply is labelled {reply.member!r}, "
                     f"round {reply.round}"
                 )
+            parsed: list[tuple[dict[str, dict[str, shamir.Share]], str, shamir.Share]] = []
             for revealed, asked, into in (
                 (reply.b_shares, requests[holder].survivors, b_shares),
                 (reply.s_shares, requests[holder].dropped, s_shares),
@@ -652,7 +762,12 @@ class ServerSession:
                             f"member {holder!r}: revealed an unasked or malformed share "
                             f"of {owner!r}"
                         )
-                    into[owner][holder] = share
+                    parsed.append((into, owner, share))
+            for into, owner, share in parsed:  # all of a reply, or (lenient) none of it
+                into[owner][holder] = share
+
+        for holder, reply in sorted(replies.items()):
+            self._accept(holder, lambda h=holder, r=reply: parse(h, r))
 
         n = self.params.vector_length
         total = np.zeros(n, dtype=np.uint64)

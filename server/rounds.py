@@ -7,23 +7,26 @@ simulation engine and in a real SuperLink deployment.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from flwr.app import Message
 from flwr.common.serde import recorddict_to_proto
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.serverapp import Grid
 
 from aggregation.broadcast import advance, view_digest
 from aggregation.codec import UpdateRejected, decode
-from aggregation.contribution import ScoreBook
+from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares, random_groups
 from aggregation.fedavg import Update, aggregate
+from aggregation.secure import TOKENS, SecureLayout
 from client.precision import select_precision
 from fedmoe.config import RunConfig
 from fedmoe.protocol import TRAIN, ProtocolError, TrainInstruction, TrainReply
@@ -36,7 +39,8 @@ from model.moe import evaluate_loss
 from model.tokenizer import pack
 from server.checkpoint import Checkpoints
 from server.ledger import Ledger, OperatorKey, Record, utc_now
-from server.scoring import open_value, score_open
+from server.scoring import CoalitionValue, combine_group_sums, open_value, score_groups, score_open
+from server.secure import SecureSettings, secure_aggregate
 
 log = logging.getLogger("fedmoe.server")
 
@@ -56,6 +60,7 @@ class MemberReport:
     seconds: float
     experts_sent: int
     precision: str
+    secagg_seconds: float = 0.0  # the member's time on the secure-aggregation stages
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,17 @@ def validate_update(
             )
         if not torch.isfinite(tensor).all():
             raise UpdateRejected(f"member {reply.member!r}: tensor {name!r} has NaN or Inf")
-    # Self-reported counts are bounded by the round's token budget and never exceed it.
+    check_counts(reply, config)
+    return Update(
+        member=reply.member,
+        delta={k: v.float() for k, v in delta.items()},
+        num_tokens=reply.num_tokens,
+        expert_tokens=dict(reply.expert_tokens),
+    )
+
+
+def check_counts(reply: TrainReply, config: RunConfig) -> None:
+    """Self-reported counts are bounded by the round's token budget and never exceed it."""
     budget = config.local_steps * config.batch_size * config.seq_len
     top_k_budget = budget * 8  # a token is routed to k experts per layer; k <= 8 in practice
     if not 0 < reply.num_tokens <= budget:
@@ -157,12 +172,52 @@ def validate_update(
     for group, count in reply.expert_tokens.items():
         if not 0 <= count <= top_k_budget:
             raise UpdateRejected(f"member {reply.member!r}: expert-tokens[{group}] = {count} out of range")
-    return Update(
-        member=reply.member,
-        delta={k: v.float() for k, v in delta.items()},
-        num_tokens=reply.num_tokens,
-        expert_tokens=dict(reply.expert_tokens),
-    )
+
+
+class Identities:
+    """Members' long-term Ed25519 keys for secure aggregation, pinned on first sight.
+
+    Kept in <workspace>/operator/identities.json (member -> hex). An operator may pre-register
+    keys there (e.g. exchanged when a member joins); a member that later shows another key is
+    refused for the round, since its secure-aggregation adverts could not be trusted.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def pin(self, member: str, key: bytes) -> None:
+        if len(key) != 32:
+            raise UpdateRejected(f"member {member!r}: identity key is {len(key)} bytes, expected 32 (Ed25519)")
+        known = self.keys.get(member)
+        if known is not None and known != key.hex():
+            raise UpdateRejected(f"member {member!r}: identity key differs from the one pinned in {self.path}")
+        if known is None:
+            self.keys[member] = key.hex()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.keys, sort_keys=True, indent=1) + "\n")
+            tmp.replace(self.path)
+
+    def directory(self) -> dict[str, Ed25519PublicKey]:
+        return {m: Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)) for m, h in self.keys.items()}
+
+
+def plan_groups(nodes: Sequence[int], min_group: int, rng: random.Random) -> list[list[int]]:
+    """Secure contribution: who trains this round, in which secure-aggregation group.
+
+    With at least 2*min_group nodes: everybody, in disjoint random groups of >= min_group. With
+    fewer, one group cannot be split without revealing a sum of fewer than min_group, so the
+    round trains one random subset of min_group..n nodes: rounds of different subsets are what
+    makes members separable (aggregation/contribution.py, GroupValueEstimator).
+    """
+    if len(nodes) >= 2 * min_group:
+        groups = random_groups([str(n) for n in nodes], min_group, rng=rng)
+        return [sorted(int(n) for n in g) for g in groups]
+    if len(nodes) <= min_group:
+        return [sorted(nodes)]
+    size = rng.randint(min_group, len(nodes))
+    return [sorted(rng.sample(sorted(nodes), size))]
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -205,6 +260,9 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
     held_views: dict[str, str] = {}  # member -> digest of the view it holds
     node_member: dict[int, str] = {}
 
+    secure = config.secagg == "on"
+    identities = Identities(ws.operator_dir / "identities.json")
+    estimator = GroupValueEstimator()  # secure contribution: group values -> member values
     ledger = Ledger(ws.ledger(run_name), OperatorKey.load_or_create(ws.operator_key))
     committed = checkpoints.load()
     view: dict[str, torch.Tensor] | None = None  # the view members trained from last round
@@ -220,7 +278,11 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
         view = committed.view
         record_in_ledger(ledger, checkpoints, config)  # rounds committed before a crash
         for manifest in checkpoints.manifests()[1:]:  # the score book is rebuilt from committed rounds
-            book = book.add(manifest["round"], manifest.get("scores", {}))
+            how = manifest.get("contribution", {})
+            if how.get("mode") == "secure":
+                estimator = estimator.observe({frozenset(g["members"]): g["value"] for g in how["groups"]})
+            else:
+                book = book.add(manifest["round"], manifest.get("scores", {}))
         first = committed.round + 1
     reporter.start(first, config.num_rounds, resumed=committed is not None)
 
@@ -229,6 +291,10 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
         nodes = wait_for_nodes(grid, config.min_members, config.round_timeout)
         if config.members_per_round:
             nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
+        node_groups = [nodes]
+        if secure and config.contribution_mode == "secure":
+            node_groups = plan_groups(nodes, config.contribution_min_group, random.Random(config.seed * 7_919 + rnd))
+            nodes = sorted(n for group in node_groups for n in group)
         reporter.round_started(rnd, len(nodes))
 
         codec, codec_seed = config.codec_config(), config.seed * 1_000_003 + rnd
@@ -252,7 +318,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                 local_steps=config.local_steps, batch_size=config.batch_size, seq_len=config.seq_len,
                 lr=config.lr, seed=config.seed, min_expert_tokens=config.min_expert_tokens,
                 codec=str(codec), codec_clip=config.codec_clip, codec_seed=codec_seed,
-                precision=config.precision,
+                precision=config.precision, secure=secure,
             )
             content = ins.to_record()
             bytes_down[node] = recorddict_to_proto(content).ByteSize()  # what goes on the wire
@@ -273,12 +339,17 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                 parsed = TrainReply.from_record(reply.content)
                 if parsed.round != rnd:
                     raise UpdateRejected(f"member {parsed.member!r}: reply for round {parsed.round}, expected {rnd}")
-                update = validate_update(parsed, shapes, config, codec_seed=codec_seed)
+                if secure:
+                    if parsed.update:
+                        raise UpdateRejected(f"member {parsed.member!r}: sent its update in the clear under secure aggregation")
+                    check_counts(parsed, config)
+                    identities.pin(parsed.member, parsed.identity)
+                else:
+                    updates.append(validate_update(parsed, shapes, config, codec_seed=codec_seed))
             except (ProtocolError, UpdateRejected, ValueError) as exc:
                 rejected[f"node {node}"] = str(exc)
                 reporter.note(f"round {rnd}: rejected: {exc}")
                 continue
-            updates.append(update)
             node_member[node] = parsed.member
             held_views[parsed.member] = parsed.view_sha256
             reports.append(MemberReport(
@@ -291,14 +362,56 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
         if missing:
             reporter.note(f"round {rnd}: {missing} member(s) did not reply within {config.round_timeout:.0f}s")
 
-        if len(updates) < config.min_members:
-            reason = f"round {rnd} aborted: {len(updates)} valid update(s), min-members is {config.min_members}; state stays at round {rnd - 1}"
+        group_sums = {}
+        if secure:  # four more exchanges; the operator learns only each group's sum
+            member_node = {r.member: r.node_id for r in reports}
+            outcome = secure_aggregate(
+                grid, rnd=rnd, run=run_name,
+                groups=[g for g in ({node_member[n]: n for n in group if member_node.get(node_member.get(n, "")) == n} for group in node_groups) if g],
+                directory=identities.directory(),
+                layout=SecureLayout(shapes, {n: expert_of(n) or TOKENS for n in shapes}, codec, codec_seed,
+                                    config.local_steps * config.batch_size * config.seq_len),
+                settings=SecureSettings(
+                    threshold=config.secagg_threshold, neighbours=config.secagg_neighbours,
+                    min_group=config.contribution_min_group if len(node_groups) > 1 else 0,
+                    timeout=config.secagg_timeout, seed=config.seed,
+                ),
+                hints={"base_path": str(ws.base), "members_dir": str(ws.members_dir), "nodes_dir": str(ws.root / "nodes")},
+                note=reporter.note,
+            )
+            for member, why in sorted(outcome.dropped.items()):
+                rejected[member] = f"secure aggregation: {why}"
+                reporter.note(f"round {rnd}: {member} dropped out of secure aggregation at {why}")
+            for group, why in sorted(outcome.aborted.items()):
+                reporter.note(f"round {rnd}: secure aggregation of group {group} aborted: {why}")
+            reports = [
+                replace(r, bytes_up=r.bytes_up + outcome.bytes_up.get(r.member, 0),
+                        bytes_down=r.bytes_down + outcome.bytes_down.get(r.member, 0),
+                        secagg_seconds=outcome.member_seconds.get(r.member, 0.0))
+                for r in reports if r.member in outcome.survivors
+            ]
+            group_sums = outcome.sums
+        valid = len(reports) if secure else len(updates)
+        if valid < config.min_members:
+            reason = f"round {rnd} aborted: {valid} valid update(s), min-members is {config.min_members}; state stays at round {rnd - 1}"
             reporter.note(reason)
             raise RoundAborted(reason)
 
         # Contribution: each member's effect on held-out loss, never what it claims.
-        scores, how = {}, {}
-        if config.contribution == "open":
+        scores, how, shares = {}, {}, {}
+        if config.contribution_mode == "secure" and group_sums:
+            scored = score_groups(
+                group_sums,
+                lambda combine: CoalitionValue(lora, state, combine, contribution_sets, config.batch_size, precision),
+                seed=config.seed * 100_003 + rnd,
+            )
+            values = {frozenset(key.split("+")): v for key, v in scored.group_values.items()}
+            estimator = estimator.observe(values)
+            estimate = estimator.estimate()
+            scores = {r.member: estimate.get(r.member, 0.0) for r in reports}
+            how = {"mode": "secure", "evaluations": scored.evaluations,
+                   "groups": [{"members": sorted(g), "value": v} for g, v in sorted(values.items(), key=lambda gv: sorted(gv[0]))]}
+        elif config.contribution_mode == "open":
             value = open_value(lora, state, updates, contribution_sets, config.batch_size, precision)
             scored = score_open(updates, value, seed=config.seed * 100_003 + rnd,
                                 max_permutations=config.contribution_permutations)
@@ -307,13 +420,14 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             how = {"mode": "open", "evaluations": scored.evaluations, "null_members": scored.null_members,
                    "duplicates": [list(p) for p in scored.duplicates]}
 
-        mean_delta = aggregate(updates, expert_of)
+        shares = contribution_shares(estimator.totals()) if config.contribution_mode == "secure" else book.shares()
+        mean_delta = combine_group_sums(list(group_sums.values())) if secure else aggregate(updates, expert_of)
         state = {name: value + mean_delta[name] if name in mean_delta else value for name, value in state.items()}
         lora.set_state(state)
         summary = RoundSummary(
             round=rnd, val_loss=evaluate(lora, val_sets, config), members=sorted(reports, key=lambda r: r.member),
             rejected=rejected, seconds=time.perf_counter() - started,
-            scores=scores, shares=book.shares(), contribution=how,
+            scores=scores, shares=shares, contribution=how,
         )
         checkpoints.commit(rnd, state, _manifest(summary, base, config), view=view)
         record_in_ledger(ledger, checkpoints, config)  # after the commit: a crash between re-syncs

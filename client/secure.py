@@ -1,0 +1,171 @@
+"""A member's side of secure aggregation: its identity key, its masked input, the four stages.
+
+After TRAIN the node keeps its update (pre-scaled, compressed, as ring elements) on its own disk
+and answers the server's stage messages (advertise, share, mask, unmask) with
+privacy/secagg.py's MemberSession, which it saves between messages: a stage may be served by
+another process (a simulation actor, a fresh ClientApp process of a SuperNode). Everything
+stays under the node's state dir, owner-only, and the round's files are deleted after unmask.
+
+Member-side checks beyond the protocol's: a stage message must be for the run and round this
+node trained, and the identity keys the server hands out are pinned the first time they are
+seen (`peers.json`): a server that swaps a member's key later is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from aggregation.codec import CodecConfig
+from aggregation.secure import TOKENS, SecureLayout
+from fedmoe.protocol import ProtocolError, SecAggMessage, TrainInstruction
+from model.io import load_tensors, save_tensors
+from model.lora import LoraMoE, expert_of
+from privacy.secagg import KeyAdvert, MemberSession, ProtocolViolation, SecAggParams
+
+IDENTITY = "identity-ed25519.pem"
+
+
+def identity_key(state_dir: Path) -> Ed25519PrivateKey:
+    """The member's long-term Ed25519 key, created owner-only on first use."""
+    path = state_dir / IDENTITY
+    if path.is_file():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path}: not an Ed25519 private key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write_private(path, pem)
+    return key
+
+
+def public_bytes(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes_raw()
+
+
+def layout_for(lora: LoraMoE, ins: TrainInstruction) -> SecureLayout:
+    shapes = lora.shapes()
+    return SecureLayout(
+        shapes=shapes,
+        groups={name: expert_of(name) or TOKENS for name in shapes},
+        codec=CodecConfig.parse(ins.codec, clip=ins.codec_clip or None),
+        codec_seed=ins.codec_seed,
+        budget=ins.local_steps * ins.batch_size * ins.seq_len,
+    )
+
+
+def round_dir(state_dir: Path, run: str, rnd: int) -> Path:
+    return state_dir / "secagg" / run / f"round-{rnd:05d}"
+
+
+def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor) -> None:
+    """Keep this round's ring input until the mask stage. Everything older goes, including an
+    earlier attempt at this same round (a round the server re-runs is trained and keyed anew)."""
+    folder = round_dir(state_dir, run, rnd)
+    if folder.parent.is_dir():
+        for old in folder.parent.iterdir():
+            shutil.rmtree(old, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    save_tensors(folder / "input.safetensors", {"x": vector})
+
+
+def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMessage:
+    """Answer one stage message; ProtocolViolation / ProtocolError for anything refused."""
+    started = time.perf_counter()
+    folder = round_dir(state_dir, msg.run, msg.round)
+    if not (folder / "input.safetensors").is_file():
+        raise ProtocolViolation(
+            f"member {member!r}: secure-aggregation {msg.stage} for run {msg.run!r} round {msg.round}, "
+            "which this node did not train"
+        )
+    key = identity_key(state_dir)
+    session_file = folder / f"session-{msg.group}.json"
+    if msg.stage == "advertise":
+        if session_file.exists():
+            raise ProtocolViolation(f"member {member!r}: round {msg.round} already advertised")
+        group, identities = msg.strings("group"), msg.blobs("identities")
+        if len(group) != len(identities):
+            raise ProtocolError("fields 'group' and 'identities' do not pair up")
+        directory = _pinned_directory(state_dir, dict(zip(group, identities, strict=True)))
+        params = SecAggParams(
+            round=msg.round, members=tuple(group), threshold=int(msg.fields["threshold"]),  # type: ignore[call-overload]
+            neighbours=int(msg.fields["neighbours"]), ring_bits=int(msg.fields["ring-bits"]),  # type: ignore[call-overload]
+            vector_length=int(msg.fields["vector-length"]), graph_seed=msg.fields["graph-seed"],  # type: ignore[call-overload, arg-type]
+        )
+        session = MemberSession(params, member, key, directory)
+        advert = session.advertise()
+        out: dict[str, object] = {"c-pub": advert.c_pub, "s-pub": advert.s_pub, "b-commitment": advert.b_commitment, "signature": advert.signature}
+    else:
+        if not session_file.is_file():
+            raise ProtocolViolation(f"member {member!r}: {msg.stage} before advertise in round {msg.round}")
+        saved = json.loads(session_file.read_bytes())
+        directory = _pinned_directory(state_dir, {})
+        session = MemberSession.from_json(session_file.read_bytes(), key, {m: directory[m] for m in saved["params"]["members"] if m in directory})
+        if msg.stage == "share":
+            senders = msg.strings("senders")
+            columns = [msg.blobs(f) for f in ("c-pubs", "s-pubs", "b-commitments", "signatures")]
+            if any(len(c) != len(senders) for c in columns) or len(set(senders)) != len(senders):
+                raise ProtocolError("share: advert fields do not pair up")
+            adverts = {s: KeyAdvert(s, msg.round, *parts) for s, *parts in zip(senders, *columns, strict=True)}
+            ciphertexts = session.share_keys(adverts)
+            out = {"receivers": sorted(ciphertexts), "ciphertexts": [ciphertexts[r] for r in sorted(ciphertexts)]}
+        elif msg.stage == "mask":
+            x = load_tensors(folder / "input.safetensors")["x"]
+            masked = session.masked_input(x, msg.pairs("senders", "ciphertexts"))
+            out = {"packed": masked.packed}
+        else:
+            reply = session.unmask(msg.strings("survivors"), msg.strings("dropped"))
+            out = {
+                "b-owners": sorted(reply.b_shares), "b-shares": [reply.b_shares[o] for o in sorted(reply.b_shares)],
+                "s-owners": sorted(reply.s_shares), "s-shares": [reply.s_shares[o] for o in sorted(reply.s_shares)],
+            }
+    if session.stage == "done":
+        session_file.unlink(missing_ok=True)
+        if not any(folder.glob("session-*.json")):
+            shutil.rmtree(folder, ignore_errors=True)  # the round is over for this node
+    else:
+        _write_private(session_file, session.to_json())
+    out["seconds"] = time.perf_counter() - started
+    return SecAggMessage(
+        stage=msg.stage, run=msg.run, round=msg.round, group=msg.group, member=member,
+        base_path="", members_dir="", nodes_dir="", fields=out,
+    )
+
+
+def _pinned_directory(state_dir: Path, offered: dict[str, bytes]) -> dict[str, Ed25519PublicKey]:
+    """Identity keys seen so far, with `offered` pinned on first sight; a changed key is refused."""
+    path = state_dir / "secagg" / "peers.json"
+    pinned: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+    changed = False
+    for member, raw in sorted(offered.items()):
+        if len(raw) != 32:
+            raise ProtocolViolation(f"identity key of {member!r} is {len(raw)} bytes, expected 32")
+        if member in pinned and pinned[member] != raw.hex():
+            raise ProtocolViolation(f"identity key of {member!r} differs from the one pinned in {path}")
+        if member not in pinned:
+            pinned[member], changed = raw.hex(), True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(path, json.dumps(pinned, sort_keys=True, indent=1).encode())
+    return {m: Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)) for m, h in pinned.items()}
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Owner-only file, written whole (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

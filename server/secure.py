@@ -1,0 +1,296 @@
+"""The operator's side of secure aggregation in a round: four message exchanges per round.
+
+After TRAIN, the members of each secure-aggregation group (one group of everybody, or the
+contribution groups of aggregation/contribution.py) run privacy/secagg.py's protocol through
+the Grid: advertise -> share -> mask -> unmask. All groups go through each stage together, so a
+round costs four extra round trips however many groups it has. A member that does not answer a
+stage within `secagg-timeout`, or whose message is refused, is out of the round from that stage
+on (its pairwise masks are rebuilt from its neighbours' shares when it dropped after sharing).
+A group that keeps fewer than max(threshold, min-group) members, or fails to unmask, is aborted:
+its members' updates are lost for the round and the round loop decides whether the round can go
+on without them. The server learns only each group's sum (aggregation/secure.py decodes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from flwr.app import Message
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+
+from aggregation.secure import SecureLayout
+from fedmoe.protocol import ProtocolError, SecAggMessage, secagg_message_type
+from privacy.secagg import (
+    InvalidInput,
+    KeyAdvert,
+    MaskedInput,
+    ProtocolViolation,
+    SecAggAborted,
+    SecAggParams,
+    ServerSession,
+    UnmaskReply,
+)
+
+Sums = tuple[dict[str, torch.Tensor], dict[str, float]]  # (sum_i w_i delta_i, sum_i w_i) per tensor
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    threshold: int  # 0: auto (two thirds of each member's share holders, more than half)
+    neighbours: int  # 0: auto (about 2*log2(n), SecAgg+)
+    min_group: int  # fewer survivors than this are never unmasked (contribution min-group)
+    timeout: float  # seconds per stage
+    seed: int
+
+
+@dataclass
+class SecureOutcome:
+    sums: dict[frozenset[str], Sums] = field(default_factory=dict)  # survivors -> their sums
+    dropped: dict[str, str] = field(default_factory=dict)  # member -> stage and reason
+    aborted: dict[str, str] = field(default_factory=dict)  # "a+b+c" -> why the group was aborted
+    bytes_up: dict[str, int] = field(default_factory=dict)  # member -> secagg bytes sent
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    member_seconds: dict[str, float] = field(default_factory=dict)  # member -> time on the stages
+    server_seconds: float = 0.0  # server-side protocol time (verify, route, unmask, decode)
+
+    @property
+    def survivors(self) -> set[str]:
+        return set().union(*self.sums) if self.sums else set()
+
+
+def auto_neighbours(n: int) -> int:
+    """SecAgg+'s O(log n) degree: about 2*log2(n) neighbours (everybody below 8 members)."""
+    return max(2, math.ceil(2 * math.log2(max(n, 2))))
+
+
+def threshold_for(holders: int, wanted: int) -> int:
+    """t for `holders` share holders: `wanted` if given, else two thirds (always more than half)."""
+    if wanted:
+        return wanted
+    return max(holders // 2 + 1, math.ceil(2 * holders / 3))
+
+
+def make_params(rnd: int, members: Sequence[str], layout: SecureLayout, settings: SecureSettings, index: int) -> SecAggParams:
+    n = len(members)
+    k = settings.neighbours or auto_neighbours(n)
+    degree = min(2 * math.ceil(k / 2), n - 1)
+    seed = hashlib.sha256(f"fedmoe-secagg-graph|{settings.seed}|{rnd}|{index}".encode()).digest()
+    return SecAggParams(
+        round=rnd, members=tuple(sorted(members)), threshold=threshold_for(degree + 1, settings.threshold),
+        neighbours=k, ring_bits=layout.ring_bits(n), vector_length=layout.vector_length, graph_seed=seed,
+    )
+
+
+@dataclass
+class _Group:
+    index: int
+    name: str
+    session: ServerSession
+    nodes: dict[str, int]  # member -> node id
+
+
+def secure_aggregate(
+    grid: Grid,
+    *,
+    rnd: int,
+    run: str,
+    groups: Sequence[Mapping[str, int]],  # each group: member -> node id
+    directory: Mapping[str, Ed25519PublicKey],
+    layout: SecureLayout,
+    settings: SecureSettings,
+    hints: Mapping[str, str],  # base_path, members_dir, nodes_dir (simulated nodes)
+    note: Callable[[str], None],
+) -> SecureOutcome:
+    out = SecureOutcome()
+    started = time.perf_counter()
+    waited = 0.0
+    live: list[_Group] = []
+    for index, nodes in enumerate(groups):
+        name = "+".join(sorted(nodes))
+        try:
+            params = make_params(rnd, list(nodes), layout, settings, index)
+            session = ServerSession(params, {m: directory[m] for m in nodes}, lenient=True)
+        except (InvalidInput, KeyError) as exc:
+            out.aborted[name] = f"cannot start: {exc}"
+            continue
+        live.append(_Group(index, name, session, dict(nodes)))
+
+    def run_stage(stage: str, outgoing: Callable[[_Group], dict[str, dict[str, object]]]) -> dict[int, dict[str, SecAggMessage]]:
+        """One exchange for every live group; replies per group index, member -> message."""
+        nonlocal waited
+        messages, sent_to = [], {}
+        for group in live:
+            for member, fields in outgoing(group).items():
+                msg = SecAggMessage(stage=stage, run=run, round=rnd, group=group.index, member="", fields=fields, **hints)
+                content = msg.to_record()
+                node = group.nodes[member]
+                out.bytes_down[member] = out.bytes_down.get(member, 0) + recorddict_to_proto(content).ByteSize()
+                messages.append(Message(content=content, message_type=secagg_message_type(stage), dst_node_id=node, group_id=f"{rnd}"))
+                sent_to[(node, group.index)] = member
+        t0 = time.perf_counter()
+        replies = _exchange(grid, messages, settings.timeout)
+        waited += time.perf_counter() - t0
+        got: dict[int, dict[str, SecAggMessage]] = {g.index: {} for g in live}
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            matches = [(n, g) for (n, g) in sent_to if n == node]
+            if reply.has_error():
+                for key in matches:
+                    answered.add(key)
+                    out.dropped.setdefault(sent_to[key], f"{stage}: {reply.error.reason}")
+                continue
+            try:
+                parsed = SecAggMessage.from_record(reply.content, stage=stage, reply=True)
+            except ProtocolError as exc:
+                for key in matches:
+                    answered.add(key)
+                    out.dropped.setdefault(sent_to[key], f"{stage}: {exc}")
+                continue
+            key = (node, parsed.group)
+            member = sent_to.get(key)
+            if member is None or parsed.member != member or parsed.round != rnd or parsed.run != run:
+                note(f"round {rnd}: secagg {stage}: refused a reply from node {node} (labelled {parsed.member!r}, round {parsed.round})")
+                continue
+            answered.add(key)
+            out.bytes_up[member] = out.bytes_up.get(member, 0) + recorddict_to_proto(reply.content).ByteSize()
+            out.member_seconds[member] = out.member_seconds.get(member, 0.0) + float(parsed.fields["seconds"])  # type: ignore[arg-type]
+            got[parsed.group][member] = parsed
+        for key, member in sent_to.items():
+            if key not in answered:
+                out.dropped.setdefault(member, f"{stage}: no reply within {settings.timeout:g}s")
+        return got
+
+    def guarded(group: _Group, step: Callable[[], object]) -> object:
+        try:
+            return step()
+        except (SecAggAborted, ProtocolViolation, ProtocolError, ValueError) as exc:
+            out.aborted[group.name] = str(exc)
+            return None
+
+    def refused(group: _Group) -> None:
+        for member, why in group.session.refused.items():
+            out.dropped.setdefault(member, f"refused: {why}")
+        group.session.refused.clear()
+
+    # 1. advertise: each member gets the group, its identity directory and the parameters
+    def setup(group: _Group) -> dict[str, dict[str, object]]:
+        p = group.session.params
+        fields: dict[str, object] = {
+            "group": list(p.members), "identities": [directory[m].public_bytes_raw() for m in p.members],
+            "threshold": p.threshold, "neighbours": p.neighbours, "ring-bits": p.ring_bits,
+            "vector-length": p.vector_length, "graph-seed": p.graph_seed,
+        }
+        return {m: fields for m in p.members}
+
+    replies = run_stage("advertise", setup)
+    forwarded: dict[int, dict[str, dict[str, KeyAdvert]]] = {}
+    for group in list(live):
+        adverts = {
+            m: KeyAdvert(m, rnd, *(r.fields[f] for f in ("c-pub", "s-pub", "b-commitment", "signature")))  # type: ignore[arg-type]
+            for m, r in replies[group.index].items()
+        }
+        result = guarded(group, lambda g=group, a=adverts: g.session.receive_adverts(a))
+        refused(group)
+        if result is None:
+            live.remove(group)
+        else:
+            forwarded[group.index] = result  # type: ignore[assignment]
+
+    # 2. share keys: each member gets its neighbours' adverts, returns encrypted shares
+    def adverts_of(group: _Group) -> dict[str, dict[str, object]]:
+        out_fields = {}
+        for member, neighbours in forwarded[group.index].items():
+            senders = sorted(neighbours)
+            out_fields[member] = {
+                "senders": senders,
+                "c-pubs": [neighbours[s].c_pub for s in senders], "s-pubs": [neighbours[s].s_pub for s in senders],
+                "b-commitments": [neighbours[s].b_commitment for s in senders],
+                "signatures": [neighbours[s].signature for s in senders],
+            }
+        return out_fields
+
+    replies = run_stage("share", adverts_of)
+    inboxes: dict[int, dict[str, dict[str, bytes]]] = {}
+    for group in list(live):
+        shares = {}
+        for m, r in replies[group.index].items():
+            try:
+                shares[m] = r.pairs("receivers", "ciphertexts")
+            except ProtocolError as exc:
+                out.dropped.setdefault(m, f"share: {exc}")
+        result = guarded(group, lambda g=group, s=shares: g.session.receive_shares(s))
+        refused(group)
+        if result is None:
+            live.remove(group)
+        else:
+            inboxes[group.index] = result  # type: ignore[assignment]
+
+    # 3. masked input: each member gets the shares addressed to it, returns its masked vector
+    replies = run_stage("mask", lambda g: {
+        m: {"senders": sorted(inbox), "ciphertexts": [inbox[s] for s in sorted(inbox)]}
+        for m, inbox in inboxes[g.index].items()
+    })
+    requests = {}
+    for group in list(live):
+        masked = {m: MaskedInput(m, rnd, r.fields["packed"]) for m, r in replies[group.index].items()}  # type: ignore[arg-type]
+        result = guarded(group, lambda g=group, x=masked: g.session.receive_masked(x))
+        refused(group)
+        survivors = result[0] if result is not None else set()  # type: ignore[index]
+        if result is not None and len(survivors) < max(settings.min_group, group.session.params.threshold):
+            out.aborted[group.name] = (
+                f"only {len(survivors)} member(s) sent masked inputs; a group is unmasked with at least "
+                f"{max(settings.min_group, group.session.params.threshold)}"
+            )
+            result = None
+        if result is None:
+            live.remove(group)
+        else:
+            requests[group.index] = group.session.unmask_requests()
+
+    # 4. unmask: survivors reveal the shares that remove self masks and dropped members' masks
+    replies = run_stage("unmask", lambda g: {
+        m: {"survivors": sorted(r.survivors), "dropped": sorted(r.dropped)} for m, r in requests[g.index].items()
+    })
+    for group in live:
+        answers = {}
+        for m, r in replies[group.index].items():
+            try:
+                answers[m] = UnmaskReply(m, rnd, r.pairs("b-owners", "b-shares"), r.pairs("s-owners", "s-shares"))
+            except ProtocolError as exc:
+                out.dropped.setdefault(m, f"unmask: {exc}")
+        total = guarded(group, lambda g=group, a=answers: g.session.finish(a))
+        refused(group)
+        if total is None:
+            continue
+        survivors = frozenset(requests[group.index])
+        try:
+            out.sums[survivors] = layout.decode_sum(total, len(survivors))  # type: ignore[arg-type]
+        except ValueError as exc:
+            out.aborted[group.name] = f"sum does not decode: {exc}"
+    out.server_seconds = time.perf_counter() - started - waited
+    for member in out.survivors:  # a survivor that went silent at unmask is still summed
+        out.dropped.pop(member, None)
+    return out
+
+
+def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    if not messages:
+        return []
+    ids = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while ids and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(ids)):
+            ids.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+        if ids:
+            time.sleep(0.05)
+    return replies

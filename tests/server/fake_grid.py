@@ -1,0 +1,68 @@
+"""An in-process Flower Grid: the real ClientApp answers each message at once, no Ray, no gRPC.
+
+Only for tests of the round loop's message exchanges: `drop(node, message_type)` makes a node
+silent for a message (a member that crashed or went offline at that stage), and `seen` records
+every delivered message so a test can look at what the members held at each stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+
+
+@contextmanager
+def task_identity() -> Iterator[None]:
+    """Flower stamps messages with the current task's run; set one for the test's process."""
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class FakeGrid:
+    def __init__(
+        self,
+        app: ClientApp,
+        num_nodes: int,
+        *,
+        drop: Callable[[int, str], bool] = lambda node, message_type: False,
+        before: Callable[[int, Message], None] = lambda node, message: None,
+    ) -> None:
+        self.app = app
+        self.nodes = {1000 + i: i for i in range(num_nodes)}  # node id -> partition id
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config={"partition-id": p}, state=RecordDict(), run_config={})
+            for node, p in self.nodes.items()
+        }
+        self.drop = drop
+        self.before = before
+        self._pending: dict[str, Message] = {}
+        self._count = 0
+        self.seen: list[tuple[int, str]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            self._count += 1
+            message.metadata.__dict__["_message_id"] = f"m{self._count}"  # the SuperLink's job
+            node = message.metadata.dst_node_id
+            self.seen.append((node, message.metadata.message_type))
+            if not self.drop(node, message.metadata.message_type):
+                self.before(node, message)
+                reply = self.app(message, self.contexts[node])
+                self._pending[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]

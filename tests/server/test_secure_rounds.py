@@ -1,0 +1,189 @@
+"""Secure aggregation in the round loop: the real ClientApp and run_rounds over an in-process Grid.
+
+What the operator commits must be exactly the decoded sum of the survivors' ring inputs (read
+from the members' disks just before they mask them), dropouts at each stage must leave the
+survivors' exact sum, too few survivors must abort with nothing committed, and the members must
+refuse stage messages they should not answer.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from aggregation.secure import TOKENS, SecureLayout
+from client.app import app
+from client.secure import handle_stage, identity_key, keep_input, round_dir
+from fedmoe.config import ConfigError, RunConfig
+from fedmoe.protocol import SecAggMessage, secagg_message_type
+from fedmoe.workspace import Workspace
+from model.base import load_base
+from model.io import load_tensors
+from model.lora import expert_of
+from privacy.secagg import ProtocolViolation
+from server.checkpoint import Checkpoints
+from server.ledger import Ledger, OperatorKey
+from server.rounds import LogReporter, RoundAborted, run_rounds
+from server.scoring import combine_group_sums
+
+from fake_grid import FakeGrid, task_identity
+
+MASK, UNMASK, SHARE = (secagg_message_type(s) for s in ("mask", "unmask", "share"))
+
+
+def config(ws: Path, **overrides: object) -> RunConfig:
+    base = RunConfig(
+        workspace=str(ws), num_rounds=1, local_steps=2, batch_size=4, seq_len=64, eval_batches=1,
+        min_expert_tokens=8, min_members=2, round_timeout=5.0, codec="randk0.2+int8", codec_clip=0.05,
+        secagg="on", secagg_timeout=0.3, contribution="off", contribution_batches=1,
+    )
+    return base.with_overrides(**overrides)
+
+
+@pytest.fixture()
+def ws(tiny_workspace: Workspace, tmp_path: Path) -> Workspace:
+    """A private copy of the tiny consortium (runs, nodes and identities start empty)."""
+    root = tmp_path / "ws"
+    shutil.copytree(tiny_workspace.root, root, ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
+    return Workspace(root)
+
+
+class Inputs:
+    """Snapshots each member's ring input as it is about to be masked."""
+
+    def __init__(self, ws: Workspace, run: str) -> None:
+        self.members = ws.members()
+        self.ws, self.run = ws, run
+        self.by_round: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, node: int, message) -> None:  # noqa: ANN001
+        if message.metadata.message_type != MASK:
+            return
+        member = self.members[node - 1000]
+        rnd = int(message.metadata.group_id)
+        folder = round_dir(self.ws.node_dir(member), self.run, rnd)
+        self.by_round.setdefault(rnd, {})[member] = load_tensors(folder / "input.safetensors")["x"]
+
+
+def expected_delta(ws: Workspace, cfg: RunConfig, rnd: int, groups: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    lora = load_base(ws.base).with_lora()
+    shapes = lora.shapes()
+    layout = SecureLayout(shapes, {n: expert_of(n) or TOKENS for n in shapes}, cfg.codec_config(),
+                          cfg.seed * 1_000_003 + rnd, cfg.local_steps * cfg.batch_size * cfg.seq_len)
+    sums = [layout.decode_sum(sum(g.values()), len(g)) for g in groups]
+    return combine_group_sums(sums)
+
+
+def committed_delta(ws: Workspace, run: str, rnd: int) -> dict[str, torch.Tensor]:
+    checkpoints = Checkpoints(ws.run_dir(run))
+    before, after = checkpoints.load(rnd - 1).state, checkpoints.load(rnd).state
+    return {k: after[k] - before[k] for k in after}
+
+
+def assert_applied(ws: Workspace, run: str, rnd: int, expected: dict[str, torch.Tensor]) -> None:
+    checkpoints = Checkpoints(ws.run_dir(run))
+    before, after = checkpoints.load(rnd - 1).state, checkpoints.load(rnd).state
+    for name, value in after.items():
+        want = before[name] + expected[name] if name in expected else before[name]
+        assert torch.equal(value, want), name
+    assert any(expected[n].abs().sum() > 0 for n in expected)
+
+
+def test_dropouts_after_masking_and_at_unmask_leave_the_exact_sum_of_the_survivors(ws: Workspace) -> None:
+    members = ws.members()
+    gone, silent = 1001, 1003  # gone drops after sharing keys; silent masks, then never unmasks
+    inputs = Inputs(ws, "drop")
+    grid = FakeGrid(app, 5, before=inputs,
+                    drop=lambda node, kind: (node == gone and kind in (MASK, UNMASK)) or (node == silent and kind == UNMASK))
+    cfg = config(ws.root, secagg_threshold=3)
+    with task_identity():
+        [summary] = run_rounds(grid, cfg, LogReporter(), run_name="drop")
+    survivors = {m for i, m in enumerate(members) if 1000 + i != gone}
+    assert {r.member for r in summary.members} == survivors
+    assert members[gone - 1000] in summary.rejected and "mask" in summary.rejected[members[gone - 1000]]
+    assert all(r.secagg_seconds > 0 for r in summary.members)
+    held = inputs.by_round[1]
+    assert set(held) == survivors  # the dropped member never got to mask
+    assert_applied(ws, "drop", 1, expected_delta(ws, cfg, 1, [{m: held[m] for m in survivors}]))
+    # every member cleaned its round's secrets up, except the one that stopped answering
+    leftover = {m for m in members if round_dir(ws.node_dir(m), "drop", 1).exists()}
+    assert leftover <= {members[gone - 1000], members[silent - 1000]}
+
+
+def test_too_few_survivors_abort_cleanly_and_the_round_reruns(ws: Workspace) -> None:
+    # three of five stop after advertising: 2 members shared keys, threshold is 4 (auto)
+    grid = FakeGrid(app, 5, drop=lambda node, kind: node in (1000, 1002, 1004) and kind == SHARE)
+    cfg = config(ws.root)
+    key = OperatorKey.load_or_create(ws.operator_key)
+    with task_identity(), pytest.raises(RoundAborted, match="round 1 aborted: 0 valid"):
+        run_rounds(grid, cfg, LogReporter(), run_name="abort")
+    assert Checkpoints(ws.run_dir("abort")).latest_round() == 0
+    assert Ledger(ws.ledger("abort"), key).latest_round() is None
+    inputs = Inputs(ws, "abort")
+    with task_identity():
+        run_rounds(FakeGrid(app, 5, before=inputs), cfg, LogReporter(), run_name="abort")
+    assert Checkpoints(ws.run_dir("abort")).latest_round() == 1
+    assert_applied(ws, "abort", 1, expected_delta(ws, cfg, 1, [inputs.by_round[1]]))
+    assert Ledger(ws.ledger("abort"), key).latest_round() == 1
+
+
+def test_secure_contribution_groups_are_summed_apart_and_valued(ws: Workspace) -> None:
+    inputs = Inputs(ws, "groups")
+    cfg = config(ws.root, num_rounds=2, contribution="secure", contribution_min_group=2)
+    with task_identity():
+        summaries = run_rounds(FakeGrid(app, 5, before=inputs), cfg, LogReporter(), run_name="groups")
+    manifests = Checkpoints(ws.run_dir("groups")).manifests()
+    for rnd in (1, 2):
+        how = manifests[rnd]["contribution"]
+        assert how["mode"] == "secure"
+        groups = [frozenset(g["members"]) for g in how["groups"]]
+        assert len(groups) == 2 and sum(map(len, groups)) == 5 and not groups[0] & groups[1]
+        assert all(len(g) >= 2 for g in groups)
+        held = inputs.by_round[rnd]
+        assert_applied(ws, "groups", rnd, expected_delta(ws, cfg, rnd, [{m: held[m] for m in g} for g in groups]))
+    shares = summaries[-1].shares
+    assert set(shares) == set(ws.members())
+    assert all(v >= 0 for v in shares.values()) and (abs(sum(shares.values()) - 1) < 1e-9 or not any(shares.values()))
+
+
+def test_secure_aggregation_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match="codec must be int8/int4 with a shared codec-clip"):
+        RunConfig(secagg="on").validated()
+    with pytest.raises(ConfigError, match="topk"):
+        RunConfig(secagg="on", codec="topk0.1+int8", codec_clip=0.1).validated()
+    with pytest.raises(ConfigError, match="contribution 'open' needs individual updates"):
+        RunConfig(secagg="on", codec="int8", codec_clip=0.1, contribution="open").validated()
+    with pytest.raises(ConfigError, match="set secagg = 'on'"):
+        RunConfig(contribution="secure").validated()
+    assert RunConfig(secagg="on", codec="int8", codec_clip=0.1).validated().contribution_mode == "secure"
+    assert RunConfig().contribution_mode == "open"
+
+
+def _stage(stage: str, rnd: int, **fields: object) -> SecAggMessage:
+    return SecAggMessage(stage=stage, run="r", round=rnd, group=0, member="", base_path="", members_dir="",
+                         nodes_dir="", fields=fields)
+
+
+def test_members_refuse_stages_they_should_not_answer(tmp_path: Path) -> None:
+    mine, other = identity_key(tmp_path / "a"), identity_key(tmp_path / "b")
+    keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))
+    setup = dict(group=["a", "b"], identities=[mine.public_key().public_bytes_raw(), other.public_key().public_bytes_raw()],
+                 threshold=2, neighbours=1, ring_bits=12, vector_length=10, graph_seed=b"s" * 16)
+    setup = {k.replace("_", "-"): v for k, v in setup.items()}
+    with pytest.raises(ProtocolViolation, match="did not train"):  # another round
+        handle_stage(_stage("advertise", 3, **setup), tmp_path / "a", "a")
+    with pytest.raises(ProtocolViolation, match="before advertise"):  # out of order
+        handle_stage(_stage("mask", 2, senders=[], ciphertexts=[]), tmp_path / "a", "a")
+    reply = handle_stage(_stage("advertise", 2, **setup), tmp_path / "a", "a")
+    assert len(reply.fields["signature"]) == 64
+    with pytest.raises(ProtocolViolation, match="already advertised"):  # a replayed stage
+        handle_stage(_stage("advertise", 2, **setup), tmp_path / "a", "a")
+    # a server that later hands out another key for b is refused (keys are pinned on first sight)
+    keep_input(tmp_path / "a", "r", 3, torch.zeros(10, dtype=torch.int64))
+    swapped = dict(setup, identities=[setup["identities"][0], identity_key(tmp_path / "c").public_key().public_bytes_raw()])
+    with pytest.raises(ProtocolViolation, match="differs from the one pinned"):
+        handle_stage(_stage("advertise", 3, **swapped), tmp_path / "a", "a")
+    assert not any((tmp_path / "a" / "secagg" / "r").glob("round-00002"))  # keep_input cleared it
