@@ -152,12 +152,16 @@ def _export(root: Path, run_name: str, out: Path | None) -> Path:
     return release.path
 
 
+DEMO_SECURE_CODEC, DEMO_SECURE_CLIP = "randk0.05+int8", 0.05
+
+
 @app.command()
 def demo(
     workspace: Workspace_ = Path(".fedmoe/demo"),
     rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 4,
     members: Annotated[int | None, typer.Option(help="Members (default: one per demo domain).")] = None,
     fresh: Annotated[bool, typer.Option(help="Start the run over instead of resuming it.")] = False,
+    secure: Annotated[bool, typer.Option(help="Secure aggregation (the operator sees only sums; contribution from group sums). --no-secure: plain updates, open-mode contribution (run 'demo-open').")] = True,
 ) -> None:
     """The whole consortium on this machine: build what is missing, train, export a release."""
     import shutil
@@ -169,12 +173,19 @@ def demo(
     ws = Workspace(workspace.resolve())
     console.rule("fedmoe demo")
     _init(ws, InitConfig())
+    run_name = "demo" if secure else "demo-open"
     if fresh:
-        shutil.rmtree(ws.run_dir("demo"), ignore_errors=True)
-    cfg = _run_config(ws.root, [], **{"num-rounds": rounds})
+        shutil.rmtree(ws.run_dir(run_name), ignore_errors=True)
+    mode = {"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP} if secure else {}
+    cfg = _run_config(ws.root, [], **{"num-rounds": rounds}, **mode)
     console.print(f"consortium: {', '.join(ws.members()[: members or None])} ({os.cpu_count()} CPU cores)")
-    summaries = _simulate(cfg, members, "demo")
-    path = _export(ws.root, "demo", None)
+    console.print(
+        f"secure aggregation on: updates leave as {DEMO_SECURE_CODEC} (clip {DEMO_SECURE_CLIP}) masked integers, the "
+        f"operator sees only sums; contribution is estimated from random groups (--no-secure for open mode)"
+        if secure else "secure aggregation off: the operator sees each member's update (open-mode contribution)"
+    )
+    summaries = _simulate(cfg, members, run_name)
+    path = _export(ws.root, run_name, None)
     first, last = summaries[0], summaries[-1]
     for d in sorted(last.val_loss):
         console.print(f"  {d:>12}: val ppl {math.exp(first.val_loss[d]):8.1f} -> {math.exp(last.val_loss[d]):8.1f}")

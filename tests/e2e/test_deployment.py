@@ -35,6 +35,8 @@ MEMBERS = {"changelogs": "changelogs", "code": "code", "legal": "legal"}
 RUN_CONFIG = {
     "num-rounds": 2, "local-steps": 8, "batch-size": 8, "seq-len": 64, "eval-batches": 2, "min-expert-tokens": 16,
     "min-members": 3, "round-timeout": 300.0, "contribution-permutations": 10,
+    # the deployed run uses secure aggregation: its four stages go over the real gRPC links
+    "secagg": "on", "codec": "randk0.1+int8", "codec-clip": 0.05, "secagg-timeout": 120.0,
 }
 
 
@@ -191,6 +193,14 @@ def test_two_rounds_over_tls_with_node_auth_lower_validation_loss_and_commit(dep
     for domain in MEMBERS.values():
         assert after[domain] < before[domain], (domain, before[domain], after[domain])
     assert d.ws.ledger("default").is_file()
+    # secure aggregation ran over the SuperLink: every member took part in the four stages, and
+    # the operator pinned each member's identity key; no member's update was stored
+    for m in manifests[1:]:
+        assert m["contribution"]["mode"] == "secure"
+        assert all(r["secagg_seconds"] > 0 for r in m["members"])
+    assert set(json.loads((d.ws.operator_dir / "identities.json").read_text())) == set(MEMBERS)
+    for member in MEMBERS:
+        assert (d.root / "nodes" / member / "identity-ed25519.pem").stat().st_mode & 0o077 == 0
     # the SuperLink really ran with TLS, node authentication and its database
     superlink = (d.root / "superlink.log").read_text()
     assert "https://127.0.0.1" in superlink or "Uvicorn running on https" in d.output("serve") + superlink
