@@ -72,7 +72,7 @@ def split_workspace(demo: Workspace, root: Path, members: int) -> Workspace:
 
 def protocol_ms(layout: SecureLayout, n: int) -> dict[str, float]:
     """One member's in-process protocol time (ms) in a round of n, and the server's finish."""
-    settings = SecureSettings(threshold=0, neighbours=0, min_group=0, timeout=1.0, seed=0)
+    settings = SecureSettings(threshold=0, neighbours=0, ring_bits=0, min_group=0, timeout=1.0, seed=0)
     names = [f"m{i:02d}" for i in range(n)]
     params = make_params(2, names, layout, settings, 0)
     keys = {m: Ed25519PrivateKey.generate() for m in names}

@@ -45,6 +45,7 @@ class RunConfig:
     secagg: str = "off"  # "on": the operator sees only sums of updates (privacy/secagg.py)
     secagg_threshold: int = 0  # shares needed to unmask; 0: two thirds of each member's share holders
     secagg_neighbours: int = 0  # neighbours per member (SecAgg+); 0: about 2*log2(members)
+    secagg_ring_bits: int = 0  # ring width; 0: what the sum of the group needs (12 bits for 10 int8 members)
     secagg_timeout: float = 120.0  # seconds per secure-aggregation stage
 
     @classmethod
@@ -87,6 +88,8 @@ class RunConfig:
             (self.secagg_threshold >= 0, "secagg-threshold must be >= 0 (0: automatic)"),
             (self.secagg_neighbours >= 0, "secagg-neighbours must be >= 0 (0: automatic)"),
             (self.secagg_timeout > 0, "secagg-timeout must be > 0"),
+            (self.secagg_ring_bits == 0 or 8 <= self.secagg_ring_bits <= 62,
+             "secagg-ring-bits must be 0 (automatic) or in 8..62"),
             (self.secagg == "on" or self.contribution != "secure",
              "contribution 'secure' values group sums from secure aggregation: set secagg = 'on'"),
             (self.secagg == "off" or self.contribution != "open",

@@ -262,7 +262,10 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
 
     secure = config.secagg == "on"
     identities = Identities(ws.operator_dir / "identities.json")
-    estimator = GroupValueEstimator()  # secure contribution: group values -> member values
+    # secure contribution: group values -> member values. Unconstrained least squares: a harmful
+    # member is truly negative, and forcing it to 0 would push its group-mates' values around;
+    # negative totals are clipped to 0 only when they become shares.
+    estimator = GroupValueEstimator(nonnegative=False)
     ledger = Ledger(ws.ledger(run_name), OperatorKey.load_or_create(ws.operator_key))
     committed = checkpoints.load()
     view: dict[str, torch.Tensor] | None = None  # the view members trained from last round
@@ -293,7 +296,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
         node_groups = [nodes]
         if secure and config.contribution_mode == "secure":
-            node_groups = plan_groups(nodes, config.contribution_min_group, random.Random(config.seed * 7_919 + rnd))
+            node_groups = plan_groups(nodes, config.contribution_min_group, random.Random(f"fedmoe-groups|{config.seed}|{rnd}"))
             nodes = sorted(n for group in node_groups for n in group)
         reporter.round_started(rnd, len(nodes))
 
@@ -372,7 +375,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                 layout=SecureLayout(shapes, {n: expert_of(n) or TOKENS for n in shapes}, codec, codec_seed,
                                     config.local_steps * config.batch_size * config.seq_len),
                 settings=SecureSettings(
-                    threshold=config.secagg_threshold, neighbours=config.secagg_neighbours,
+                    threshold=config.secagg_threshold, neighbours=config.secagg_neighbours, ring_bits=config.secagg_ring_bits,
                     min_group=config.contribution_min_group if len(node_groups) > 1 else 0,
                     timeout=config.secagg_timeout, seed=config.seed,
                 ),

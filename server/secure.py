@@ -45,6 +45,7 @@ Sums = tuple[dict[str, torch.Tensor], dict[str, float]]  # (sum_i w_i delta_i, s
 class SecureSettings:
     threshold: int  # 0: auto (two thirds of each member's share holders, more than half)
     neighbours: int  # 0: auto (about 2*log2(n), SecAgg+)
+    ring_bits: int  # 0: auto (what the sum of the group needs); else at least that
     min_group: int  # fewer survivors than this are never unmasked (contribution min-group)
     timeout: float  # seconds per stage
     seed: int
@@ -82,9 +83,12 @@ def make_params(rnd: int, members: Sequence[str], layout: SecureLayout, settings
     k = settings.neighbours or auto_neighbours(n)
     degree = min(2 * math.ceil(k / 2), n - 1)
     seed = hashlib.sha256(f"fedmoe-secagg-graph|{settings.seed}|{rnd}|{index}".encode()).digest()
+    needed = layout.ring_bits(n)
+    if settings.ring_bits and settings.ring_bits < needed:
+        raise InvalidInput(f"secagg-ring-bits {settings.ring_bits} is too narrow: the sum of {n} members needs {needed}")
     return SecAggParams(
         round=rnd, members=tuple(sorted(members)), threshold=threshold_for(degree + 1, settings.threshold),
-        neighbours=k, ring_bits=layout.ring_bits(n), vector_length=layout.vector_length, graph_seed=seed,
+        neighbours=k, ring_bits=settings.ring_bits or needed, vector_length=layout.vector_length, graph_seed=seed,
     )
 
 

@@ -187,3 +187,17 @@ def test_members_refuse_stages_they_should_not_answer(tmp_path: Path) -> None:
     with pytest.raises(ProtocolViolation, match="differs from the one pinned"):
         handle_stage(_stage("advertise", 3, **swapped), tmp_path / "a", "a")
     assert not any((tmp_path / "a" / "secagg" / "r").glob("round-00002"))  # keep_input cleared it
+
+
+def test_ring_width_is_configurable_and_too_narrow_a_ring_aborts(ws: Workspace, caplog: pytest.LogCaptureFixture) -> None:
+    with task_identity(), pytest.raises(RoundAborted):  # 5 int8 members need 11 bits
+        run_rounds(FakeGrid(app, 5), config(ws.root, secagg_ring_bits=10), LogReporter(), run_name="narrow")
+    assert "secagg-ring-bits 10 is too narrow: the sum of 5 members needs 11" in caplog.text
+    assert Checkpoints(ws.run_dir("narrow")).latest_round() == 0
+    inputs = Inputs(ws, "wide")
+    cfg = config(ws.root, secagg_ring_bits=20)
+    with task_identity():
+        [summary] = run_rounds(FakeGrid(app, 5, before=inputs), cfg, LogReporter(), run_name="wide")
+    assert_applied(ws, "wide", 1, expected_delta(ws, cfg, 1, [inputs.by_round[1]]))
+    # 20 bits per element instead of 11: the uploads grow accordingly
+    assert min(r.bytes_up for r in summary.members) > 1.5 * len(inputs.by_round[1]["code"]) * 11 / 8
