@@ -6,12 +6,14 @@ shuffled), small (16 blocks, one pass = 2 steps) and a free rider (claims the wo
 zeros). Each round the global state moves by the aggregate of all five updates. Per round:
 - reference: exact Shapley of that round's utility, all 32 coalitions evaluated;
 - open mode: GTG-Shapley on the individual updates (server/scoring.py);
-- secure mode: the server sees only the sum of a random group of 3-4 members per round (as
-  secure aggregation per group gives it), valued as its part of the round's aggregate;
-  individual values are recovered across rounds by least squares.
+- secure mode: the server sees only the sum of one secure-aggregation group per round, chosen
+  as the round loop chooses it with 5 members and min-group 3 (server/rounds.plan_groups: a
+  random subset of 3..5 members), valued as its part of the round's aggregate; individual
+  values are recovered across rounds by the round loop's estimator (ridge least squares;
+  negative totals are clipped to 0 when they become shares).
 Reports Spearman rank correlation and mean absolute share error vs the reference, the model
 evaluations each method spent, and the free rider's share. Writes bench/results/contribution.json.
-Run: `.venv/bin/python bench/contribution.py [--workspace .fedmoe/demo --rounds 16]`.
+Run: `.venv/bin/python bench/contribution.py [--workspace .fedmoe/demo --rounds 48 --seed 0]`.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from model.corpus import read_texts
 from model.lora import expert_of
 from model.tokenizer import pack
 from server.init import InitConfig, init_workspace
-from server.rounds import validation_sets
-from server.scoring import combine_group_sums, open_value, score_open
+from server.rounds import plan_groups, validation_sets
+from server.scoring import open_value, score_open
 
 RESULTS = Path(__file__).parent / "results" / "contribution.json"
 ROLES = ("rich", "duplicate", "noisy", "small", "free_rider")
@@ -67,10 +69,29 @@ def spearman(a: dict[str, float], b: dict[str, float]) -> float:
     return cov / (va * vb) if va and vb else float("nan")
 
 
+def secure_shares(games: list[dict[str, float]], seed: int) -> dict[str, float]:
+    """Secure-mode shares: each round only the value of the group the round loop would choose.
+
+    The estimator is the round loop's (ridge least squares over group memberships). Here every
+    member trained in every round (the reference needs all 32 coalitions), so a member's total is
+    its per-round estimate times the rounds, not times the rounds its group was observed.
+    """
+    estimator = GroupValueEstimator(nonnegative=False)
+    for rnd, game in enumerate(games, start=1):
+        [chosen] = plan_groups(list(range(len(ROLES))), 3, random.Random(f"fedmoe-groups|{seed}|{rnd}"))
+        group = frozenset(ROLES[i] for i in chosen)
+        estimator = estimator.observe({group: game["+".join(sorted(group))]})
+    estimate = estimator.estimate()
+    shares = contribution_shares({m: estimate.get(m, 0.0) * len(games) for m in ROLES})
+    return {m: shares.get(m, 0.0) for m in ROLES}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
-    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the secure-mode groups reported as spearman_secure")
+    parser.add_argument("--seeds", type=int, default=10, help="group seeds 0..N-1 also evaluated on the same rounds")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     console = Console()
@@ -90,9 +111,8 @@ def main() -> None:
 
     state = lora.get_state()
     exact_book, open_book = ScoreBook(), ScoreBook()
-    estimator = GroupValueEstimator(nonnegative=False)
     cost = {"exact": 0, "open": 0, "secure": 0}
-    rng = random.Random(7)
+    games: list[dict[str, float]] = []  # every coalition's value per round (the reference game)
     for rnd in range(1, args.rounds + 1):
         updates = []
         for seed, (member, blocks) in enumerate(data.items()):
@@ -103,7 +123,14 @@ def main() -> None:
                               updates[0].num_tokens, dict(updates[0].expert_tokens)))
 
         reference = open_value(lora, state, updates, val, config.batch_size, precision)
-        exact = exact_shapley(list(ROLES), reference)
+        game: dict[frozenset[str], float] = {}
+
+        def recorded(coalition: frozenset[str], value=reference, game=game) -> float:  # noqa: ANN001
+            game[coalition] = value(coalition)
+            return game[coalition]
+
+        exact = exact_shapley(list(ROLES), recorded)
+        games.append({"+".join(sorted(c)) or "-": v for c, v in sorted(game.items(), key=lambda cv: (len(cv[0]), sorted(cv[0])))})
         cost["exact"] += reference.evaluations
         exact_book = exact_book.add(rnd, dict(exact.values))
 
@@ -111,28 +138,14 @@ def main() -> None:
         cost["open"] += estimate.evaluations
         open_book = open_book.add(rnd, estimate.scores)
 
-        # secure mode: one random group of 3-4 members per round; only its sum is visible
-        group = frozenset(rng.sample(ROLES, rng.choice([3, 4])))
-        weighted: dict[str, torch.Tensor] = {}
-        weights: dict[str, float] = {}
-        for u in updates:
-            if u.member in group:
-                for name, delta in u.delta.items():
-                    weighted[name] = weighted.get(name, torch.zeros_like(delta)) + u.num_tokens * delta
-                    weights[name] = weights.get(name, 0.0) + u.num_tokens
-        consortium = {name: len(ROLES) * updates[0].num_tokens for name in weights}
-        value = open_value(lora, state, [], val, config.batch_size, precision)
-        estimator = estimator.observe(
-            {group: value.loss({}) - value.loss(combine_group_sums([(weighted, weights)], reference=consortium))}
-        )
-        cost["secure"] += value.evaluations
-
         delta = aggregate(updates, expert_of)
         state = {k: v + delta[k] if k in delta else v for k, v in state.items()}
         console.print(f"round {rnd}: exact {dict((m, round(v, 5)) for m, v in exact.values.items())}")
 
-    shares = {"exact": exact_book.shares(), "open": open_book.shares(),
-              "secure": contribution_shares(estimator.totals())}
+    # secure mode, from the recorded games: the round loop's group each round, its value only
+    secure = {seed: secure_shares(games, seed) for seed in range(args.seeds)}
+    cost["secure"] = 2 * args.rounds  # per round: the global state and the group's part of the aggregate
+    shares = {"exact": exact_book.shares(), "open": open_book.shares(), "secure": secure[args.seed]}
     table = Table(title=f"contribution shares after {args.rounds} rounds (planted consortium)")
     table.add_column("member")
     for mode in shares:
@@ -148,13 +161,16 @@ def main() -> None:
         "free_rider_share_exact": shares["exact"]["free_rider"],
         "mae_share_open": sum(abs(shares["open"][m] - shares["exact"][m]) for m in ROLES) / len(ROLES),
         "mae_share_secure": sum(abs(shares["secure"].get(m, 0.0) - shares["exact"][m]) for m in ROLES) / len(ROLES),
+        "spearman_secure_by_group_seed": [spearman(shares["exact"], secure[k]) for k in sorted(secure)],
+        "free_rider_share_secure_by_group_seed": [secure[k]["free_rider"] for k in sorted(secure)],
         "model_evaluations": cost,
         "shares": shares,
-        "setup": {"rounds": args.rounds, "roles": list(ROLES), "validation": "code", "lr": 0.001},
+        "games": games,
+        "setup": {"rounds": args.rounds, "group_seed": args.seed, "roles": list(ROLES), "validation": "code", "lr": 0.001},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    console.print({k: v for k, v in result.items() if k not in ("shares", "setup")})
+    console.print({k: v for k, v in result.items() if k not in ("shares", "setup", "games")})
     console.print(f"wrote {args.out}")
 
 
