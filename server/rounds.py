@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +38,7 @@ from model.lora import LoraMoE, expert_of
 from model.moe import evaluate_loss
 from model.tokenizer import pack
 from server.checkpoint import Checkpoints
+from server.grid import exchange
 from server.ledger import Ledger, OperatorKey, Record, utc_now
 from server.scoring import CoalitionValue, combine_group_sums, open_value, score_groups, score_open
 from server.secure import SecureSettings, secure_aggregate
@@ -227,23 +228,6 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         if len(nodes) >= minimum or time.monotonic() > deadline:
             return nodes
         time.sleep(1.0)
-
-
-def exchange(
-    grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[int], None]
-) -> list[Message]:
-    """Push the round's messages and pull replies as they come, reporting progress."""
-    ids = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while ids and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(ids)):
-            ids.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-            on_reply(len(replies))
-        if ids:
-            time.sleep(0.2)
-    return replies
 
 
 def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: str = "default") -> list[RoundSummary]:

@@ -26,6 +26,7 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from aggregation.secure import SecureLayout
+from server.grid import exchange
 from fedmoe.protocol import ProtocolError, SecAggMessage, secagg_message_type
 from privacy.secagg import (
     InvalidInput,
@@ -139,7 +140,7 @@ def secure_aggregate(
                 messages.append(Message(content=content, message_type=secagg_message_type(stage), dst_node_id=node, group_id=f"{rnd}"))
                 sent_to[(node, group.index)] = member
         t0 = time.perf_counter()
-        replies = _exchange(grid, messages, settings.timeout)
+        replies = exchange(grid, messages, settings.timeout, poll=0.05)
         waited += time.perf_counter() - t0
         got: dict[int, dict[str, SecAggMessage]] = {g.index: {} for g in live}
         answered = set()
@@ -184,6 +185,14 @@ def secure_aggregate(
             out.dropped.setdefault(member, f"refused: {why}")
         group.session.refused.clear()
 
+    def settle(group: _Group, step: Callable[[], object]) -> object:
+        """One group's server step: a refusal drops members, an abort drops the group."""
+        result = guarded(group, step)
+        refused(group)
+        if result is None:
+            live.remove(group)
+        return result
+
     # 1. advertise: each member gets the group, its identity directory and the parameters
     def setup(group: _Group) -> dict[str, dict[str, object]]:
         p = group.session.params
@@ -201,11 +210,8 @@ def secure_aggregate(
             m: KeyAdvert(m, rnd, *(r.fields[f] for f in ("c-pub", "s-pub", "b-commitment", "signature")))  # type: ignore[arg-type]
             for m, r in replies[group.index].items()
         }
-        result = guarded(group, lambda g=group, a=adverts: g.session.receive_adverts(a))
-        refused(group)
-        if result is None:
-            live.remove(group)
-        else:
+        result = settle(group, lambda g=group, a=adverts: g.session.receive_adverts(a))
+        if result is not None:
             forwarded[group.index] = result  # type: ignore[assignment]
 
     # 2. share keys: each member gets its neighbours' adverts, returns encrypted shares
@@ -230,11 +236,8 @@ def secure_aggregate(
                 shares[m] = r.pairs("receivers", "ciphertexts")
             except ProtocolError as exc:
                 out.dropped.setdefault(m, f"share: {exc}")
-        result = guarded(group, lambda g=group, s=shares: g.session.receive_shares(s))
-        refused(group)
-        if result is None:
-            live.remove(group)
-        else:
+        result = settle(group, lambda g=group, s=shares: g.session.receive_shares(s))
+        if result is not None:
             inboxes[group.index] = result  # type: ignore[assignment]
 
     # 3. masked input: each member gets the shares addressed to it, returns its masked vector
@@ -284,17 +287,3 @@ def secure_aggregate(
         out.dropped.pop(member, None)
     return out
 
-
-def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    if not messages:
-        return []
-    ids = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while ids and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(ids)):
-            ids.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-        if ids:
-            time.sleep(0.05)
-    return replies
