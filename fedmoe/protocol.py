@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages
 
 
 class ProtocolError(ValueError):

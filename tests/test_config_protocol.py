@@ -74,3 +74,24 @@ def test_malformed_messages_are_refused() -> None:
         TrainReply.from_record(record)
     with pytest.raises(ProtocolError, match="lacks"):
         TrainReply.from_record(RecordDict())
+
+
+def test_secure_aggregation_stage_messages_round_trip_and_refuse_bad_ones() -> None:
+    from fedmoe.protocol import SecAggMessage
+
+    msg = SecAggMessage(stage="mask", run="r", round=4, group=1, member="", base_path="/b", members_dir="/m",
+                        nodes_dir="/n", fields={"senders": ["a", "b"], "ciphertexts": [b"x", b"y"]})
+    back = SecAggMessage.from_record(msg.to_record(), stage="mask", reply=False)
+    assert back == msg and back.pairs("senders", "ciphertexts") == {"a": b"x", "b": b"y"}
+    with pytest.raises(ProtocolError, match="for stage 'mask', expected 'unmask'"):  # out of order
+        SecAggMessage.from_record(msg.to_record(), stage="unmask", reply=False)
+    with pytest.raises(ProtocolError, match="has fields"):  # a request read as a reply
+        SecAggMessage.from_record(msg.to_record(), stage="mask", reply=True)
+    bad = SecAggMessage(**{**msg.__dict__, "fields": {"senders": ["a", b"b"], "ciphertexts": [b"x", b"y"]}})
+    with pytest.raises(TypeError):  # Flower itself refuses a list of mixed types
+        bad.to_record()
+    uneven = SecAggMessage(**{**msg.__dict__, "fields": {"senders": ["a", "a"], "ciphertexts": [b"x", b"y"]}})
+    with pytest.raises(ProtocolError, match="do not pair up"):
+        SecAggMessage.from_record(uneven.to_record(), stage="mask", reply=False).pairs("senders", "ciphertexts")
+    with pytest.raises(ProtocolError, match="unknown secure-aggregation stage"):
+        SecAggMessage(**{**msg.__dict__, "stage": "reveal-all"})
