@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -62,7 +63,13 @@ def layout_for(lora: LoraMoE, ins: TrainInstruction) -> SecureLayout:
     )
 
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
 def round_dir(state_dir: Path, run: str, rnd: int) -> Path:
+    """The round's folder; a run name that could leave the state dir is refused."""
+    if not _RUN_NAME.fullmatch(run) or rnd < 0:
+        raise ProtocolViolation(f"run name {run!r} / round {rnd} cannot name a folder in the state dir")
     return state_dir / "secagg" / run / f"round-{rnd:05d}"
 
 
@@ -90,8 +97,10 @@ def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMess
     key = identity_key(state_dir)
     session_file = folder / f"session-{msg.group}.json"
     if msg.stage == "advertise":
-        if session_file.exists():
+        if any(folder.glob("session-*.json")) or (folder / "advertised").exists():
+            # one group per round: the same input in two groups would let sums be differenced
             raise ProtocolViolation(f"member {member!r}: round {msg.round} already advertised")
+        (folder / "advertised").touch()
         group, identities = msg.strings("group"), msg.blobs("identities")
         if len(group) != len(identities):
             raise ProtocolError("fields 'group' and 'identities' do not pair up")

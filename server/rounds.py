@@ -360,7 +360,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                                     config.local_steps * config.batch_size * config.seq_len),
                 settings=SecureSettings(
                     threshold=config.secagg_threshold, neighbours=config.secagg_neighbours, ring_bits=config.secagg_ring_bits,
-                    min_group=config.contribution_min_group if len(node_groups) > 1 else 0,
+                    min_group=config.contribution_min_group if config.contribution_mode == "secure" else 0,
                     timeout=config.secagg_timeout, seed=config.seed,
                 ),
                 hints={"base_path": str(ws.base), "members_dir": str(ws.members_dir), "nodes_dir": str(ws.root / "nodes")},

@@ -201,3 +201,18 @@ def test_ring_width_is_configurable_and_too_narrow_a_ring_aborts(ws: Workspace, 
     assert_applied(ws, "wide", 1, expected_delta(ws, cfg, 1, [inputs.by_round[1]]))
     # 20 bits per element instead of 11: the uploads grow accordingly
     assert min(r.bytes_up for r in summary.members) > 1.5 * len(inputs.by_round[1]["code"]) * 11 / 8
+
+
+def test_members_refuse_a_second_group_and_run_names_that_leave_the_state_dir(tmp_path: Path) -> None:
+    mine, other = identity_key(tmp_path / "a"), identity_key(tmp_path / "b")
+    keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))
+    setup = {"group": ["a", "b"], "identities": [mine.public_key().public_bytes_raw(), other.public_key().public_bytes_raw()],
+             "threshold": 2, "neighbours": 1, "ring-bits": 12, "vector-length": 10, "graph-seed": b"s" * 16}
+    handle_stage(_stage("advertise", 2, **setup), tmp_path / "a", "a")
+    second = SecAggMessage(**{**_stage("advertise", 2, **setup).__dict__, "group": 1})
+    with pytest.raises(ProtocolViolation, match="already advertised"):  # same input, another group
+        handle_stage(second, tmp_path / "a", "a")
+    escape = SecAggMessage(**{**_stage("advertise", 2, **setup).__dict__, "run": "../.."})
+    with pytest.raises(ProtocolViolation, match="cannot name a folder"):
+        handle_stage(escape, tmp_path / "a", "a")
+    assert (tmp_path / "a" / "secagg" / "r").is_dir()
