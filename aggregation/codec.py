@@ -262,6 +262,11 @@ def _values_nbytes(kept: int, config: CodecConfig) -> int:
     return kept if config.quant == "int8" else (kept + 1) // 2
 
 
+def shared_scale(config: CodecConfig) -> float:
+    """The scale every member's integers share (clip/qmax in fp32): what dequantize_sum multiplies by."""
+    return _shared_scale(config)
+
+
 def _scales_nbytes(kept: int, config: CodecConfig) -> int:
     if config.quant not in _QMAX or config.clip is not None:
         return 0

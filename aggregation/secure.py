@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aggregation.codec import CodecConfig, decode_integers, dequantize_sum, kept_count
+from aggregation.codec import CodecConfig, decode_integers, dequantize_sum, kept_count, shared_scale
 from privacy.secagg import ring_bits_for
 
 TOKENS = "tokens"  # the weight group of every tensor that belongs to no expert
@@ -160,7 +160,7 @@ class SecureLayout:
             offset += self.limbs
             weight_sums[group] = sum(int(v) << (self.limb_bits * i) for i, v in enumerate(limbs)) / self.budget
         sums, weights = {}, {}
-        scale = float(torch.tensor(self.codec.clip / self.qmax, dtype=torch.float32))  # type: ignore[operator]
+        scale = shared_scale(self.codec)
         for name, values in integers.items():
             w = weight_sums[self.groups[name]]
             if w <= 0:

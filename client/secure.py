@@ -116,9 +116,7 @@ def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMess
     else:
         if not session_file.is_file():
             raise ProtocolViolation(f"member {member!r}: {msg.stage} before advertise in round {msg.round}")
-        saved = json.loads(session_file.read_bytes())
-        directory = _pinned_directory(state_dir, {})
-        session = MemberSession.from_json(session_file.read_bytes(), key, {m: directory[m] for m in saved["params"]["members"] if m in directory})
+        session = MemberSession.from_json(session_file.read_bytes(), key, _pinned_directory(state_dir, {}))
         if msg.stage == "share":
             senders = msg.strings("senders")
             columns = [msg.blobs(f) for f in ("c-pubs", "s-pubs", "b-commitments", "signatures")]
