@@ -45,6 +45,7 @@ str/int/bytes that the shells marshal.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import secrets
@@ -71,6 +72,7 @@ _SIGNATURE_BYTES = 64
 _ADVERT_DOMAIN = b"fedmoe-secagg-advert-v1"
 _SHARE_DOMAIN = b"fedmoe-secagg-share-v1"
 _GRAPH_DOMAIN = b"fedmoe-secagg-graph-v1"
+_MAX_SHARE_SUBSETS = 4096  # threshold-size subsets tried when a secret's shares disagree
 
 U64 = npt.NDArray[np.uint64]
 
@@ -826,6 +828,17 @@ class ServerSession:
         fingerprint: Callable[[bytes], bytes],
         commitment: bytes,
     ) -> bytes:
+        """The secret behind `shares`, checked against the owner's commitment.
+
+        A tampered share is found, not just noticed. Some `threshold` of the shares reproduce
+        the commitment, and of the polynomials through such subsets the one most shares lie on
+        is the owner's when the liars are few enough to be told apart (Reed-Solomon unique
+        decoding: at most (shares - threshold) / 2 of them). Then a holder whose share lies off
+        it revealed a tampered one: strict sessions raise, lenient ones name the holder in
+        `refused` and go on (its own masked input stays in the sum: it is a survivor). With
+        more liars the secret is still right (the commitment says so) but nobody is named,
+        since honest holders could not be told from liars.
+        """
         t = self.params.threshold
         if len(shares) < t:
             raise SecAggAborted(
@@ -834,16 +847,31 @@ class ServerSession:
         value = _combine_checked(list(shares.values()), t, fingerprint, commitment)
         if value is not None:
             return value
-        if len(shares) > t:  # find the one bad share: the others then agree with the commitment
-            for holder in sorted(shares):
-                others = [s for h, s in shares.items() if h != holder]
-                if _combine_checked(others, t, fingerprint, commitment) is not None:
-                    raise ProtocolViolation(
-                        f"member {holder!r} revealed a tampered share of {owner!r}'s {what}"
-                    )
-        raise ProtocolViolation(
-            f"member {owner!r}: the shares of its {what} fail its commitment (tampered share)"
-        )
+        holders = sorted(shares)
+        best: set[str] = set()
+        for tried, subset in enumerate(itertools.combinations(holders, t)):
+            if tried >= _MAX_SHARE_SUBSETS:
+                break
+            points = [shares[h] for h in subset]
+            found = _combine_checked(points, t, fingerprint, commitment)
+            if found is None:
+                continue
+            on_curve = {h for h in holders if shamir.interpolate(points, shares[h].x) == shares[h].y}
+            if len(on_curve) > len(best):
+                value, best = found, on_curve
+        if value is None:
+            raise SecAggAborted(
+                f"member {owner!r}: no {t} of the {len(shares)} shares of its {what} match its "
+                "commitment (tampered shares)"
+            )
+        if 2 * len(best) >= len(holders) + t:  # unique decoding: the liars are known
+            for holder in holders:
+                if holder not in best:
+                    why = f"member {holder!r} revealed a tampered share of {owner!r}'s {what}"
+                    if not self._lenient:
+                        raise ProtocolViolation(why)
+                    self.refused.setdefault(holder, why)
+        return value
 
 
 # ---------------------------------------------------------------- shared primitives

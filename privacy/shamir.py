@@ -83,20 +83,26 @@ def combine(shares: Sequence[Share], threshold: int) -> bytes:
         raise ShamirError(f"threshold {threshold} is below 1")
     if len(shares) < threshold:
         raise ShamirError(f"{len(shares)} shares given, {threshold} needed")
+    secret = interpolate(shares, 0)
+    if secret >= 2 ** (8 * SECRET_BYTES):
+        raise ShamirError("shares interpolate to no 32-byte secret: inconsistent or tampered")
+    return secret.to_bytes(SECRET_BYTES, "big")
+
+
+def interpolate(shares: Sequence[Share], x: int) -> int:
+    """f(x) for the polynomial of degree < len(shares) through `shares` (Lagrange)."""
     xs = [share.x for share in shares]
     if len(set(xs)) != len(xs):
         raise ShamirError(f"duplicate share coordinates among {sorted(xs)}")
-    secret = 0
+    value = 0
     for j, share in enumerate(shares):
         numerator, denominator = 1, 1
         for m, other in enumerate(xs):
             if m != j:
-                numerator = numerator * other % PRIME
-                denominator = denominator * (other - share.x) % PRIME
-        secret = (secret + share.y * numerator * pow(denominator, -1, PRIME)) % PRIME
-    if secret >= 2 ** (8 * SECRET_BYTES):
-        raise ShamirError("shares interpolate to no 32-byte secret: inconsistent or tampered")
-    return secret.to_bytes(SECRET_BYTES, "big")
+                numerator = numerator * (x - other) % PRIME
+                denominator = denominator * (share.x - other) % PRIME
+        value = (value + share.y * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return value
 
 
 def _evaluate(coefficients: Sequence[int], x: int) -> int:

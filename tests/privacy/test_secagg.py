@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from privacy.shamir import PRIME, Share
 from privacy.secagg import (
     InvalidInput,
     KeyAdvert,
@@ -384,7 +385,14 @@ def test_unmask_refuses_non_neighbours() -> None:
 
 
 def test_tampered_unmask_share_is_caught() -> None:
-    params, sessions, server = through_masking(4)
+    members, keys, directory = consortium(5)  # 5 holders, t=3: one liar can be told apart
+    params = make_params(members, 3, 4)
+    sessions = {m: MemberSession(params, m, keys[m], directory) for m in members}
+    server = ServerSession(params, directory)
+    forwarded = server.receive_adverts({m: s.advertise() for m, s in sessions.items()})
+    inboxes = server.receive_shares({m: sessions[m].share_keys(forwarded[m]) for m in members})
+    inputs = random_inputs(params)
+    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members})
     requests = server.unmask_requests()
     replies = {m: sessions[m].unmask(r.survivors, r.dropped) for m, r in requests.items()}
     a, b = params.members[:2]
@@ -392,6 +400,93 @@ def test_tampered_unmask_share_is_caught() -> None:
     share[-1] ^= 1
     replies[a] = UnmaskReply(a, params.round, {**replies[a].b_shares, b: bytes(share)}, {})
     with pytest.raises(ProtocolViolation, match=f"member '{a}' revealed a tampered share of '{b}'"):
+        server.finish(replies)
+
+
+def test_lenient_server_drops_tampered_shares_and_still_sums_exactly() -> None:
+    # 9 members, everybody holds everybody's shares (degree 8), t=5; one drops after sharing, so
+    # 8 holders answer: one liar per secret is told apart from the honest holders
+    members, keys, directory = consortium(9)
+    params = make_params(members, 5, 8)
+    sessions = {m: MemberSession(params, m, keys[m], directory) for m in members}
+    server = ServerSession(params, directory, lenient=True)
+    forwarded = server.receive_adverts({m: s.advertise() for m, s in sessions.items()})
+    inboxes = server.receive_shares({m: sessions[m].share_keys(forwarded[m]) for m in members})
+    gone = members[-1]  # shared its keys, never sent a masked input: its pair masks are rebuilt
+    inputs = random_inputs(params)
+    survivors = members[:-1]
+    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in survivors})
+    replies = {m: sessions[m].unmask(r.survivors, r.dropped) for m, r in server.unmask_requests().items()}
+
+    def flipped(share: bytes) -> bytes:
+        return share[:-1] + bytes([share[-1] ^ 1])
+
+    liar_b, liar_s, victim = members[0], members[1], members[2]
+    replies[liar_b] = UnmaskReply(
+        liar_b, params.round, {**replies[liar_b].b_shares, victim: flipped(replies[liar_b].b_shares[victim])},
+        replies[liar_b].s_shares,
+    )
+    replies[liar_s] = UnmaskReply(
+        liar_s, params.round, replies[liar_s].b_shares,
+        {**replies[liar_s].s_shares, gone: flipped(replies[liar_s].s_shares[gone])},
+    )
+    total = server.finish(replies)
+    assert torch.equal(total, plain_sum(inputs, survivors, params.ring_bits))
+    assert set(server.refused) == {liar_b, liar_s}
+    assert f"tampered share of {victim!r}'s self-mask seed" in server.refused[liar_b]
+    assert f"tampered share of {gone!r}'s mask key" in server.refused[liar_s]
+
+
+def unmasked_with_liars(n: int, t: int, liars: int) -> tuple[torch.Tensor, torch.Tensor, ServerSession, tuple[str, ...]]:
+    """Everybody holds everybody's shares; the first `liars` members add +1 to their share of
+    the last member's self-mask seed. Returns (the unmasked sum, the plain sum, server, members)."""
+    members, keys, directory = consortium(n)
+    params = make_params(members, t, n - 1)
+    sessions = {m: MemberSession(params, m, keys[m], directory) for m in members}
+    server = ServerSession(params, directory, lenient=True)
+    forwarded = server.receive_adverts({m: s.advertise() for m, s in sessions.items()})
+    inboxes = server.receive_shares({m: sessions[m].share_keys(forwarded[m]) for m in members})
+    inputs = random_inputs(params)
+    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members})
+    replies = {m: sessions[m].unmask(r.survivors, r.dropped) for m, r in server.unmask_requests().items()}
+    victim = members[-1]
+    for liar in members[:liars]:
+        share = Share.from_bytes(replies[liar].b_shares[victim])
+        forged = Share(share.x, (share.y + 1) % PRIME).to_bytes()
+        replies[liar] = UnmaskReply(liar, params.round, {**replies[liar].b_shares, victim: forged}, replies[liar].s_shares)
+    return server.finish(replies), plain_sum(inputs, members, params.ring_bits), server, members
+
+
+def test_liars_are_named_only_when_they_can_be_told_from_honest_holders() -> None:
+    # +1 on two shares: for some subsets the two errors cancel in the secret (x=1 and x=2 have
+    # opposite Lagrange weights at 0 next to x=4, x=5), so a subset holding both liars can pass
+    # the commitment check. With 9 holders and t=5 two liars are still uniquely decodable.
+    total, expected, server, members = unmasked_with_liars(9, 5, 2)
+    assert torch.equal(total, expected)
+    assert set(server.refused) == set(members[:2])
+    # 6 holders, t=4: the liars' curve and the honest one each hold 4 shares; the secret is
+    # right (the commitment says so) but naming anybody could name an honest holder
+    total, expected, server, _ = unmasked_with_liars(6, 4, 2)
+    assert torch.equal(total, expected)
+    assert server.refused == {}
+
+
+def test_too_many_tampered_shares_abort() -> None:
+    members, keys, directory = consortium(6)
+    params = make_params(members, 4, 5)
+    sessions = {m: MemberSession(params, m, keys[m], directory) for m in members}
+    server = ServerSession(params, directory, lenient=True)
+    forwarded = server.receive_adverts({m: s.advertise() for m, s in sessions.items()})
+    inboxes = server.receive_shares({m: sessions[m].share_keys(forwarded[m]) for m in members})
+    inputs = random_inputs(params)
+    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members})
+    replies = {m: sessions[m].unmask(r.survivors, r.dropped) for m, r in server.unmask_requests().items()}
+    victim = members[5]
+    for i, liar in enumerate(members[:3]):  # three bad of six: no four shares agree with the commitment
+        b = dict(replies[liar].b_shares)
+        b[victim] = b[victim][:-2] + bytes([b[victim][-2] ^ (1 << i)]) + b[victim][-1:]
+        replies[liar] = UnmaskReply(liar, params.round, b, replies[liar].s_shares)
+    with pytest.raises(SecAggAborted, match=f"no 4 of the 6 shares of its self-mask seed match"):
         server.finish(replies)
 
 
