@@ -148,6 +148,15 @@ class SecureLayout:
         """
         if total.shape != (self.vector_length,):
             raise SecureInputError(f"sum has shape {tuple(total.shape)}, expected ({self.vector_length},)")
+        # Every honest input element is in [0, 2*qmax], so the sum of `members` of them is in
+        # [0, members*2*qmax]: anything outside means some member fed in out-of-range elements.
+        # (In-range garbage cannot be told from an update here; that would take range proofs.)
+        low, high = int(total.min()), int(total.max())
+        if low < 0 or high > members * 2 * self.qmax:
+            raise SecureInputError(
+                f"sum of {members} inputs has elements in [{low}, {high}], outside [0, {members * 2 * self.qmax}]: "
+                "a member's input was out of range"
+            )
         offset = 0
         integers = {}
         for name in sorted(self.shapes):
@@ -159,6 +168,12 @@ class SecureLayout:
             limbs = total[offset : offset + self.limbs].tolist()
             offset += self.limbs
             weight_sums[group] = sum(int(v) << (self.limb_bits * i) for i, v in enumerate(limbs)) / self.budget
+        tokens = weight_sums[TOKENS]
+        if tokens > members:
+            raise SecureInputError(f"token weights sum to {tokens:g} budgets, more than the {members} members may claim")
+        over = [g for g, w in weight_sums.items() if w > tokens]
+        if over:
+            raise SecureInputError(f"expert {over[0]} has more token weight ({weight_sums[over[0]]:g}) than all tokens ({tokens:g})")
         sums, weights = {}, {}
         scale = shared_scale(self.codec)
         for name, values in integers.items():

@@ -184,7 +184,7 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         update=update,
         identity=identity,
         view_sha256=ins.view_sha256,
-        expert_tokens=result.expert_tokens,
+        expert_tokens={} if ins.secure else result.expert_tokens,  # under secure aggregation they travel masked
         num_tokens=result.num_tokens,
         num_examples=result.num_examples,
         train_loss=result.train_loss,

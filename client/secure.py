@@ -7,8 +7,10 @@ another process (a simulation actor, a fresh ClientApp process of a SuperNode). 
 stays under the node's state dir, owner-only, and the round's files are deleted after unmask.
 
 Member-side checks beyond the protocol's: a stage message must be for the run and round this
-node trained, and the identity keys the server hands out are pinned the first time they are
-seen (`peers.json`): a server that swaps a member's key later is refused.
+node trained; the group's directory must hold this node's own identity key; the identity keys
+the server hands out are pinned the first time they are seen (`peers.json`), so a server that
+swaps a member's key later is refused; a node takes part in one group per round; and a round
+is unmasked for one set of survivors only, even when the server re-runs it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from model.lora import LoraMoE, expert_of
 from privacy.secagg import KeyAdvert, MemberSession, ProtocolViolation, SecAggParams
 
 IDENTITY = "identity-ed25519.pem"
+_REVEALS_KEPT = 64  # rounds whose unmask request a member remembers (a re-run is of a recent round)
 
 
 def identity_key(state_dir: Path) -> Ed25519PrivateKey:
@@ -104,7 +107,10 @@ def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMess
         group, identities = msg.strings("group"), msg.blobs("identities")
         if len(group) != len(identities):
             raise ProtocolError("fields 'group' and 'identities' do not pair up")
-        directory = _pinned_directory(state_dir, dict(zip(group, identities, strict=True)))
+        offered = dict(zip(group, identities, strict=True))
+        if offered.get(member) != public_bytes(key):
+            raise ProtocolViolation(f"member {member!r}: the group's directory does not hold this node's identity key")
+        directory = _pinned_directory(state_dir, offered)
         params = SecAggParams(
             round=msg.round, members=tuple(group), threshold=int(msg.fields["threshold"]),  # type: ignore[call-overload]
             neighbours=int(msg.fields["neighbours"]), ring_bits=int(msg.fields["ring-bits"]),  # type: ignore[call-overload]
@@ -130,7 +136,9 @@ def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMess
             masked = session.masked_input(x, msg.pairs("senders", "ciphertexts"))
             out = {"packed": masked.packed}
         else:
-            reply = session.unmask(msg.strings("survivors"), msg.strings("dropped"))
+            survivors, dropped = msg.strings("survivors"), msg.strings("dropped")
+            _remember_reveal(state_dir, member, msg.run, msg.round, survivors, dropped)
+            reply = session.unmask(survivors, dropped)
             out = {
                 "b-owners": sorted(reply.b_shares), "b-shares": [reply.b_shares[o] for o in sorted(reply.b_shares)],
                 "s-owners": sorted(reply.s_shares), "s-shares": [reply.s_shares[o] for o in sorted(reply.s_shares)],
@@ -146,6 +154,29 @@ def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMess
         stage=msg.stage, run=msg.run, round=msg.round, group=msg.group, member=member,
         base_path="", members_dir="", nodes_dir="", fields=out,
     )
+
+
+def _remember_reveal(state_dir: Path, member: str, run: str, rnd: int, survivors: list[str], dropped: list[str]) -> None:
+    """Help unmask a round for one set of survivors only, however often the round is re-run.
+
+    A round that is re-run (the server crashed or aborted it after unmasking) trains the same
+    update again from the same state; a second sum over other survivors could be differenced
+    against the first to expose one member's update. So the first unmask request this node
+    answered for (run, round) is kept, and a later one that names other survivors or dropouts is
+    refused. Kept in secagg/revealed-<run>.json (the last _REVEALS_KEPT rounds).
+    """
+    path = state_dir / "secagg" / f"revealed-{run}.json"
+    seen: dict[str, list[list[str]]] = json.loads(path.read_text()) if path.is_file() else {}
+    request = [sorted(survivors), sorted(dropped)]
+    earlier = seen.get(str(rnd))
+    if earlier is not None and earlier != request:
+        raise ProtocolViolation(
+            f"member {member!r}: round {rnd} of run {run!r} was already unmasked for survivors "
+            f"{earlier[0]}; refusing to unmask it again for {request[0]}"
+        )
+    seen[str(rnd)] = request
+    kept = dict(sorted(seen.items(), key=lambda kv: int(kv[0]))[-_REVEALS_KEPT:])
+    _write_private(path, json.dumps(kept, sort_keys=True).encode())
 
 
 def _pinned_directory(state_dir: Path, offered: dict[str, bytes]) -> dict[str, Ed25519PublicKey]:

@@ -329,6 +329,8 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                 if secure:
                     if parsed.update:
                         raise UpdateRejected(f"member {parsed.member!r}: sent its update in the clear under secure aggregation")
+                    if parsed.expert_tokens:  # they would tell the operator which experts the member's data uses
+                        raise UpdateRejected(f"member {parsed.member!r}: sent per-expert token counts in the clear under secure aggregation")
                     check_counts(parsed, config)
                     identities.pin(parsed.member, parsed.identity)
                 else:
@@ -361,7 +363,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                 settings=SecureSettings(
                     threshold=config.secagg_threshold, neighbours=config.secagg_neighbours, ring_bits=config.secagg_ring_bits,
                     min_group=config.contribution_min_group if config.contribution_mode == "secure" else 0,
-                    timeout=config.secagg_timeout, seed=config.seed,
+                    timeout=config.secagg_timeout, seed=config.seed, min_members=config.min_members,
                 ),
                 hints={"base_path": str(ws.base), "members_dir": str(ws.members_dir), "nodes_dir": str(ws.root / "nodes")},
                 note=reporter.note,
@@ -369,6 +371,8 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             for member, why in sorted(outcome.dropped.items()):
                 rejected[member] = f"secure aggregation: {why}"
                 reporter.note(f"round {rnd}: {member} dropped out of secure aggregation at {why}")
+            for member, why in sorted(outcome.flagged.items()):
+                reporter.note(f"round {rnd}: {member} misbehaved in secure aggregation (its input is still summed): {why}")
             for group, why in sorted(outcome.aborted.items()):
                 reporter.note(f"round {rnd}: secure aggregation of group {group} aborted: {why}")
             reports = [

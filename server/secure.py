@@ -8,7 +8,11 @@ stage within `secagg-timeout`, or whose message is refused, is out of the round 
 on (its pairwise masks are rebuilt from its neighbours' shares when it dropped after sharing).
 A group that keeps fewer than max(threshold, min-group) members, or fails to unmask, is aborted:
 its members' updates are lost for the round and the round loop decides whether the round can go
-on without them. The server learns only each group's sum (aggregation/secure.py decodes it).
+on without them. When the groups together keep fewer than min-members, nothing is unmasked at
+all: a sum the round cannot commit is never revealed (a re-run of the round over other survivors
+would otherwise give a second sum to difference against it). A member that reveals a tampered
+share at unmask is named in `flagged`; its own input is in the sum all the same. The server
+learns only each group's sum (aggregation/secure.py decodes it).
 """
 
 from __future__ import annotations
@@ -50,12 +54,14 @@ class SecureSettings:
     min_group: int  # fewer survivors than this are never unmasked (contribution min-group)
     timeout: float  # seconds per stage
     seed: int
+    min_members: int = 1  # the round commits with this many members: fewer, and nothing is unmasked
 
 
 @dataclass
 class SecureOutcome:
     sums: dict[frozenset[str], Sums] = field(default_factory=dict)  # survivors -> their sums
     dropped: dict[str, str] = field(default_factory=dict)  # member -> stage and reason
+    flagged: dict[str, str] = field(default_factory=dict)  # survivor -> misbehaviour at unmask (still summed)
     aborted: dict[str, str] = field(default_factory=dict)  # "a+b+c" -> why the group was aborted
     bytes_up: dict[str, int] = field(default_factory=dict)  # member -> secagg bytes sent
     bytes_down: dict[str, int] = field(default_factory=dict)
@@ -261,6 +267,16 @@ def secure_aggregate(
             live.remove(group)
         else:
             requests[group.index] = group.session.unmask_requests()
+    unmaskable = sum(len(r) for r in requests.values())
+    if unmaskable < settings.min_members:
+        # A sum the round cannot commit is never revealed: the round would be re-run with the same
+        # state, and a second sum over other survivors could be differenced against this one.
+        for group in live:
+            out.aborted[group.name] = (
+                f"only {unmaskable} member(s) sent masked inputs in the round's groups, fewer than "
+                f"min-members {settings.min_members}: nothing is unmasked"
+            )
+        live.clear()
 
     # 4. unmask: survivors reveal the shares that remove self masks and dropped members' masks
     replies = run_stage("unmask", lambda g: {
@@ -274,7 +290,8 @@ def secure_aggregate(
             except ProtocolError as exc:
                 out.dropped.setdefault(m, f"unmask: {exc}")
         total = guarded(group, lambda g=group, a=answers: g.session.finish(a))
-        refused(group)
+        out.flagged.update(group.session.refused)  # e.g. a tampered share: named, and still summed
+        group.session.refused.clear()
         if total is None:
             continue
         survivors = frozenset(requests[group.index])

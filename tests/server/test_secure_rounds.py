@@ -216,3 +216,78 @@ def test_members_refuse_a_second_group_and_run_names_that_leave_the_state_dir(tm
     with pytest.raises(ProtocolViolation, match="cannot name a folder"):
         handle_stage(escape, tmp_path / "a", "a")
     assert (tmp_path / "a" / "secagg" / "r").is_dir()
+
+
+def test_a_round_the_round_cannot_commit_is_never_unmasked(ws: Workspace) -> None:
+    # two of five drop before masking: the group still has threshold 3, but min-members is 4
+    grid = FakeGrid(app, 5, drop=lambda node, kind: node in (1001, 1003) and kind in (MASK, UNMASK))
+    with task_identity(), pytest.raises(RoundAborted, match="round 1 aborted: 0 valid"):
+        run_rounds(grid, config(ws.root, secagg_threshold=3, min_members=4), LogReporter(), run_name="few")
+    assert UNMASK not in {kind for _, kind in grid.seen}  # no sum was revealed
+    assert Checkpoints(ws.run_dir("few")).latest_round() == 0
+
+
+def test_a_rerun_round_is_unmasked_only_for_the_survivors_of_its_first_unmask(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(ws.root, secagg_threshold=3)
+    gone = 1002
+    commit = Checkpoints.commit
+
+    def crash_once(self, rnd, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if rnd == 1:
+            raise RuntimeError("operator crashed after unmasking round 1")
+        return commit(self, rnd, *args, **kwargs)
+
+    # 1. the operator unmasks the sum of four survivors, then crashes before committing
+    monkeypatch.setattr(Checkpoints, "commit", crash_once)
+    with task_identity(), pytest.raises(RuntimeError, match="crashed"):
+        run_rounds(FakeGrid(app, 5, drop=lambda node, kind: node == gone and kind in (MASK, UNMASK)), cfg, LogReporter(),
+                   run_name="rerun")
+    monkeypatch.setattr(Checkpoints, "commit", commit)
+    # 2. re-run with all five: the sum of five minus the first sum would be the fifth's update
+    grid = FakeGrid(app, 5)
+    with task_identity(), pytest.raises(RoundAborted, match="round 1 aborted: 0 valid"):
+        run_rounds(grid, cfg, LogReporter(), run_name="rerun")
+    assert "was already unmasked for survivors" in caplog.text
+    assert Checkpoints(ws.run_dir("rerun")).latest_round() == 0
+    # 3. the same four survivors again: nothing new is revealed, and the round commits
+    inputs = Inputs(ws, "rerun")
+    with task_identity():
+        [summary] = run_rounds(FakeGrid(app, 5, before=inputs, drop=lambda node, kind: node == gone and kind in (MASK, UNMASK)),
+                               cfg, LogReporter(), run_name="rerun")
+    assert len(summary.members) == 4
+    assert_applied(ws, "rerun", 1, expected_delta(ws, cfg, 1, [inputs.by_round[1]]))
+
+
+def test_members_refuse_a_directory_without_their_own_key(tmp_path: Path) -> None:
+    identity_key(tmp_path / "a")
+    other = identity_key(tmp_path / "b")
+    keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))
+    impostor = identity_key(tmp_path / "x").public_key().public_bytes_raw()
+    setup = {"group": ["a", "b"], "identities": [impostor, other.public_key().public_bytes_raw()],
+             "threshold": 2, "neighbours": 1, "ring-bits": 12, "vector-length": 10, "graph-seed": b"s" * 16}
+    with pytest.raises(ProtocolViolation, match="does not hold this node's identity key"):
+        handle_stage(_stage("advertise", 2, **setup), tmp_path / "a", "a")
+    assert not (tmp_path / "a" / "secagg" / "peers.json").exists()  # nothing was pinned
+
+
+def test_per_expert_counts_in_the_clear_are_refused_under_secure_aggregation(ws: Workspace) -> None:
+    from dataclasses import replace
+
+    from flwr.app import Message
+
+    from fedmoe.protocol import TRAIN, TrainReply
+
+    def leaky(message, context):  # noqa: ANN001, ANN202 - node 1000 also reports its expert counts
+        reply = app(message, context)
+        if message.metadata.message_type == TRAIN and context.node_id == 1000:
+            parsed = TrainReply.from_record(reply.content)
+            reply = Message(replace(parsed, expert_tokens={"0:1": 7}).to_record(), reply_to=message)
+        return reply
+
+    with task_identity():
+        [summary] = run_rounds(FakeGrid(leaky, 5), config(ws.root, secagg_threshold=3), LogReporter(), run_name="leak")
+    assert "sent per-expert token counts in the clear" in summary.rejected["node 1000"]
+    assert len(summary.members) == 4
+    assert all(r.experts_sent == 0 for r in summary.members)  # the counts travelled masked
