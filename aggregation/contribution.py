@@ -24,8 +24,14 @@ Secure mode (the server sees only sums):
   each group is securely aggregated on its own, so the server learns one sum per group. Any union
   of groups can then be valued, so `group_shapley` gives each group its Shapley value among the
   round's groups, and `GroupValueEstimator` recovers per-member values across rounds by
-  regularized non-negative least squares over the group-membership design matrix: rounds with
-  different random groups make the members separable.
+  regularized least squares over the group-membership design matrix: rounds with different
+  random groups make the members separable. A consortium of fewer than 2 x min_group members
+  cannot be split into two groups; `rotating_subsets` then picks one group of min_group members
+  per round from a balanced schedule (every subset once per block, so members and pairs are
+  observed equally often), and the others sit the round out. The estimator credits a member
+  only when its estimate stands `significance` standard errors above zero (see its docstring):
+  group sums are noisy, and without the rule a free rider that happens to share groups with
+  good members collects part of their value.
 
   Privacy trade-off. A group's sum is exactly what plain secure aggregation reveals for the whole
   round, but over fewer people: the smaller the group, the more the sum says about each member's
@@ -66,7 +72,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations, pairwise
 
 import numpy as np
@@ -75,6 +81,7 @@ import torch
 
 Coalition = frozenset[str]
 FloatArray = npt.NDArray[np.float64]
+_MAX_SCHEDULE = 1024  # subsets enumerated by rotating_subsets; beyond, random ones
 
 
 class ContributionError(ValueError):
@@ -337,6 +344,30 @@ def random_groups(
     return groups
 
 
+def rotating_subsets(members: Sequence[str], size: int, index: int, *, seed: str) -> frozenset[str]:
+    """Group `index` (0, 1, ...) of a balanced schedule of `size`-subsets of `members`.
+
+    For a round loop that can afford only one group of `size` out of fewer than 2*size members:
+    every subset comes once per block of C(n, size) consecutive indices, in an order shuffled per
+    block (seeded by `seed` and the block), so over each block every member sits in a group
+    equally often and every pair of members shares one equally often -- the design under which
+    least squares separates members best. With more than `_MAX_SCHEDULE` subsets a random
+    subset per index instead. Depends only on the set of members, `size`, `index` and `seed`.
+    """
+    ordered = _check_members(members)
+    if not 1 <= size <= len(ordered):
+        raise ContributionError(f"subset size {size} is not in 1..{len(ordered)}")
+    if index < 0:
+        raise ContributionError(f"schedule index {index} is negative")
+    count = math.comb(len(ordered), size)
+    if count > _MAX_SCHEDULE:
+        return frozenset(random.Random(f"{seed}|index|{index}").sample(ordered, size))
+    block, position = divmod(index, count)
+    schedule = [frozenset(c) for c in combinations(ordered, size)]
+    random.Random(f"{seed}|block|{block}").shuffle(schedule)
+    return schedule[position]
+
+
 def group_shapley(
     groups: Sequence[frozenset[str]],
     value: Callable[[Coalition], float],
@@ -386,10 +417,22 @@ class GroupValueEstimator:
     per member ever observed). The ridge term makes the problem well-posed before the groups have
     separated everybody: members never seen apart get equal shares of their joint value. Solved by
     cyclic coordinate descent (exact for the unconstrained case: a linear solve).
+
+    Credit rule (`credited`, `totals`): a member is credited with its estimate only when the
+    estimate is at least `significance` standard errors above zero, the errors from the
+    residual variance of the fit (sigma^2 (A'A + ridge)^-1). Group sums are noisy (every
+    round's updates differ), so a free rider grouped with useful members gets a small positive
+    estimate about half the time; the rule gives it nothing unless the data say otherwise. Until
+    there are more observations than members the residual variance is unknown and nobody is
+    credited; members that are never seen apart (e.g. a consortium too small to split) are
+    never credited, since nothing tells their contributions apart. The price: a genuinely small
+    contributor earns nothing until enough rounds make its value distinguishable from zero (its
+    standard error shrinks like 1/sqrt(rounds)).
     """
 
     ridge: float = 1e-3
     nonnegative: bool = True
+    significance: float = 2.0
     observations: tuple[tuple[frozenset[str], float], ...] = ()
 
     def observe(self, group_values: Mapping[frozenset[str], float]) -> GroupValueEstimator:
@@ -405,7 +448,7 @@ class GroupValueEstimator:
                 raise ContributionError(f"group {sorted(group)} has non-finite value {v}")
             seen |= group
             added.append((group, float(v)))
-        return GroupValueEstimator(self.ridge, self.nonnegative, self.observations + tuple(added))
+        return replace(self, observations=self.observations + tuple(added))
 
     def members(self) -> list[str]:
         return sorted({m for group, _ in self.observations for m in group})
@@ -418,11 +461,8 @@ class GroupValueEstimator:
                 counts[m] = counts.get(m, 0) + 1
         return dict(sorted(counts.items()))
 
-    def estimate(self) -> dict[str, float]:
-        """Each member's estimated mean contribution per round it took part in."""
+    def _system(self) -> tuple[list[str], FloatArray, FloatArray, FloatArray]:
         members = self.members()
-        if not members:
-            return {}
         col = {m: j for j, m in enumerate(members)}
         a = np.zeros((len(self.observations), len(members)))  # (groups, members)
         y = np.array([v for _, v in self.observations])  # (groups,)
@@ -430,16 +470,46 @@ class GroupValueEstimator:
             for m in group:
                 a[r, col[m]] = 1.0
         q = a.T @ a + self.ridge * np.eye(len(members))  # (members, members), positive definite
+        return members, a, y, q
+
+    def _solve(self, a: FloatArray, y: FloatArray, q: FloatArray) -> FloatArray:
         c = a.T @ y
         x = np.linalg.solve(q, c)
         if self.nonnegative:
             x = _nonnegative_quadratic(q, c, np.maximum(x, 0.0))
+        return x
+
+    def estimate(self) -> dict[str, float]:
+        """Each member's estimated mean contribution per round it took part in."""
+        if not self.observations:
+            return {}
+        members, a, y, q = self._system()
+        x = self._solve(a, y, q)
         return {m: float(x[j]) for j, m in enumerate(members)}
 
+    def standard_errors(self) -> dict[str, float]:
+        """Each estimate's standard error (inf while there are no more observations than members)."""
+        if not self.observations:
+            return {}
+        members, a, y, q = self._system()
+        dof = len(y) - len(members)
+        if dof < 1:
+            return {m: math.inf for m in members}
+        residual = y - a @ self._solve(a, y, q)
+        variance = float(residual @ residual) / dof
+        spread = np.sqrt(np.maximum(np.diag(np.linalg.inv(q)), 0.0) * variance)
+        return {m: float(spread[j]) for j, m in enumerate(members)}
+
+    def credited(self) -> dict[str, float]:
+        """The estimates the credit rule lets stand (the others are 0); see the class docstring."""
+        estimate, errors = self.estimate(), self.standard_errors()
+        bar = {m: self.significance * errors[m] if self.significance else 0.0 for m in estimate}
+        return {m: v if v > bar[m] else 0.0 for m, v in estimate.items()}
+
     def totals(self) -> dict[str, float]:
-        """Estimated value delivered over all observed rounds: per-round estimate x participation."""
-        est = self.estimate()
-        return {m: est[m] * n for m, n in self.participation().items()}
+        """Credited value delivered over all observed rounds: credited estimate x participation."""
+        credited = self.credited()
+        return {m: credited[m] * n for m, n in self.participation().items()}
 
 
 def _nonnegative_quadratic(

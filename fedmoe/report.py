@@ -94,6 +94,9 @@ def plot_shares(manifests: Sequence[dict[str, Any]], path: Path) -> Path | None:
         ax.bar(rounds, values, bottom=bottom, label=member)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set(xlabel="round", ylabel="cumulative share", title="Contribution shares", ylim=(0, 1.05))
+    if not any(bottom):  # secure mode credits nobody until contributions stand out from the noise
+        ax.text(0.5, 0.5, "no member's contribution is distinguishable from zero yet",
+                transform=ax.transAxes, ha="center", va="center", color="dimgray")
     ax.set_xticks(rounds)
     ax.legend(fontsize="small")
     return _save(fig, path)

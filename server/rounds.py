@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from flwr.serverapp import Grid
 
 from aggregation.broadcast import advance, view_digest
 from aggregation.codec import UpdateRejected, decode
-from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares, random_groups
+from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares, random_groups, rotating_subsets
 from aggregation.fedavg import Update, aggregate
 from aggregation.secure import TOKENS, SecureLayout
 from client.precision import select_precision
@@ -204,21 +205,23 @@ class Identities:
         return {m: Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)) for m, h in self.keys.items()}
 
 
-def plan_groups(nodes: Sequence[int], min_group: int, rng: random.Random) -> list[list[int]]:
+def plan_groups(nodes: Sequence[int], min_group: int, *, seed: int, rnd: int) -> list[list[int]]:
     """Secure contribution: who trains this round, in which secure-aggregation group.
 
     With at least 2*min_group nodes: everybody, in disjoint random groups of >= min_group. With
     fewer, one group cannot be split without revealing a sum of fewer than min_group, so the
-    round trains one random subset of min_group..n nodes: rounds of different subsets are what
-    makes members separable (aggregation/contribution.py, GroupValueEstimator).
+    round trains one group of min_group nodes from a balanced rotation (the others sit out):
+    rounds of different groups are what makes members separable (aggregation/contribution.py,
+    GroupValueEstimator). Deterministic in (nodes, min_group, seed, rnd), so a re-run round
+    trains the same group.
     """
     if len(nodes) >= 2 * min_group:
-        groups = random_groups([str(n) for n in nodes], min_group, rng=rng)
+        groups = random_groups([str(n) for n in nodes], min_group, rng=random.Random(f"fedmoe-groups|{seed}|{rnd}"))
         return [sorted(int(n) for n in g) for g in groups]
     if len(nodes) <= min_group:
         return [sorted(nodes)]
-    size = rng.randint(min_group, len(nodes))
-    return [sorted(rng.sample(sorted(nodes), size))]
+    chosen = rotating_subsets([str(n) for n in nodes], min_group, rnd - 1, seed=f"fedmoe-groups|{seed}")
+    return [sorted(int(n) for n in chosen)]
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -280,7 +283,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
         node_groups = [nodes]
         if secure and config.contribution_mode == "secure":
-            node_groups = plan_groups(nodes, config.contribution_min_group, random.Random(f"fedmoe-groups|{config.seed}|{rnd}"))
+            node_groups = plan_groups(nodes, config.contribution_min_group, seed=config.seed, rnd=rnd)
             nodes = sorted(n for group in node_groups for n in group)
         reporter.round_started(rnd, len(nodes))
 
@@ -400,8 +403,17 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             estimator = estimator.observe(values)
             estimate = estimator.estimate()
             scores = {r.member: estimate.get(r.member, 0.0) for r in reports}
+            errors = estimator.standard_errors()
+            credited = sorted(m for m, v in estimator.credited().items() if v > 0)
             how = {"mode": "secure", "evaluations": scored.evaluations,
-                   "groups": [{"members": sorted(g), "value": v} for g, v in sorted(values.items(), key=lambda gv: sorted(gv[0]))]}
+                   "groups": [{"members": sorted(g), "value": v} for g, v in sorted(values.items(), key=lambda gv: sorted(gv[0]))],
+                   "standard_errors": {m: e if math.isfinite(e) else None for m, e in errors.items()},
+                   "credited": credited}
+            if not credited:
+                reporter.note(
+                    f"round {rnd}: no member's contribution is distinguishable from zero yet "
+                    f"({len(estimator.observations)} group sums for {len(errors)} members); shares stay 0 until one is"
+                )
         elif config.contribution_mode == "open":
             value = open_value(lora, state, updates, contribution_sets, config.batch_size, precision)
             scored = score_open(updates, value, seed=config.seed * 100_003 + rnd,

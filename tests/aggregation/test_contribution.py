@@ -21,6 +21,7 @@ from aggregation.contribution import (
     gtg_shapley,
     is_null_update,
     random_groups,
+    rotating_subsets,
 )
 
 Game = Callable[[frozenset[str]], float]
@@ -280,6 +281,60 @@ def test_estimator_splits_members_never_seen_apart_equally() -> None:
 def test_estimator_rejects_overlapping_groups_in_a_round() -> None:
     with pytest.raises(ContributionError, match="overlap"):
         GroupValueEstimator().observe({frozenset({"a", "b"}): 1.0, frozenset({"b", "c"}): 1.0})
+
+
+def test_credit_rule_gives_noise_nothing_and_real_value_its_estimate() -> None:
+    # one group of 3 out of 5 per round, as a small consortium runs; sums are noisy
+    truth = {"good": 1.0, "fair": 0.5, "tiny": 0.2, "free": 0.0, "bad": -0.6}
+    members = sorted(truth)
+    credited_free, raw_free = [], []
+    for seed in range(20):
+        noise = random.Random(seed)
+        est = GroupValueEstimator(nonnegative=False)
+        for rnd in range(60):
+            group = rotating_subsets(members, 3, rnd, seed=f"s{seed}")
+            est = est.observe({group: sum(truth[m] for m in group) + noise.gauss(0.0, 0.3)})
+        got, errors, credited = est.estimate(), est.standard_errors(), est.credited()
+        assert got == pytest.approx(truth, abs=4 * max(errors.values()))
+        assert credited["good"] == got["good"] and credited["fair"] == got["fair"]  # clearly above zero
+        assert credited["bad"] == 0.0
+        credited_free.append(credited["free"])
+        raw_free.append(got["free"])
+    # the free rider's estimate is positive about half the time; credited in at most 1 in 10
+    assert sum(v > 0 for v in raw_free) >= 5
+    assert sum(v > 0 for v in credited_free) <= 2
+
+
+def test_nobody_is_credited_before_members_can_be_told_apart() -> None:
+    est = GroupValueEstimator(nonnegative=False)
+    for rnd in range(5):  # 5 observations, 5 members: no residual to judge the noise by
+        group = rotating_subsets(["a", "b", "c", "d", "e"], 3, rnd, seed="x")
+        est = est.observe({group: 1.0 * len(group & {"a", "b"}) + 0.01 * rnd})
+    assert all(e == math.inf for e in est.standard_errors().values())
+    assert set(est.credited().values()) == {0.0}
+    assert contribution_shares(est.totals()) == dict.fromkeys("abcde", 0.0)
+    # a consortium that is never split (3 members, min-group 3): their values cannot be told apart
+    together = GroupValueEstimator(nonnegative=False)
+    for rnd in range(20):
+        together = together.observe({frozenset("abc"): 3.0 + 0.1 * (rnd % 2)})
+    assert set(together.credited().values()) == {0.0}
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 9), size=st.integers(1, 9), seed=st.text(max_size=8))
+def test_rotating_subsets_are_balanced_over_each_block(n: int, size: int, seed: str) -> None:
+    size = min(size, n)
+    members = [f"m{i}" for i in range(n)]
+    count = math.comb(n, size)
+    for block in range(2):
+        got = [rotating_subsets(members, size, block * count + i, seed=seed) for i in range(count)]
+        assert all(len(g) == size for g in got)
+        assert len(set(got)) == count  # every subset exactly once per block
+        per_member = {m: sum(m in g for g in got) for m in members}
+        assert len(set(per_member.values())) == 1  # everybody sits in a group equally often
+    assert rotating_subsets(list(reversed(members)), size, 3, seed=seed) == rotating_subsets(members, size, 3, seed=seed)
+    with pytest.raises(ContributionError, match="subset size"):
+        rotating_subsets(members, n + 1, 0, seed=seed)
 
 
 # ------------------------------------------------------------------------------ random groups

@@ -291,3 +291,18 @@ def test_per_expert_counts_in_the_clear_are_refused_under_secure_aggregation(ws:
     assert "sent per-expert token counts in the clear" in summary.rejected["node 1000"]
     assert len(summary.members) == 4
     assert all(r.experts_sent == 0 for r in summary.members)  # the counts travelled masked
+
+
+def test_plan_groups_rotates_a_small_consortium_evenly_and_splits_a_large_one() -> None:
+    from server.rounds import plan_groups
+
+    nodes = [11, 12, 13, 14, 15]
+    rounds = [plan_groups(nodes, 3, seed=7, rnd=r) for r in range(1, 11)]
+    assert all(len(groups) == 1 and len(groups[0]) == 3 for groups in rounds)
+    assert len({tuple(g[0]) for g in rounds}) == 10  # all ten groups of three, once each
+    assert all(sum(n in g[0] for g in rounds) == 6 for n in nodes)  # everybody trains 6 of 10 rounds
+    assert plan_groups(nodes, 3, seed=7, rnd=4) == rounds[3]  # a re-run round trains the same group
+    assert plan_groups(nodes, 3, seed=8, rnd=1) != rounds[0] or plan_groups(nodes, 3, seed=8, rnd=2) != rounds[1]
+    six = plan_groups(list(range(6)), 3, seed=7, rnd=1)
+    assert sorted(len(g) for g in six) == [3, 3] and sorted(n for g in six for n in g) == list(range(6))
+    assert plan_groups([1, 2, 3], 3, seed=7, rnd=1) == [[1, 2, 3]]
