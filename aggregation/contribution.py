@@ -424,8 +424,8 @@ class GroupValueEstimator:
     round's updates differ), so a free rider grouped with useful members gets a small positive
     estimate about half the time; the rule gives it nothing unless the data say otherwise. Until
     there are more observations than members the residual variance is unknown and nobody is
-    credited; members that are never seen apart (e.g. a consortium too small to split) are
-    never credited, since nothing tells their contributions apart. The price: a genuinely small
+    credited; members the groups do not identify (e.g. always seen together, as in a consortium
+    too small to split) are never credited, since nothing tells their contributions apart. The price: a genuinely small
     contributor earns nothing until enough rounds make its value distinguishable from zero (its
     standard error shrinks like 1/sqrt(rounds)).
     """
@@ -498,7 +498,13 @@ class GroupValueEstimator:
         residual = y - a @ self._solve(a, y, q)
         variance = float(residual @ residual) / dof
         spread = np.sqrt(np.maximum(np.diag(np.linalg.inv(q)), 0.0) * variance)
-        return {m: float(spread[j]) for j, m in enumerate(members)}
+        # A member is identifiable when its unit vector lies in A's row space (no combination of
+        # the others' values explains its groups as well); otherwise only the ridge holds its
+        # estimate in place, and its error is unbounded.
+        _, singular, vt = np.linalg.svd(a)
+        rank = int(np.sum(singular > 1e-9 * max(float(singular[0]), 1.0))) if singular.size else 0
+        unidentified = np.sum(vt[rank:] ** 2, axis=0) > 1e-9  # (members,) weight in A's null space
+        return {m: math.inf if unidentified[j] else float(spread[j]) for j, m in enumerate(members)}
 
     def credited(self) -> dict[str, float]:
         """The estimates the credit rule lets stand (the others are 0); see the class docstring."""

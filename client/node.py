@@ -174,7 +174,8 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         layout = secure.layout_for(lora, ins)
         counts = layout.weights(result.num_tokens, result.expert_tokens)
         payload = compress_update(layout.prescale(result.delta, counts), ins, node, update_seed)
-        secure.keep_input(node.state_dir, ins.run, ins.round, layout.encode(payload, counts))
+        trained_from = f"view {ins.view_sha256} round {ins.round} seed {ins.seed}"
+        secure.keep_input(node.state_dir, ins.run, ins.round, layout.encode(payload, counts), trained_from)
         update, identity = b"", secure.public_bytes(secure.identity_key(node.state_dir))
     else:
         update = compress_update(result.delta, ins, node, update_seed)

@@ -34,7 +34,7 @@ from model.lora import LoraMoE, expert_of
 from privacy.secagg import KeyAdvert, MemberSession, ProtocolViolation, SecAggParams
 
 IDENTITY = "identity-ed25519.pem"
-_REVEALS_KEPT = 64  # rounds whose unmask request a member remembers (a re-run is of a recent round)
+_REVEALS_KEPT = 256  # updates whose unmask survivors a member remembers (a re-run is of a recent round)
 
 
 def identity_key(state_dir: Path) -> Ed25519PrivateKey:
@@ -76,9 +76,14 @@ def round_dir(state_dir: Path, run: str, rnd: int) -> Path:
     return state_dir / "secagg" / run / f"round-{rnd:05d}"
 
 
-def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor) -> None:
+def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor, trained_from: str = "") -> None:
     """Keep this round's ring input until the mask stage. Everything older goes, including an
-    earlier attempt at this same round (a round the server re-runs is trained and keyed anew)."""
+    earlier attempt at this same round (a round the server re-runs is trained and keyed anew).
+
+    `trained_from` names what determined the update apart from the member's data (the view of
+    the global state, the round, the seed): the key under which the member remembers which
+    survivors it helped unmask (see _remember_reveal). Empty: the run and round name it.
+    """
     folder = round_dir(state_dir, run, rnd)
     if folder.parent.is_dir():
         for old in folder.parent.iterdir():
@@ -86,6 +91,7 @@ def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     save_tensors(folder / "input.safetensors", {"x": vector})
+    (folder / "trained-from").write_text(trained_from or f"run {run} round {rnd}")
 
 
 def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMessage:
@@ -136,9 +142,11 @@ def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMess
             masked = session.masked_input(x, msg.pairs("senders", "ciphertexts"))
             out = {"packed": masked.packed}
         else:
-            survivors, dropped = msg.strings("survivors"), msg.strings("dropped")
-            _remember_reveal(state_dir, member, msg.run, msg.round, survivors, dropped)
-            reply = session.unmask(survivors, dropped)
+            survivors = msg.strings("survivors")
+            trained_from = (folder / "trained-from").read_text()
+            _check_reveal(state_dir, member, trained_from, survivors)
+            reply = session.unmask(survivors, msg.strings("dropped"))
+            _remember_reveal(state_dir, trained_from, survivors)
             out = {
                 "b-owners": sorted(reply.b_shares), "b-shares": [reply.b_shares[o] for o in sorted(reply.b_shares)],
                 "s-owners": sorted(reply.s_shares), "s-shares": [reply.s_shares[o] for o in sorted(reply.s_shares)],
@@ -156,27 +164,36 @@ def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMess
     )
 
 
-def _remember_reveal(state_dir: Path, member: str, run: str, rnd: int, survivors: list[str], dropped: list[str]) -> None:
-    """Help unmask a round for one set of survivors only, however often the round is re-run.
+def _check_reveal(state_dir: Path, member: str, trained_from: str, survivors: list[str]) -> None:
+    """Help unmask an update for one set of survivors only, however often its round is re-run.
 
     A round that is re-run (the server crashed or aborted it after unmasking) trains the same
-    update again from the same state; a second sum over other survivors could be differenced
-    against the first to expose one member's update. So the first unmask request this node
-    answered for (run, round) is kept, and a later one that names other survivors or dropouts is
-    refused. Kept in secagg/revealed-<run>.json (the last _REVEALS_KEPT rounds).
+    update again from the same view, round and seed; a second sum over other survivors could
+    be differenced against the first to expose one member's update. So the survivors of the
+    first unmask this node answered for an update are kept under `trained_from`, and a later
+    request that names other survivors is refused. Kept in secagg/revealed.json (the last
+    _REVEALS_KEPT updates). A member that is gone for good leaves its round stuck until each
+    remaining member agrees to drop the entry (by deleting that file).
     """
-    path = state_dir / "secagg" / f"revealed-{run}.json"
-    seen: dict[str, list[list[str]]] = json.loads(path.read_text()) if path.is_file() else {}
-    request = [sorted(survivors), sorted(dropped)]
-    earlier = seen.get(str(rnd))
-    if earlier is not None and earlier != request:
+    earlier = _reveals(state_dir).get(trained_from)
+    if earlier is not None and earlier != sorted(survivors):
         raise ProtocolViolation(
-            f"member {member!r}: round {rnd} of run {run!r} was already unmasked for survivors "
-            f"{earlier[0]}; refusing to unmask it again for {request[0]}"
+            f"member {member!r}: this update ({trained_from}) was already unmasked for survivors "
+            f"{earlier}; refusing to unmask it again for {sorted(survivors)}"
         )
-    seen[str(rnd)] = request
-    kept = dict(sorted(seen.items(), key=lambda kv: int(kv[0]))[-_REVEALS_KEPT:])
-    _write_private(path, json.dumps(kept, sort_keys=True).encode())
+
+
+def _remember_reveal(state_dir: Path, trained_from: str, survivors: list[str]) -> None:
+    seen = _reveals(state_dir)
+    seen.pop(trained_from, None)
+    seen[trained_from] = sorted(survivors)  # newest last
+    kept = dict(list(seen.items())[-_REVEALS_KEPT:])
+    _write_private(state_dir / "secagg" / "revealed.json", json.dumps(kept).encode())
+
+
+def _reveals(state_dir: Path) -> dict[str, list[str]]:
+    path = state_dir / "secagg" / "revealed.json"
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
 
 
 def _pinned_directory(state_dir: Path, offered: dict[str, bytes]) -> dict[str, Ed25519PublicKey]:

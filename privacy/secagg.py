@@ -48,8 +48,9 @@ import hashlib
 import itertools
 import json
 import math
+import random
 import secrets
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -632,6 +633,7 @@ class ServerSession:
         self._masked: dict[str, U64] = {}  # A3 -> y
         self._lenient = lenient
         self.refused: dict[str, str] = {}  # member -> why its message was refused
+        self.tampered: dict[str, str] = {}  # owner -> which of its secrets had disagreeing shares
 
     def _accept(self, member: str, check: Callable[[], None]) -> bool:
         """Run a per-member check; a violation is raised, or (lenient) recorded and skipped."""
@@ -830,14 +832,16 @@ class ServerSession:
     ) -> bytes:
         """The secret behind `shares`, checked against the owner's commitment.
 
-        A tampered share is found, not just noticed. Some `threshold` of the shares reproduce
-        the commitment, and of the polynomials through such subsets the one most shares lie on
-        is the owner's when the liars are few enough to be told apart (Reed-Solomon unique
-        decoding: at most (shares - threshold) / 2 of them). Then a holder whose share lies off
-        it revealed a tampered one: strict sessions raise, lenient ones name the holder in
-        `refused` and go on (its own masked input stays in the sum: it is a survivor). With
-        more liars the secret is still right (the commitment says so) but nobody is named,
-        since honest holders could not be told from liars.
+        Tampered shares (some shares disagree with the others) do not cost the secret while the
+        honest holders are at least `threshold`: candidate sets of shares -- all but one, then
+        random threshold-size subsets -- are tried until one reproduces the commitment. Strict
+        sessions raise on any tampering. Lenient ones go on, note the owner in `tampered`, and
+        name a holder in `refused` only when it provably lied: its share lies off a polynomial
+        that reproduces the commitment and holds at least 2t-2 shares. Fewer than t colluding
+        holders (secrecy's own assumption) cannot build such a polynomial: one that differs
+        from the owner's but agrees with it at 0 agrees with at most t-2 honest shares. So no
+        honest holder is ever named; the price is that liars often go unnamed (a named liar
+        keeps its own input in the sum: it is a survivor).
         """
         t = self.params.threshold
         if len(shares) < t:
@@ -848,30 +852,46 @@ class ServerSession:
         if value is not None:
             return value
         holders = sorted(shares)
+        if not self._lenient:
+            raise ProtocolViolation(
+                f"member {owner!r}: the shares of its {what} disagree (a tampered share)"
+            )
+        self.tampered.setdefault(owner, what)
         best: set[str] = set()
-        for tried, subset in enumerate(itertools.combinations(holders, t)):
-            if tried >= _MAX_SHARE_SUBSETS:
-                break
-            points = [shares[h] for h in subset]
+        for candidate in _share_candidates(holders, t, f"{owner}|{what}|{self.params.round}"):
+            points = [shares[h] for h in candidate]
             found = _combine_checked(points, t, fingerprint, commitment)
             if found is None:
                 continue
             on_curve = {h for h in holders if shamir.interpolate(points, shares[h].x) == shares[h].y}
             if len(on_curve) > len(best):
                 value, best = found, on_curve
+            if len(best) >= 2 * t - 2:  # provably the owner's polynomial
+                for holder in holders:
+                    if holder not in best:
+                        why = f"member {holder!r} revealed a tampered share of {owner!r}'s {what}"
+                        self.refused.setdefault(holder, why)
+                break
         if value is None:
             raise SecAggAborted(
                 f"member {owner!r}: no {t} of the {len(shares)} shares of its {what} match its "
                 "commitment (tampered shares)"
             )
-        if 2 * len(best) >= len(holders) + t:  # unique decoding: the liars are known
-            for holder in holders:
-                if holder not in best:
-                    why = f"member {holder!r} revealed a tampered share of {owner!r}'s {what}"
-                    if not self._lenient:
-                        raise ProtocolViolation(why)
-                    self.refused.setdefault(holder, why)
         return value
+
+
+def _share_candidates(holders: Sequence[str], t: int, seed: str) -> Iterator[tuple[str, ...]]:
+    """Sets of holders whose shares are tried together: all but one (a single liar), then up
+    to _MAX_SHARE_SUBSETS random t-subsets, or every t-subset when there are fewer."""
+    if len(holders) - 1 >= t:
+        for left_out in holders:
+            yield tuple(h for h in holders if h != left_out)
+    if math.comb(len(holders), t) <= _MAX_SHARE_SUBSETS:
+        yield from itertools.combinations(holders, t)
+        return
+    rng = random.Random(seed)
+    for _ in range(_MAX_SHARE_SUBSETS):
+        yield tuple(sorted(rng.sample(list(holders), t)))
 
 
 # ---------------------------------------------------------------- shared primitives

@@ -205,22 +205,23 @@ class Identities:
         return {m: Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)) for m, h in self.keys.items()}
 
 
-def plan_groups(nodes: Sequence[int], min_group: int, *, seed: int, rnd: int) -> list[list[int]]:
+def plan_groups(nodes: Sequence[int], min_group: int, *, seed: int, rnd: int, min_members: int = 1) -> list[list[int]]:
     """Secure contribution: who trains this round, in which secure-aggregation group.
 
     With at least 2*min_group nodes: everybody, in disjoint random groups of >= min_group. With
     fewer, one group cannot be split without revealing a sum of fewer than min_group, so the
-    round trains one group of min_group nodes from a balanced rotation (the others sit out):
-    rounds of different groups are what makes members separable (aggregation/contribution.py,
-    GroupValueEstimator). Deterministic in (nodes, min_group, seed, rnd), so a re-run round
-    trains the same group.
+    round trains one group of min_group nodes (or min_members, if the round needs more to
+    commit) from a balanced rotation, and the others sit out: rounds of different groups are
+    what makes members separable (aggregation/contribution.py, GroupValueEstimator).
+    Deterministic in (nodes, min_group, seed, rnd), so a re-run round trains the same group.
     """
     if len(nodes) >= 2 * min_group:
         groups = random_groups([str(n) for n in nodes], min_group, rng=random.Random(f"fedmoe-groups|{seed}|{rnd}"))
         return [sorted(int(n) for n in g) for g in groups]
     if len(nodes) <= min_group:
         return [sorted(nodes)]
-    chosen = rotating_subsets([str(n) for n in nodes], min_group, rnd - 1, seed=f"fedmoe-groups|{seed}")
+    size = max(min_group, min(min_members, len(nodes)))
+    chosen = rotating_subsets([str(n) for n in nodes], size, rnd - 1, seed=f"fedmoe-groups|{seed}")
     return [sorted(int(n) for n in chosen)]
 
 
@@ -283,7 +284,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
         node_groups = [nodes]
         if secure and config.contribution_mode == "secure":
-            node_groups = plan_groups(nodes, config.contribution_min_group, seed=config.seed, rnd=rnd)
+            node_groups = plan_groups(nodes, config.contribution_min_group, seed=config.seed, rnd=rnd, min_members=config.min_members)
             nodes = sorted(n for group in node_groups for n in group)
         reporter.round_started(rnd, len(nodes))
 
@@ -374,6 +375,8 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             for member, why in sorted(outcome.dropped.items()):
                 rejected[member] = f"secure aggregation: {why}"
                 reporter.note(f"round {rnd}: {member} dropped out of secure aggregation at {why}")
+            for owner, secret in sorted(outcome.tampered.items()):
+                reporter.note(f"round {rnd}: tampered shares of {owner}'s {secret} were revealed at unmask; rebuilt from the others")
             for member, why in sorted(outcome.flagged.items()):
                 reporter.note(f"round {rnd}: {member} misbehaved in secure aggregation (its input is still summed): {why}")
             for group, why in sorted(outcome.aborted.items()):

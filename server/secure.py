@@ -10,8 +10,9 @@ A group that keeps fewer than max(threshold, min-group) members, or fails to unm
 its members' updates are lost for the round and the round loop decides whether the round can go
 on without them. When the groups together keep fewer than min-members, nothing is unmasked at
 all: a sum the round cannot commit is never revealed (a re-run of the round over other survivors
-would otherwise give a second sum to difference against it). A member that reveals a tampered
-share at unmask is named in `flagged`; its own input is in the sum all the same. The server
+would otherwise give a second sum to difference against it). Shares that disagree at unmask
+are outvoted where the honest holders suffice (`tampered` names the owner); a holder that
+provably lied is named in `flagged`, and its own input is in the sum all the same. The server
 learns only each group's sum (aggregation/secure.py decodes it).
 """
 
@@ -62,6 +63,7 @@ class SecureOutcome:
     sums: dict[frozenset[str], Sums] = field(default_factory=dict)  # survivors -> their sums
     dropped: dict[str, str] = field(default_factory=dict)  # member -> stage and reason
     flagged: dict[str, str] = field(default_factory=dict)  # survivor -> misbehaviour at unmask (still summed)
+    tampered: dict[str, str] = field(default_factory=dict)  # owner -> secret whose shares disagreed (rebuilt anyway)
     aborted: dict[str, str] = field(default_factory=dict)  # "a+b+c" -> why the group was aborted
     bytes_up: dict[str, int] = field(default_factory=dict)  # member -> secagg bytes sent
     bytes_down: dict[str, int] = field(default_factory=dict)
@@ -271,6 +273,8 @@ def secure_aggregate(
     if unmaskable < settings.min_members:
         # A sum the round cannot commit is never revealed: the round would be re-run with the same
         # state, and a second sum over other survivors could be differenced against this one.
+        # (Necessary, not sufficient: a group can still fail at unmask after another unmasked;
+        # the members' own record of what they helped unmask covers that, client/secure.py.)
         for group in live:
             out.aborted[group.name] = (
                 f"only {unmaskable} member(s) sent masked inputs in the round's groups, fewer than "
@@ -290,7 +294,8 @@ def secure_aggregate(
             except ProtocolError as exc:
                 out.dropped.setdefault(m, f"unmask: {exc}")
         total = guarded(group, lambda g=group, a=answers: g.session.finish(a))
-        out.flagged.update(group.session.refused)  # e.g. a tampered share: named, and still summed
+        out.flagged.update(group.session.refused)  # e.g. a provably tampered share: named, and still summed
+        out.tampered.update(group.session.tampered)
         group.session.refused.clear()
         if total is None:
             continue

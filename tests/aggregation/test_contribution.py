@@ -316,8 +316,16 @@ def test_nobody_is_credited_before_members_can_be_told_apart() -> None:
     # a consortium that is never split (3 members, min-group 3): their values cannot be told apart
     together = GroupValueEstimator(nonnegative=False)
     for rnd in range(20):
-        together = together.observe({frozenset("abc"): 3.0 + 0.1 * (rnd % 2)})
+        together = together.observe({frozenset("abc"): 0.3})  # however stable the sums
     assert set(together.credited().values()) == {0.0}
+    assert set(together.standard_errors().values()) == {math.inf}
+    # a and b always together, the others in varied groups: c, d and e are identified, a and b not
+    pairs = GroupValueEstimator(nonnegative=False)
+    for rnd in range(12):
+        group = ["abc", "abd", "cde", "abe"][rnd % 4]
+        pairs = pairs.observe({frozenset(group): len(group) + 0.01 * (rnd % 3)})
+    errors = pairs.standard_errors()
+    assert errors["a"] == errors["b"] == math.inf and math.isfinite(errors["c"]) and math.isfinite(errors["d"])
 
 
 @settings(max_examples=40, deadline=None)

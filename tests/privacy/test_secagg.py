@@ -384,109 +384,91 @@ def test_unmask_refuses_non_neighbours() -> None:
         sessions[a].unmask([stranger], [])
 
 
-def test_tampered_unmask_share_is_caught() -> None:
-    members, keys, directory = consortium(5)  # 5 holders, t=3: one liar can be told apart
-    params = make_params(members, 3, 4)
-    sessions = {m: MemberSession(params, m, keys[m], directory) for m in members}
-    server = ServerSession(params, directory)
-    forwarded = server.receive_adverts({m: s.advertise() for m, s in sessions.items()})
-    inboxes = server.receive_shares({m: sessions[m].share_keys(forwarded[m]) for m in members})
-    inputs = random_inputs(params)
-    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members})
-    requests = server.unmask_requests()
-    replies = {m: sessions[m].unmask(r.survivors, r.dropped) for m, r in requests.items()}
-    a, b = params.members[:2]
-    share = bytearray(replies[a].b_shares[b])
-    share[-1] ^= 1
-    replies[a] = UnmaskReply(a, params.round, {**replies[a].b_shares, b: bytes(share)}, {})
-    with pytest.raises(ProtocolViolation, match=f"member '{a}' revealed a tampered share of '{b}'"):
-        server.finish(replies)
-
-
-def test_lenient_server_drops_tampered_shares_and_still_sums_exactly() -> None:
-    # 9 members, everybody holds everybody's shares (degree 8), t=5; one drops after sharing, so
-    # 8 holders answer: one liar per secret is told apart from the honest holders
-    members, keys, directory = consortium(9)
-    params = make_params(members, 5, 8)
-    sessions = {m: MemberSession(params, m, keys[m], directory) for m in members}
-    server = ServerSession(params, directory, lenient=True)
-    forwarded = server.receive_adverts({m: s.advertise() for m, s in sessions.items()})
-    inboxes = server.receive_shares({m: sessions[m].share_keys(forwarded[m]) for m in members})
-    gone = members[-1]  # shared its keys, never sent a masked input: its pair masks are rebuilt
-    inputs = random_inputs(params)
-    survivors = members[:-1]
-    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in survivors})
-    replies = {m: sessions[m].unmask(r.survivors, r.dropped) for m, r in server.unmask_requests().items()}
-
-    def flipped(share: bytes) -> bytes:
-        return share[:-1] + bytes([share[-1] ^ 1])
-
-    liar_b, liar_s, victim = members[0], members[1], members[2]
-    replies[liar_b] = UnmaskReply(
-        liar_b, params.round, {**replies[liar_b].b_shares, victim: flipped(replies[liar_b].b_shares[victim])},
-        replies[liar_b].s_shares,
-    )
-    replies[liar_s] = UnmaskReply(
-        liar_s, params.round, replies[liar_s].b_shares,
-        {**replies[liar_s].s_shares, gone: flipped(replies[liar_s].s_shares[gone])},
-    )
-    total = server.finish(replies)
-    assert torch.equal(total, plain_sum(inputs, survivors, params.ring_bits))
-    assert set(server.refused) == {liar_b, liar_s}
-    assert f"tampered share of {victim!r}'s self-mask seed" in server.refused[liar_b]
-    assert f"tampered share of {gone!r}'s mask key" in server.refused[liar_s]
-
-
-def unmasked_with_liars(n: int, t: int, liars: int) -> tuple[torch.Tensor, torch.Tensor, ServerSession, tuple[str, ...]]:
-    """Everybody holds everybody's shares; the first `liars` members add +1 to their share of
-    the last member's self-mask seed. Returns (the unmasked sum, the plain sum, server, members)."""
+def through_unmask(
+    n: int, t: int, *, lenient: bool = True, gone: str | None = None
+) -> tuple[SecAggParams, dict[str, torch.Tensor], ServerSession, dict[str, UnmaskReply]]:
+    """Everybody holds everybody's shares (degree n-1); `gone` shares keys, then drops."""
     members, keys, directory = consortium(n)
     params = make_params(members, t, n - 1)
     sessions = {m: MemberSession(params, m, keys[m], directory) for m in members}
-    server = ServerSession(params, directory, lenient=True)
+    server = ServerSession(params, directory, lenient=lenient)
     forwarded = server.receive_adverts({m: s.advertise() for m, s in sessions.items()})
     inboxes = server.receive_shares({m: sessions[m].share_keys(forwarded[m]) for m in members})
     inputs = random_inputs(params)
-    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members})
+    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members if m != gone})
     replies = {m: sessions[m].unmask(r.survivors, r.dropped) for m, r in server.unmask_requests().items()}
-    victim = members[-1]
-    for liar in members[:liars]:
-        share = Share.from_bytes(replies[liar].b_shares[victim])
-        forged = Share(share.x, (share.y + 1) % PRIME).to_bytes()
-        replies[liar] = UnmaskReply(liar, params.round, {**replies[liar].b_shares, victim: forged}, replies[liar].s_shares)
-    return server.finish(replies), plain_sum(inputs, members, params.ring_bits), server, members
+    return params, {m: x for m, x in inputs.items() if m != gone}, server, replies
 
 
-def test_liars_are_named_only_when_they_can_be_told_from_honest_holders() -> None:
-    # +1 on two shares: for some subsets the two errors cancel in the secret (x=1 and x=2 have
-    # opposite Lagrange weights at 0 next to x=4, x=5), so a subset holding both liars can pass
-    # the commitment check. With 9 holders and t=5 two liars are still uniquely decodable.
-    total, expected, server, members = unmasked_with_liars(9, 5, 2)
-    assert torch.equal(total, expected)
-    assert set(server.refused) == set(members[:2])
-    # 6 holders, t=4: the liars' curve and the honest one each hold 4 shares; the secret is
-    # right (the commitment says so) but naming anybody could name an honest holder
-    total, expected, server, _ = unmasked_with_liars(6, 4, 2)
-    assert torch.equal(total, expected)
+def forge(replies: dict[str, UnmaskReply], liar: str, owner: str, delta: int, *, mask_key: bool = False) -> None:
+    """`liar` adds `delta` to its share of `owner`'s self-mask seed (or mask key)."""
+    reply = replies[liar]
+    kind = reply.s_shares if mask_key else reply.b_shares
+    share = Share.from_bytes(kind[owner])
+    forged = {**kind, owner: Share(share.x, (share.y + delta) % PRIME).to_bytes()}
+    replies[liar] = UnmaskReply(liar, reply.round, reply.b_shares if mask_key else forged, forged if mask_key else reply.s_shares)
+
+
+def test_strict_server_refuses_a_tampered_unmask_share() -> None:
+    params, _, server, replies = through_unmask(5, 3, lenient=False)
+    a, b = params.members[:2]
+    forge(replies, a, b, 1)
+    with pytest.raises(ProtocolViolation, match=f"member '{b}': the shares of its self-mask seed disagree"):
+        server.finish(replies)
+
+
+def test_lenient_server_names_a_provable_liar_and_still_sums_exactly() -> None:
+    # 9 holders, t=5: the owner's polynomial holds the 8 honest shares >= 2t-2, so the liar is known
+    params, inputs, server, replies = through_unmask(9, 5)
+    liar, victim = params.members[0], params.members[4]
+    forge(replies, liar, victim, 12345)
+    total = server.finish(replies)
+    assert torch.equal(total, plain_sum(inputs, list(inputs), params.ring_bits))
+    assert set(server.refused) == {liar}
+    assert f"tampered share of {victim!r}'s self-mask seed" in server.refused[liar]
+    assert server.tampered == {victim: "self-mask seed"}
+
+
+def test_tampered_mask_key_shares_of_a_dropped_member_still_unmask() -> None:
+    params, inputs, server, replies = through_unmask(10, 6, gone="org09")
+    forge(replies, params.members[3], "org09", 7, mask_key=True)
+    total = server.finish(replies)
+    assert torch.equal(total, plain_sum(inputs, list(inputs), params.ring_bits))
+    assert server.tampered == {"org09": "mask key"}
+    assert server.refused == {}  # 8 honest of 9 holders < 2t-2 = 10: the liar cannot be proven
+
+
+def test_colluding_liars_cannot_get_an_honest_holder_named() -> None:
+    # 6 holders, t=4, three colluding liars add E(x) = x (x - xa) (x - xb) to their shares: E(0) = 0,
+    # so the forged polynomial passes the commitment and holds 5 shares (the liars and the two
+    # honest holders at xa, xb) against the owner's 3. Trusting the larger one would name the
+    # third honest holder; the 2t-2 rule names nobody.
+    params, inputs, server, replies = through_unmask(6, 4)
+    owner = params.members[5]
+    liars = params.members[:3]
+    xa, xb = 4, 5  # coordinates of members[3], members[4]
+    for liar in liars:
+        x = params.members.index(liar) + 1
+        forge(replies, liar, owner, x * (x - xa) * (x - xb))
+    total = server.finish(replies)
+    assert torch.equal(total, plain_sum(inputs, list(inputs), params.ring_bits))
     assert server.refused == {}
+    assert server.tampered == {owner: "self-mask seed"}
+
+
+def test_a_liar_among_many_holders_is_survived_whichever_it_is() -> None:
+    # 17 holders, t=12: C(17, 12) = 6188 subsets, more than are tried; all-but-one finds it
+    params, inputs, server, replies = through_unmask(17, 12)
+    forge(replies, params.members[0], params.members[16], 1)
+    total = server.finish(replies)
+    assert torch.equal(total, plain_sum(inputs, list(inputs), params.ring_bits))
 
 
 def test_too_many_tampered_shares_abort() -> None:
-    members, keys, directory = consortium(6)
-    params = make_params(members, 4, 5)
-    sessions = {m: MemberSession(params, m, keys[m], directory) for m in members}
-    server = ServerSession(params, directory, lenient=True)
-    forwarded = server.receive_adverts({m: s.advertise() for m, s in sessions.items()})
-    inboxes = server.receive_shares({m: sessions[m].share_keys(forwarded[m]) for m in members})
-    inputs = random_inputs(params)
-    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members})
-    replies = {m: sessions[m].unmask(r.survivors, r.dropped) for m, r in server.unmask_requests().items()}
-    victim = members[5]
-    for i, liar in enumerate(members[:3]):  # three bad of six: no four shares agree with the commitment
-        b = dict(replies[liar].b_shares)
-        b[victim] = b[victim][:-2] + bytes([b[victim][-2] ^ (1 << i)]) + b[victim][-1:]
-        replies[liar] = UnmaskReply(liar, params.round, b, replies[liar].s_shares)
-    with pytest.raises(SecAggAborted, match=f"no 4 of the 6 shares of its self-mask seed match"):
+    params, _, server, replies = through_unmask(6, 4)
+    for i, liar in enumerate(params.members[:3]):  # three bad of six: no four shares agree
+        forge(replies, liar, params.members[5], i + 1)
+    with pytest.raises(SecAggAborted, match="no 4 of the 6 shares of its self-mask seed match"):
         server.finish(replies)
 
 

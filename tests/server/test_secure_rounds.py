@@ -302,7 +302,9 @@ def test_plan_groups_rotates_a_small_consortium_evenly_and_splits_a_large_one() 
     assert len({tuple(g[0]) for g in rounds}) == 10  # all ten groups of three, once each
     assert all(sum(n in g[0] for g in rounds) == 6 for n in nodes)  # everybody trains 6 of 10 rounds
     assert plan_groups(nodes, 3, seed=7, rnd=4) == rounds[3]  # a re-run round trains the same group
-    assert plan_groups(nodes, 3, seed=8, rnd=1) != rounds[0] or plan_groups(nodes, 3, seed=8, rnd=2) != rounds[1]
+    assert [plan_groups(nodes, 3, seed=8, rnd=r) for r in range(1, 11)] != rounds  # the seed reorders the rotation
     six = plan_groups(list(range(6)), 3, seed=7, rnd=1)
     assert sorted(len(g) for g in six) == [3, 3] and sorted(n for g in six for n in g) == list(range(6))
     assert plan_groups([1, 2, 3], 3, seed=7, rnd=1) == [[1, 2, 3]]
+    # a round that needs 4 members to commit trains groups of 4, not 3 that could never commit
+    assert all(len(plan_groups(nodes, 3, seed=7, rnd=r, min_members=4)[0]) == 4 for r in range(1, 6))
