@@ -411,29 +411,35 @@ def group_shapley(
 class GroupValueEstimator:
     """Per-member values recovered from group values observed over rounds.
 
-    Model: each observed group value y_g = sum_{i in g} x_i + noise, with x_i a member's mean
-    per-round contribution. Estimate: x = argmin ||A x - y||^2 + ridge ||x||^2 (subject to x >= 0
-    when `nonnegative`), A the 0/1 group-membership matrix (one row per observed group, one column
-    per member ever observed). The ridge term makes the problem well-posed before the groups have
-    separated everybody: members never seen apart get equal shares of their joint value. Solved by
-    cyclic coordinate descent (exact for the unconstrained case: a linear solve).
+    Model: each observed group value y_g = sum_{i in g} (x_i + b * t_g) + noise, with x_i a
+    member's mean per-round contribution and t_g the round's place in the run, centred and
+    scaled to [-1/2, 1/2]: a common drift (with `trend`), since a round's updates are worth less
+    as the model converges, and without it whoever happened to sit in the early groups would be
+    credited with the early rounds' larger gains. Estimate: (x, b) = argmin ||A (x, b) - y||^2 +
+    ridge ||(x, b)||^2 (x >= 0 when `nonnegative`), A the 0/1 group-membership matrix (one row
+    per observed group, one column per member ever observed) with the drift column |g| t_g. The
+    ridge term makes the problem well-posed before the groups have separated everybody: members
+    never seen apart get equal shares of their joint value. Solved by cyclic coordinate descent
+    (exact for the unconstrained case: a linear solve).
 
     Credit rule (`credited`, `totals`): a member is credited with its estimate only when the
     estimate is at least `significance` standard errors above zero, the errors from the
     residual variance of the fit (sigma^2 (A'A + ridge)^-1). Group sums are noisy (every
     round's updates differ), so a free rider grouped with useful members gets a small positive
     estimate about half the time; the rule gives it nothing unless the data say otherwise. Until
-    there are more observations than members the residual variance is unknown and nobody is
+    there are more observations than unknowns the residual variance is unknown and nobody is
     credited; members the groups do not identify (e.g. always seen together, as in a consortium
-    too small to split) are never credited, since nothing tells their contributions apart. The price: a genuinely small
-    contributor earns nothing until enough rounds make its value distinguishable from zero (its
-    standard error shrinks like 1/sqrt(rounds)).
+    too small to split) are never credited, since nothing tells their contributions apart. The
+    price: a genuinely small contributor earns nothing until enough rounds make its value
+    distinguishable from zero (its standard error shrinks like 1/sqrt(rounds)).
     """
 
     ridge: float = 1e-3
     nonnegative: bool = True
     significance: float = 2.0
+    trend: bool = True
     observations: tuple[tuple[frozenset[str], float], ...] = ()
+    rounds: tuple[int, ...] = ()  # each observation's round ordinal (0, 1, ...)
 
     def observe(self, group_values: Mapping[frozenset[str], float]) -> GroupValueEstimator:
         """A new estimator with one round's (disjoint) groups and their values added."""
@@ -448,7 +454,8 @@ class GroupValueEstimator:
                 raise ContributionError(f"group {sorted(group)} has non-finite value {v}")
             seen |= group
             added.append((group, float(v)))
-        return replace(self, observations=self.observations + tuple(added))
+        ordinal = self.rounds[-1] + 1 if self.rounds else 0
+        return replace(self, observations=self.observations + tuple(added), rounds=self.rounds + (ordinal,) * len(added))
 
     def members(self) -> list[str]:
         return sorted({m for group, _ in self.observations for m in group})
@@ -462,21 +469,28 @@ class GroupValueEstimator:
         return dict(sorted(counts.items()))
 
     def _system(self) -> tuple[list[str], FloatArray, FloatArray, FloatArray]:
+        """(members, A, y, A'A + ridge): A's columns are the members, then the drift (if any)."""
         members = self.members()
         col = {m: j for j, m in enumerate(members)}
-        a = np.zeros((len(self.observations), len(members)))  # (groups, members)
+        unknowns = len(members) + (1 if self.trend else 0)
+        a = np.zeros((len(self.observations), unknowns))  # (groups, unknowns)
         y = np.array([v for _, v in self.observations])  # (groups,)
+        span = max(self.rounds[-1], 1) if self.rounds else 1
+        middle = self.rounds[-1] / 2 if self.rounds else 0.0
         for r, (group, _) in enumerate(self.observations):
             for m in group:
                 a[r, col[m]] = 1.0
-        q = a.T @ a + self.ridge * np.eye(len(members))  # (members, members), positive definite
+            if self.trend:
+                a[r, -1] = len(group) * (self.rounds[r] - middle) / span
+        q = a.T @ a + self.ridge * np.eye(unknowns)  # positive definite
         return members, a, y, q
 
     def _solve(self, a: FloatArray, y: FloatArray, q: FloatArray) -> FloatArray:
         c = a.T @ y
         x = np.linalg.solve(q, c)
         if self.nonnegative:
-            x = _nonnegative_quadratic(q, c, np.maximum(x, 0.0))
+            free = 1 if self.trend else 0
+            x = _nonnegative_quadratic(q, c, np.maximum(x, 0.0), free=free)
         return x
 
     def estimate(self) -> dict[str, float]:
@@ -488,22 +502,22 @@ class GroupValueEstimator:
         return {m: float(x[j]) for j, m in enumerate(members)}
 
     def standard_errors(self) -> dict[str, float]:
-        """Each estimate's standard error (inf while there are no more observations than members)."""
+        """Each estimate's standard error (inf while there are no more observations than unknowns)."""
         if not self.observations:
             return {}
         members, a, y, q = self._system()
-        dof = len(y) - len(members)
+        dof = len(y) - a.shape[1]
         if dof < 1:
             return {m: math.inf for m in members}
         residual = y - a @ self._solve(a, y, q)
         variance = float(residual @ residual) / dof
         spread = np.sqrt(np.maximum(np.diag(np.linalg.inv(q)), 0.0) * variance)
         # A member is identifiable when its unit vector lies in A's row space (no combination of
-        # the others' values explains its groups as well); otherwise only the ridge holds its
+        # the other unknowns explains its groups as well); otherwise only the ridge holds its
         # estimate in place, and its error is unbounded.
         _, singular, vt = np.linalg.svd(a)
         rank = int(np.sum(singular > 1e-9 * max(float(singular[0]), 1.0))) if singular.size else 0
-        unidentified = np.sum(vt[rank:] ** 2, axis=0) > 1e-9  # (members,) weight in A's null space
+        unidentified = np.sum(vt[rank:] ** 2, axis=0) > 1e-9  # (unknowns,) weight in A's null space
         return {m: math.inf if unidentified[j] else float(spread[j]) for j, m in enumerate(members)}
 
     def credited(self) -> dict[str, float]:
@@ -519,15 +533,19 @@ class GroupValueEstimator:
 
 
 def _nonnegative_quadratic(
-    q: FloatArray, c: FloatArray, x: FloatArray, *, tol: float = 1e-12, max_sweeps: int = 10_000
+    q: FloatArray, c: FloatArray, x: FloatArray, *, free: int = 0, tol: float = 1e-12, max_sweeps: int = 10_000
 ) -> FloatArray:
-    """argmin_{x >= 0} x'Qx/2 - c'x for positive definite Q, by projected coordinate descent."""
+    """argmin x'Qx/2 - c'x for positive definite Q, x >= 0 but for the last `free` coordinates,
+    by projected coordinate descent."""
     x = x.copy()
+    bounded = len(x) - free
     scale = max(float(np.max(np.abs(c))), 1e-300)
     for _ in range(max_sweeps):
         largest = 0.0
         for i in range(len(x)):
-            new = max(0.0, x[i] + (c[i] - float(q[i] @ x)) / q[i, i])
+            new = x[i] + (c[i] - float(q[i] @ x)) / q[i, i]
+            if i < bounded:
+                new = max(0.0, new)
             largest = max(largest, abs(new - x[i]))
             x[i] = new
         if largest <= tol * scale:

@@ -10,7 +10,8 @@ zeros). Each round the global state moves by the aggregate of all five updates. 
   as the round loop chooses it with 5 members and min-group 3 (server/rounds.plan_groups: 3
   members from a balanced rotation of the 10 possible groups), valued as its part of the
   round's aggregate; individual values are recovered across rounds by the round loop's
-  estimator (ridge least squares, credit only for estimates 2 standard errors above zero).
+  estimator (ridge least squares with a common drift over the run, credit only for estimates
+  2 standard errors above zero).
   The group schedule depends on the run's seed, so secure mode is scored for `--seeds` group
   seeds on the same recorded games, and against an oracle bound: the exact per-round Shapley
   values, but only of the rounds each member's group was observed in -- what a perfect
@@ -89,8 +90,8 @@ def secure_shares(games: list[dict[str, float]], seed: int) -> dict[str, float]:
 
 
 def observed_group(seed: int, rnd: int) -> frozenset[str]:
-    [chosen] = plan_groups(list(range(len(ROLES))), 3, seed=seed, rnd=rnd)
-    return frozenset(ROLES[i] for i in chosen)
+    [chosen] = plan_groups([str(i) for i in range(len(ROLES))], 3, seed=seed, rnd=rnd)  # members by label
+    return frozenset(ROLES[int(i)] for i in chosen)
 
 
 def oracle_shares(per_round: list[dict[str, float]], seed: int) -> dict[str, float]:

@@ -9,7 +9,7 @@ from client.metrics import gpu_memory, record_round
 from client.node import Node, StaleView, run_round
 from client.precision import PrecisionError
 from client.secure import handle_stage
-from fedmoe.protocol import SECAGG_STAGES, ProtocolError, SecAggMessage, TrainInstruction
+from fedmoe.protocol import SECAGG_STAGES, Hello, ProtocolError, SecAggMessage, TrainInstruction
 from privacy.secagg import SecAggError
 from model.base import BaseModelError
 from model.corpus import DataError
@@ -46,6 +46,17 @@ def train(msg: Message, context: Context) -> Message:
     except OSError:
         pass
     return Message(content=reply.to_record(), reply_to=msg)
+
+
+@app.train("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Which member this node is (the operator plans secure-contribution groups by member)."""
+    try:
+        ask = Hello.from_record(msg.content)
+        node = Node.from_node_config(context.node_config, ask)
+    except (ProtocolError, DataError, KeyError, ValueError, OSError) as exc:
+        return Message(error=Error(CONFIG_ERROR, f"node {context.node_id}: hello: {exc}"), reply_to=msg)
+    return Message(content=Hello(node.member, "", "", "").to_record(), reply_to=msg)
 
 
 def _secagg_stage(stage: str):  # type: ignore[no-untyped-def]

@@ -181,7 +181,9 @@ def demo(
     console.print(f"consortium: {', '.join(ws.members()[: members or None])} ({os.cpu_count()} CPU cores)")
     console.print(
         f"secure aggregation on: updates leave as {DEMO_SECURE_CODEC} (clip {DEMO_SECURE_CLIP}) masked integers, the "
-        f"operator sees only sums; contribution is estimated from random groups (--no-secure for open mode)"
+        f"operator sees only sums; each round trains a group of 3 and contribution is estimated across rounds "
+        f"from group sums: members are credited once their value stands out from the noise, which a short demo "
+        f"may not reach (--no-secure: open mode, each update scored)"
         if secure else "secure aggregation off: the operator sees each member's update (open-mode contribution)"
     )
     summaries = _simulate(cfg, members, run_name)

@@ -1,5 +1,6 @@
-"""The round's messages: the operator's TRAIN instruction, the member's reply, and the four
-secure-aggregation stage messages (`SecAggMessage`) that follow TRAIN when secagg is on.
+"""The round's messages: the operator's TRAIN instruction, the member's reply, the four
+secure-aggregation stage messages (`SecAggMessage`) that follow TRAIN when secagg is on, and
+HELLO (which member a node is: secure contribution plans its groups by member before TRAIN).
 
 Typed dataclasses with their Flower `RecordDict` form. Tensors cross the wire as safetensors
 bytes inside a ConfigRecord (never pickle); the codec issue replaces the payload encoding.
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 2  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages
+PROTOCOL_VERSION = 2  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
 
 
 class ProtocolError(ValueError):
@@ -146,6 +147,34 @@ def _typed_fields(cls: type, values: dict[str, object], *, skip: set[str]) -> di
         kind = {"int": int, "float": (int, float), "str": str, "bytes": bytes, "bool": bool}[str(f.type)]
         out[f.name] = _typed(f.name, values[f.name], kind)
     return out
+
+
+# ---------------------------------------------------------------- who is there
+
+HELLO = f"{TRAIN}.hello"  # the operator asks a node which member it is (secure contribution plans groups by member)
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Server -> node: the node hints only; node -> server: `member` filled in."""
+
+    member: str
+    base_path: str
+    members_dir: str
+    nodes_dir: str
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({"hello": ConfigRecord({"version": PROTOCOL_VERSION, **asdict(self)})})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> Hello:
+        try:
+            values = dict(content.config_records["hello"])
+        except KeyError:
+            raise ProtocolError("hello message lacks 'hello'") from None
+        if values.pop("version", None) != PROTOCOL_VERSION:
+            raise ProtocolError(f"hello message has protocol version other than {PROTOCOL_VERSION}")
+        return cls(**_typed_fields(cls, values, skip=set()))
 
 
 # ---------------------------------------------------------------- secure aggregation stages

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -30,7 +30,7 @@ from aggregation.fedavg import Update, aggregate
 from aggregation.secure import TOKENS, SecureLayout
 from client.precision import select_precision
 from fedmoe.config import RunConfig
-from fedmoe.protocol import TRAIN, ProtocolError, TrainInstruction, TrainReply
+from fedmoe.protocol import HELLO, TRAIN, Hello, ProtocolError, TrainInstruction, TrainReply
 from fedmoe.workspace import Workspace
 from model.base import Base, load_base
 from model.corpus import read_texts
@@ -205,24 +205,40 @@ class Identities:
         return {m: Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)) for m, h in self.keys.items()}
 
 
-def plan_groups(nodes: Sequence[int], min_group: int, *, seed: int, rnd: int, min_members: int = 1) -> list[list[int]]:
-    """Secure contribution: who trains this round, in which secure-aggregation group.
+def plan_groups(members: Sequence[str], min_group: int, *, seed: int, rnd: int, min_members: int = 1) -> list[list[str]]:
+    """Secure contribution: which members train this round, in which secure-aggregation group.
 
-    With at least 2*min_group nodes: everybody, in disjoint random groups of >= min_group. With
-    fewer, one group cannot be split without revealing a sum of fewer than min_group, so the
-    round trains one group of min_group nodes (or min_members, if the round needs more to
+    With at least 2*min_group members: everybody, in disjoint random groups of >= min_group.
+    With fewer, one group cannot be split without revealing a sum of fewer than min_group, so
+    the round trains one group of min_group members (or min_members, if the round needs more to
     commit) from a balanced rotation, and the others sit out: rounds of different groups are
     what makes members separable (aggregation/contribution.py, GroupValueEstimator).
-    Deterministic in (nodes, min_group, seed, rnd), so a re-run round trains the same group.
+    Deterministic in (members, min_group, seed, rnd) -- by member name, not Flower node id, so
+    a round re-run after a restart (new node ids) trains the same group again, which its
+    members insist on when its sum was already unmasked (client/secure.py).
     """
-    if len(nodes) >= 2 * min_group:
-        groups = random_groups([str(n) for n in nodes], min_group, rng=random.Random(f"fedmoe-groups|{seed}|{rnd}"))
-        return [sorted(int(n) for n in g) for g in groups]
-    if len(nodes) <= min_group:
-        return [sorted(nodes)]
-    size = max(min_group, min(min_members, len(nodes)))
-    chosen = rotating_subsets([str(n) for n in nodes], size, rnd - 1, seed=f"fedmoe-groups|{seed}")
-    return [sorted(int(n) for n in chosen)]
+    if len(members) >= 2 * min_group:
+        return [sorted(g) for g in random_groups(members, min_group, rng=random.Random(f"fedmoe-groups|{seed}|{rnd}"))]
+    if len(members) <= min_group:
+        return [sorted(members)]
+    size = max(min_group, min(min_members, len(members)))
+    return [sorted(rotating_subsets(members, size, rnd - 1, seed=f"fedmoe-groups|{seed}"))]
+
+
+def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, note: Callable[[str], None]) -> dict[int, str]:
+    """node -> member, from a HELLO exchange; nodes that do not answer are left out."""
+    messages = [Message(content=hints.to_record(), message_type=HELLO, dst_node_id=n, group_id="hello") for n in nodes]
+    found: dict[int, str] = {}
+    for reply in exchange(grid, messages, timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            note(f"node {node} did not say which member it is: {reply.error.reason}")
+            continue
+        try:
+            found[node] = Hello.from_record(reply.content).member
+        except ProtocolError as exc:
+            note(f"node {node}: {exc}")
+    return found
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -284,7 +300,20 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
         node_groups = [nodes]
         if secure and config.contribution_mode == "secure":
-            node_groups = plan_groups(nodes, config.contribution_min_group, seed=config.seed, rnd=rnd, min_members=config.min_members)
+            unknown = [n for n in nodes if n not in node_member]
+            if unknown:
+                hints = Hello("", str(ws.base), str(ws.members_dir), str(ws.root / "nodes"))
+                node_member.update(ask_members(grid, unknown, hints, config.round_timeout, reporter.note))
+            member_node: dict[str, int] = {}
+            for node in nodes:
+                member = node_member.get(node)
+                if member is not None and member in member_node:
+                    reporter.note(f"round {rnd}: nodes {member_node[member]} and {node} both say they are {member}; {node} sits out")
+                elif member is not None:
+                    member_node[member] = node
+            groups = plan_groups(sorted(member_node), config.contribution_min_group, seed=config.seed, rnd=rnd,
+                                 min_members=config.min_members)
+            node_groups = [[member_node[m] for m in group] for group in groups]
             nodes = sorted(n for group in node_groups for n in group)
         reporter.round_started(rnd, len(nodes))
 

@@ -328,6 +328,27 @@ def test_nobody_is_credited_before_members_can_be_told_apart() -> None:
     assert errors["a"] == errors["b"] == math.inf and math.isfinite(errors["c"]) and math.isfinite(errors["d"])
 
 
+def test_a_common_drift_is_not_credited_to_whoever_sat_in_the_early_rounds() -> None:
+    # five equal members whose per-round value falls from 1.0 to 0.0 over the run; "a" sits in
+    # most early groups and few late ones
+    members = ["a", "b", "c", "d", "e"]
+    early = [frozenset(g) for g in ("abc", "abd", "abe", "acd", "ace", "ade")]
+    late = [frozenset(g) for g in ("bcd", "bce", "bde", "cde", "abc", "bcd")]
+    schedule = early * 2 + late * 2
+    rounds = len(schedule)
+
+    def run(trend: bool) -> dict[str, float]:
+        est = GroupValueEstimator(nonnegative=False, trend=trend)
+        for t, group in enumerate(schedule):
+            est = est.observe({group: len(group) * (1.0 - t / (rounds - 1)) + 0.001 * (t % 3)})
+        return est.estimate()
+
+    drifted, steady = run(trend=False), run(trend=True)
+    assert drifted["a"] > max(drifted[m] for m in members[1:]) + 0.2  # the early sitter looks best
+    assert max(steady.values()) - min(steady.values()) < 0.01  # everybody equal, as they are
+    assert steady["a"] == pytest.approx(0.5, abs=0.01)  # the run's mean value
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 9), size=st.integers(1, 9), seed=st.text(max_size=8))
 def test_rotating_subsets_are_balanced_over_each_block(n: int, size: int, seed: str) -> None:

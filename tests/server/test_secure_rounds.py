@@ -18,7 +18,7 @@ from aggregation.secure import TOKENS, SecureLayout
 from client.app import app
 from client.secure import handle_stage, identity_key, keep_input, round_dir
 from fedmoe.config import ConfigError, RunConfig
-from fedmoe.protocol import SecAggMessage, secagg_message_type
+from fedmoe.protocol import HELLO, SecAggMessage, secagg_message_type
 from fedmoe.workspace import Workspace
 from model.base import load_base
 from model.io import load_tensors
@@ -296,15 +296,34 @@ def test_per_expert_counts_in_the_clear_are_refused_under_secure_aggregation(ws:
 def test_plan_groups_rotates_a_small_consortium_evenly_and_splits_a_large_one() -> None:
     from server.rounds import plan_groups
 
-    nodes = [11, 12, 13, 14, 15]
-    rounds = [plan_groups(nodes, 3, seed=7, rnd=r) for r in range(1, 11)]
+    members = ["acme", "beta", "corp", "delta", "echo"]
+    rounds = [plan_groups(members, 3, seed=7, rnd=r) for r in range(1, 11)]
     assert all(len(groups) == 1 and len(groups[0]) == 3 for groups in rounds)
     assert len({tuple(g[0]) for g in rounds}) == 10  # all ten groups of three, once each
-    assert all(sum(n in g[0] for g in rounds) == 6 for n in nodes)  # everybody trains 6 of 10 rounds
-    assert plan_groups(nodes, 3, seed=7, rnd=4) == rounds[3]  # a re-run round trains the same group
-    assert [plan_groups(nodes, 3, seed=8, rnd=r) for r in range(1, 11)] != rounds  # the seed reorders the rotation
-    six = plan_groups(list(range(6)), 3, seed=7, rnd=1)
-    assert sorted(len(g) for g in six) == [3, 3] and sorted(n for g in six for n in g) == list(range(6))
-    assert plan_groups([1, 2, 3], 3, seed=7, rnd=1) == [[1, 2, 3]]
+    assert all(sum(m in g[0] for g in rounds) == 6 for m in members)  # everybody trains 6 of 10 rounds
+    assert plan_groups(list(reversed(members)), 3, seed=7, rnd=4) == rounds[3]  # a re-run round: the same group
+    assert [plan_groups(members, 3, seed=8, rnd=r) for r in range(1, 11)] != rounds  # the seed reorders the rotation
+    six = plan_groups([f"m{i}" for i in range(6)], 3, seed=7, rnd=1)
+    assert sorted(len(g) for g in six) == [3, 3] and sorted(m for g in six for m in g) == [f"m{i}" for i in range(6)]
+    assert plan_groups(["a", "b", "c"], 3, seed=7, rnd=1) == [["a", "b", "c"]]
     # a round that needs 4 members to commit trains groups of 4, not 3 that could never commit
-    assert all(len(plan_groups(nodes, 3, seed=7, rnd=r, min_members=4)[0]) == 4 for r in range(1, 6))
+    assert all(len(plan_groups(members, 3, seed=7, rnd=r, min_members=4)[0]) == 4 for r in range(1, 6))
+
+
+def test_secure_contribution_groups_follow_members_not_node_ids(ws: Workspace) -> None:
+    # the same consortium under other Flower node ids (a restart, a fresh simulation) trains the
+    # same groups: a fresh run from the same state and seed reveals the same sums, never new ones
+    cfg = config(ws.root, num_rounds=2, contribution="secure", min_members=3)
+    trained = []
+    for offset, run in ((0, "ids-a"), (500, "ids-b")):
+        grid = FakeGrid(app, 5)
+        grid.nodes = {node + offset: p for node, p in grid.nodes.items()}
+        grid.contexts = {node + offset: ctx for node, ctx in grid.contexts.items()}
+        for node, ctx in grid.contexts.items():
+            ctx.node_id = node
+        with task_identity():
+            summaries = run_rounds(grid, cfg, LogReporter(), run_name=run)
+        trained.append([sorted(r.member for r in s.members) for s in summaries])
+        assert sum(kind == HELLO for _, kind in grid.seen) == 5  # asked once, then known from replies
+    assert trained[0] == trained[1]
+    assert all(len(groups) == 3 for groups in trained[0])
