@@ -136,6 +136,7 @@ def main() -> None:
     precision = select_precision("auto")
 
     state = lora.get_state()
+    torch.manual_seed(0)  # the same rounds whether or not this process just built the base
     exact_book, open_book = ScoreBook(), ScoreBook()
     cost = {"exact": 0, "open": 0, "secure": 0}
     games: list[dict[str, float]] = []  # every coalition's value per round (the reference game)
