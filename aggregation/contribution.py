@@ -411,20 +411,21 @@ def group_shapley(
 class GroupValueEstimator:
     """Per-member values recovered from group values observed over rounds.
 
-    Model: each observed group value y_g = sum_{i in g} (x_i + b * t_g) + noise, with x_i a
-    member's mean per-round contribution and t_g the round's place in the run, centred and
-    scaled to [-1/2, 1/2]: a common drift (with `trend`), since a round's updates are worth less
-    as the model converges, and without it whoever happened to sit in the early groups would be
-    credited with the early rounds' larger gains. Estimate: (x, b) = argmin ||A (x, b) - y||^2 +
-    ridge ||(x, b)||^2 (x >= 0 when `nonnegative`), A the 0/1 group-membership matrix (one row
-    per observed group, one column per member ever observed) with the drift column |g| t_g. The
-    ridge term makes the problem well-posed before the groups have separated everybody: members
-    never seen apart get equal shares of their joint value. Solved by cyclic coordinate descent
-    (exact for the unconstrained case: a linear solve).
+    Model: each observed group value y_g = (1 + b t_g) sum_{i in g} x_i + noise, with x_i a
+    member's contribution per round at the middle of the run and t_g the round's place in the
+    run, centred and scaled to [-1/2, 1/2]. With `trend`, b is a common drift fitted alongside:
+    every member's updates are worth proportionally less (or more) as the model converges.
+    Without it whoever happened to sit in the early groups would be credited with the early
+    rounds' larger gains; and a drift added per member instead of proportionally would pay a
+    free rider that joins late. Estimate: alternating least squares (x by a ridge-regularized
+    linear solve, x >= 0 when `nonnegative`; then b in closed form), A the 0/1 group-membership
+    matrix (one row per observed group, one column per member ever observed). The ridge term
+    makes the problem well-posed before the groups have separated everybody: members never
+    seen apart get equal shares of their joint value.
 
     Credit rule (`credited`, `totals`): a member is credited with its estimate only when the
     estimate is at least `significance` standard errors above zero, the errors from the
-    residual variance of the fit (sigma^2 (A'A + ridge)^-1). Group sums are noisy (every
+    residual variance of the fit (sigma^2 (J'J + ridge)^-1, J the model's Jacobian). Group sums are noisy (every
     round's updates differ), so a free rider grouped with useful members gets a small positive
     estimate about half the time; the rule gives it nothing unless the data say otherwise. Until
     there are more observations than unknowns the residual variance is unknown and nobody is
@@ -468,56 +469,74 @@ class GroupValueEstimator:
                 counts[m] = counts.get(m, 0) + 1
         return dict(sorted(counts.items()))
 
-    def _system(self) -> tuple[list[str], FloatArray, FloatArray, FloatArray]:
-        """(members, A, y, A'A + ridge): A's columns are the members, then the drift (if any)."""
+    def _design(self) -> tuple[list[str], FloatArray, FloatArray, FloatArray]:
+        """(members, A, y, t): membership matrix, group values, each group's place in the run."""
         members = self.members()
         col = {m: j for j, m in enumerate(members)}
-        unknowns = len(members) + (1 if self.trend else 0)
-        a = np.zeros((len(self.observations), unknowns))  # (groups, unknowns)
+        a = np.zeros((len(self.observations), len(members)))  # (groups, members)
         y = np.array([v for _, v in self.observations])  # (groups,)
-        span = max(self.rounds[-1], 1) if self.rounds else 1
-        middle = self.rounds[-1] / 2 if self.rounds else 0.0
         for r, (group, _) in enumerate(self.observations):
             for m in group:
                 a[r, col[m]] = 1.0
-            if self.trend:
-                a[r, -1] = len(group) * (self.rounds[r] - middle) / span
-        q = a.T @ a + self.ridge * np.eye(unknowns)  # positive definite
-        return members, a, y, q
+        last = self.rounds[-1] if self.rounds else 0
+        t = (np.array(self.rounds, dtype=np.float64) - last / 2) / max(last, 1)  # in [-1/2, 1/2]
+        return members, a, y, t if self.trend else np.zeros_like(y)
 
-    def _solve(self, a: FloatArray, y: FloatArray, q: FloatArray) -> FloatArray:
-        c = a.T @ y
-        x = np.linalg.solve(q, c)
-        if self.nonnegative:
-            free = 1 if self.trend else 0
-            x = _nonnegative_quadratic(q, c, np.maximum(x, 0.0), free=free)
-        return x
+    def _fit(self) -> tuple[list[str], FloatArray, FloatArray, float, FloatArray]:
+        """(members, x, J, b, residual) of y = (1 + b t) * A x by alternating least squares; J is
+        the Jacobian [A (1 + b t), (A x) t] the standard errors come from."""
+        members, a, y, t = self._design()
+        b = 0.0
+        for _ in range(200):
+            aw = a * (1.0 + b * t)[:, None]
+            q = aw.T @ aw + self.ridge * np.eye(len(members))
+            c = aw.T @ y
+            x = np.linalg.solve(q, c)
+            if self.nonnegative:
+                x = _nonnegative_quadratic(q, c, np.maximum(x, 0.0))
+            if not self.trend:
+                break
+            u = (a @ x) * t
+            # |b| < 2 keeps every round's factor 1 + b t positive (t is within [-1/2, 1/2])
+            new = float(np.clip(u @ (y - a @ x) / (u @ u + self.ridge), -1.9, 1.9))
+            if abs(new - b) <= 1e-12 * max(1.0, abs(b)):
+                b = new
+                break
+            b = new
+        jacobian = a * (1.0 + b * t)[:, None]
+        if self.trend:
+            jacobian = np.hstack([jacobian, ((a @ x) * t)[:, None]])
+        residual = y - (1.0 + b * t) * (a @ x)
+        return members, x, jacobian, b, residual
 
     def estimate(self) -> dict[str, float]:
-        """Each member's estimated mean contribution per round it took part in."""
+        """Each member's estimated contribution per round, at the middle of the run."""
         if not self.observations:
             return {}
-        members, a, y, q = self._system()
-        x = self._solve(a, y, q)
+        members, x, *_ = self._fit()
         return {m: float(x[j]) for j, m in enumerate(members)}
+
+    def drift(self) -> float:
+        """b: a round at place t of the run (-1/2 first, +1/2 last) is worth (1 + b t) x."""
+        return self._fit()[3] if self.observations else 0.0
 
     def standard_errors(self) -> dict[str, float]:
         """Each estimate's standard error (inf while there are no more observations than unknowns)."""
         if not self.observations:
             return {}
-        members, a, y, q = self._system()
-        dof = len(y) - a.shape[1]
+        members, _, jacobian, _, residual = self._fit()
+        dof = len(residual) - jacobian.shape[1]
         if dof < 1:
             return {m: math.inf for m in members}
-        residual = y - a @ self._solve(a, y, q)
         variance = float(residual @ residual) / dof
+        q = jacobian.T @ jacobian + self.ridge * np.eye(jacobian.shape[1])
         spread = np.sqrt(np.maximum(np.diag(np.linalg.inv(q)), 0.0) * variance)
-        # A member is identifiable when its unit vector lies in A's row space (no combination of
+        # A member is identifiable when its unit vector lies in J's row space (no combination of
         # the other unknowns explains its groups as well); otherwise only the ridge holds its
         # estimate in place, and its error is unbounded.
-        _, singular, vt = np.linalg.svd(a)
+        _, singular, vt = np.linalg.svd(jacobian)
         rank = int(np.sum(singular > 1e-9 * max(float(singular[0]), 1.0))) if singular.size else 0
-        unidentified = np.sum(vt[rank:] ** 2, axis=0) > 1e-9  # (unknowns,) weight in A's null space
+        unidentified = np.sum(vt[rank:] ** 2, axis=0) > 1e-9  # (unknowns,) weight in J's null space
         return {m: math.inf if unidentified[j] else float(spread[j]) for j, m in enumerate(members)}
 
     def credited(self) -> dict[str, float]:
@@ -527,9 +546,19 @@ class GroupValueEstimator:
         return {m: v if v > bar[m] else 0.0 for m, v in estimate.items()}
 
     def totals(self) -> dict[str, float]:
-        """Credited value delivered over all observed rounds: credited estimate x participation."""
+        """Credited value delivered over the rounds each member took part in: its credited
+        estimate times (1 + b t) summed over its groups (a late joiner's rounds are worth what
+        late rounds are worth)."""
         credited = self.credited()
-        return {m: credited[m] * n for m, n in self.participation().items()}
+        if not credited:
+            return {}
+        members, _, _, t = self._design()
+        factor = 1.0 + self.drift() * t  # (groups,)
+        totals = dict.fromkeys(members, 0.0)
+        for (group, _), f in zip(self.observations, factor, strict=True):
+            for m in group:
+                totals[m] += credited[m] * float(f)
+        return totals
 
 
 def _nonnegative_quadratic(

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -225,6 +226,9 @@ def plan_groups(members: Sequence[str], min_group: int, *, seed: int, rnd: int, 
     return [sorted(rotating_subsets(members, size, rnd - 1, seed=f"fedmoe-groups|{seed}"))]
 
 
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
 def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, note: Callable[[str], None]) -> dict[int, str]:
     """node -> member, from a HELLO exchange; nodes that do not answer are left out."""
     messages = [Message(content=hints.to_record(), message_type=HELLO, dst_node_id=n, group_id="hello") for n in nodes]
@@ -235,9 +239,14 @@ def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, 
             note(f"node {node} did not say which member it is: {reply.error.reason}")
             continue
         try:
-            found[node] = Hello.from_record(reply.content).member
+            member = Hello.from_record(reply.content).member
         except ProtocolError as exc:
             note(f"node {node}: {exc}")
+            continue
+        if not _MEMBER_NAME.fullmatch(member):
+            note(f"node {node} said it is {member!r}, not a member name (letters, digits, '.', '_', '-')")
+            continue
+        found[node] = member
     return found
 
 
@@ -296,14 +305,14 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
     for rnd in range(first, config.num_rounds + 1):
         started = time.perf_counter()
         nodes = wait_for_nodes(grid, config.min_members, config.round_timeout)
-        if config.members_per_round:
-            nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
-        node_groups = [nodes]
+        planned: dict[int, str] = {}  # secure contribution: node -> the member it said it is
         if secure and config.contribution_mode == "secure":
+            # Plan by member name, not Flower node id (ids change on restart): a re-run round must
+            # train the same group, or its members refuse to unmask it (client/secure.py).
             unknown = [n for n in nodes if n not in node_member]
             if unknown:
                 hints = Hello("", str(ws.base), str(ws.members_dir), str(ws.root / "nodes"))
-                node_member.update(ask_members(grid, unknown, hints, config.round_timeout, reporter.note))
+                node_member.update(ask_members(grid, unknown, hints, config.secagg_timeout, reporter.note))
             member_node: dict[str, int] = {}
             for node in nodes:
                 member = node_member.get(node)
@@ -311,10 +320,17 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                     reporter.note(f"round {rnd}: nodes {member_node[member]} and {node} both say they are {member}; {node} sits out")
                 elif member is not None:
                     member_node[member] = node
-            groups = plan_groups(sorted(member_node), config.contribution_min_group, seed=config.seed, rnd=rnd,
-                                 min_members=config.min_members)
+            members = sorted(member_node)
+            if config.members_per_round:
+                members = sorted(random.Random(config.seed * 100_003 + rnd).sample(members, min(len(members), config.members_per_round)))
+            groups = plan_groups(members, config.contribution_min_group, seed=config.seed, rnd=rnd, min_members=config.min_members)
+            planned = {member_node[m]: m for group in groups for m in group}
             node_groups = [[member_node[m] for m in group] for group in groups]
-            nodes = sorted(n for group in node_groups for n in group)
+            nodes = sorted(planned)
+        else:
+            if config.members_per_round:
+                nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
+            node_groups = [nodes]
         reporter.round_started(rnd, len(nodes))
 
         codec, codec_seed = config.codec_config(), config.seed * 1_000_003 + rnd
@@ -354,11 +370,16 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                 held_views.pop(node_member.get(node, ""), None)  # resend the full state next time
                 rejected[f"node {node}"] = reply.error.reason
                 reporter.note(f"round {rnd}: {reply.error.reason}")
+                node_member.pop(node, None)  # ask it again next round
                 continue
             try:
                 parsed = TrainReply.from_record(reply.content)
                 if parsed.round != rnd:
                     raise UpdateRejected(f"member {parsed.member!r}: reply for round {parsed.round}, expected {rnd}")
+                if planned and planned.get(node) != parsed.member:
+                    raise UpdateRejected(
+                        f"node {node} said it is {planned.get(node)!r} but replied as {parsed.member!r}; its group was planned for the former"
+                    )
                 if secure:
                     if parsed.update:
                         raise UpdateRejected(f"member {parsed.member!r}: sent its update in the clear under secure aggregation")
@@ -371,6 +392,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             except (ProtocolError, UpdateRejected, ValueError) as exc:
                 rejected[f"node {node}"] = str(exc)
                 reporter.note(f"round {rnd}: rejected: {exc}")
+                node_member.pop(node, None)
                 continue
             node_member[node] = parsed.member
             held_views[parsed.member] = parsed.view_sha256
@@ -386,10 +408,10 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
 
         group_sums = {}
         if secure:  # four more exchanges; the operator learns only each group's sum
-            member_node = {r.member: r.node_id for r in reports}
+            reported = {r.member: r.node_id for r in reports}
             outcome = secure_aggregate(
                 grid, rnd=rnd, run=run_name,
-                groups=[g for g in ({node_member[n]: n for n in group if member_node.get(node_member.get(n, "")) == n} for group in node_groups) if g],
+                groups=[g for g in ({node_member[n]: n for n in group if reported.get(node_member.get(n, "")) == n} for group in node_groups) if g],
                 directory=identities.directory(),
                 layout=SecureLayout(shapes, {n: expert_of(n) or TOKENS for n in shapes}, codec, codec_seed,
                                     config.local_steps * config.batch_size * config.seq_len),
@@ -444,7 +466,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
             if not credited:
                 reporter.note(
                     f"round {rnd}: no member's contribution is distinguishable from zero yet "
-                    f"({len(estimator.observations)} group sums for {len(errors)} members); shares stay 0 until one is"
+                    f"({len(estimator.observations)} group sum(s) for {len(errors)} members and the drift); shares stay 0 until one is"
                 )
         elif config.contribution_mode == "open":
             value = open_value(lora, state, updates, contribution_sets, config.batch_size, precision)

@@ -339,14 +339,33 @@ def test_a_common_drift_is_not_credited_to_whoever_sat_in_the_early_rounds() -> 
 
     def run(trend: bool) -> dict[str, float]:
         est = GroupValueEstimator(nonnegative=False, trend=trend)
-        for t, group in enumerate(schedule):
-            est = est.observe({group: len(group) * (1.0 - t / (rounds - 1)) + 0.001 * (t % 3)})
+        for t, group in enumerate(schedule):  # worth 1.4 per member in the first round, 0.6 in the last
+            est = est.observe({group: len(group) * (1.4 - 0.8 * t / (rounds - 1)) + 0.001 * (t % 3)})
         return est.estimate()
 
     drifted, steady = run(trend=False), run(trend=True)
     assert drifted["a"] > max(drifted[m] for m in members[1:]) + 0.2  # the early sitter looks best
     assert max(steady.values()) - min(steady.values()) < 0.01  # everybody equal, as they are
-    assert steady["a"] == pytest.approx(0.5, abs=0.01)  # the run's mean value
+    assert steady["a"] == pytest.approx(1.0, abs=0.01)  # the value at the middle of the run
+
+
+def test_the_drift_is_proportional_so_late_joiners_and_early_leavers_are_judged_fairly() -> None:
+    # values fall from 1.5x to 0.5x over the run; a free rider joins half way, a small member leaves
+    truth = {"a": 1.0, "b": 1.0, "c": 0.5, "small": 0.1, "free": 0.0}
+    rounds, noise = 48, random.Random(5)
+    est = GroupValueEstimator(nonnegative=False)
+    for t in range(rounds):
+        present = [m for m in truth if not (m == "free" and t < rounds // 2) and not (m == "small" and t >= rounds // 2)]
+        group = rotating_subsets(present, 3, t, seed="late")
+        factor = 1.5 - t / (rounds - 1)
+        est = est.observe({group: factor * sum(truth[m] for m in group) + noise.gauss(0.0, 0.02)})
+    credited = est.credited()
+    assert credited["free"] == 0.0
+    assert credited["small"] == pytest.approx(0.1, abs=0.03)
+    assert credited["a"] == pytest.approx(1.0, abs=0.05) and credited["c"] == pytest.approx(0.5, abs=0.05)
+    assert est.drift() == pytest.approx(-1.0, abs=0.1)
+    totals = est.totals()  # the late joiner's rounds are late rounds: worth less than the middle's
+    assert totals["free"] == 0.0 and totals["small"] > 0.1 * est.participation()["small"]
 
 
 @settings(max_examples=40, deadline=None)

@@ -315,10 +315,10 @@ def test_secure_contribution_groups_follow_members_not_node_ids(ws: Workspace) -
     # same groups: a fresh run from the same state and seed reveals the same sums, never new ones
     cfg = config(ws.root, num_rounds=2, contribution="secure", min_members=3)
     trained = []
-    for offset, run in ((0, "ids-a"), (500, "ids-b")):
+    for renumber, run in ((lambda n: n, "ids-a"), (lambda n: 9000 - 7 * n, "ids-b")):  # other ids, other order
         grid = FakeGrid(app, 5)
-        grid.nodes = {node + offset: p for node, p in grid.nodes.items()}
-        grid.contexts = {node + offset: ctx for node, ctx in grid.contexts.items()}
+        grid.nodes = {renumber(node): p for node, p in grid.nodes.items()}
+        grid.contexts = {renumber(node): ctx for node, ctx in grid.contexts.items()}
         for node, ctx in grid.contexts.items():
             ctx.node_id = node
         with task_identity():
@@ -327,3 +327,26 @@ def test_secure_contribution_groups_follow_members_not_node_ids(ws: Workspace) -
         assert sum(kind == HELLO for _, kind in grid.seen) == 5  # asked once, then known from replies
     assert trained[0] == trained[1]
     assert all(len(groups) == 3 for groups in trained[0])
+
+
+def test_a_node_that_replies_as_another_member_than_it_said_is_refused(ws: Workspace, caplog: pytest.LogCaptureFixture) -> None:
+    from dataclasses import replace
+
+    from flwr.app import Message
+
+    from fedmoe.protocol import TRAIN, TrainReply
+
+    def impostor(message, context):  # noqa: ANN001, ANN202 - node 1000 trains, then signs as someone else
+        reply = app(message, context)
+        if message.metadata.message_type == TRAIN and context.node_id == 1000 and not reply.has_error():
+            parsed = TrainReply.from_record(reply.content)
+            reply = Message(replace(parsed, member="mallory").to_record(), reply_to=message)
+        return reply
+
+    # groups of 3 out of 5: the first round node 1000 is planned in, its group is one short and aborts
+    cfg = config(ws.root, num_rounds=5, contribution="secure", min_members=3)
+    with task_identity(), pytest.raises(RoundAborted):
+        run_rounds(FakeGrid(impostor, 5), cfg, LogReporter(), run_name="impostor")
+    assert "replied as 'mallory'; its group was planned for the former" in caplog.text
+    manifests = Checkpoints(ws.run_dir("impostor")).manifests()
+    assert all("mallory" not in {r["member"] for r in m.get("members", [])} for m in manifests)
