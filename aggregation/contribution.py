@@ -73,6 +73,7 @@ import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from itertools import combinations, pairwise
 
 import numpy as np
@@ -482,9 +483,11 @@ class GroupValueEstimator:
         t = (np.array(self.rounds, dtype=np.float64) - last / 2) / max(last, 1)  # in [-1/2, 1/2]
         return members, a, y, t if self.trend else np.zeros_like(y)
 
+    @cached_property
     def _fit(self) -> tuple[list[str], FloatArray, FloatArray, float, FloatArray]:
         """(members, x, J, b, residual) of y = (1 + b t) * A x by alternating least squares; J is
-        the Jacobian [A (1 + b t), (A x) t] the standard errors come from."""
+        the Jacobian [A (1 + b t), (A x) t] the standard errors come from. Computed once per
+        estimator (estimators are immutable: `observe` returns a new one)."""
         members, a, y, t = self._design()
         b = 0.0
         for _ in range(200):
@@ -513,18 +516,18 @@ class GroupValueEstimator:
         """Each member's estimated contribution per round, at the middle of the run."""
         if not self.observations:
             return {}
-        members, x, *_ = self._fit()
+        members, x, *_ = self._fit
         return {m: float(x[j]) for j, m in enumerate(members)}
 
     def drift(self) -> float:
         """b: a round at place t of the run (-1/2 first, +1/2 last) is worth (1 + b t) x."""
-        return self._fit()[3] if self.observations else 0.0
+        return self._fit[3] if self.observations else 0.0
 
     def standard_errors(self) -> dict[str, float]:
         """Each estimate's standard error (inf while there are no more observations than unknowns)."""
         if not self.observations:
             return {}
-        members, _, jacobian, _, residual = self._fit()
+        members, _, jacobian, _, residual = self._fit
         dof = len(residual) - jacobian.shape[1]
         if dof < 1:
             return {m: math.inf for m in members}
@@ -562,19 +565,15 @@ class GroupValueEstimator:
 
 
 def _nonnegative_quadratic(
-    q: FloatArray, c: FloatArray, x: FloatArray, *, free: int = 0, tol: float = 1e-12, max_sweeps: int = 10_000
+    q: FloatArray, c: FloatArray, x: FloatArray, *, tol: float = 1e-12, max_sweeps: int = 10_000
 ) -> FloatArray:
-    """argmin x'Qx/2 - c'x for positive definite Q, x >= 0 but for the last `free` coordinates,
-    by projected coordinate descent."""
+    """argmin_{x >= 0} x'Qx/2 - c'x for positive definite Q, by projected coordinate descent."""
     x = x.copy()
-    bounded = len(x) - free
     scale = max(float(np.max(np.abs(c))), 1e-300)
     for _ in range(max_sweeps):
         largest = 0.0
         for i in range(len(x)):
-            new = x[i] + (c[i] - float(q[i] @ x)) / q[i, i]
-            if i < bounded:
-                new = max(0.0, new)
+            new = max(0.0, x[i] + (c[i] - float(q[i] @ x)) / q[i, i])
             largest = max(largest, abs(new - x[i]))
             x[i] = new
         if largest <= tol * scale:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from flwr.app import Message
@@ -250,6 +250,16 @@ def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, 
     return found
 
 
+T = TypeVar("T", int, str)  # a node id or a member name
+
+
+def _members_of_round(candidates: list[T], config: RunConfig, rnd: int) -> list[T]:
+    """The round's seeded sample of `members-per-round` candidates (all of them when 0)."""
+    if not config.members_per_round:
+        return candidates
+    return sorted(random.Random(config.seed * 100_003 + rnd).sample(candidates, min(len(candidates), config.members_per_round)))
+
+
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -320,16 +330,13 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
                     reporter.note(f"round {rnd}: nodes {member_node[member]} and {node} both say they are {member}; {node} sits out")
                 elif member is not None:
                     member_node[member] = node
-            members = sorted(member_node)
-            if config.members_per_round:
-                members = sorted(random.Random(config.seed * 100_003 + rnd).sample(members, min(len(members), config.members_per_round)))
+            members = _members_of_round(sorted(member_node), config, rnd)
             groups = plan_groups(members, config.contribution_min_group, seed=config.seed, rnd=rnd, min_members=config.min_members)
             planned = {member_node[m]: m for group in groups for m in group}
             node_groups = [[member_node[m] for m in group] for group in groups]
             nodes = sorted(planned)
         else:
-            if config.members_per_round:
-                nodes = sorted(random.Random(config.seed * 100_003 + rnd).sample(nodes, min(len(nodes), config.members_per_round)))
+            nodes = _members_of_round(nodes, config, rnd)
             node_groups = [nodes]
         reporter.round_started(rnd, len(nodes))
 
