@@ -24,9 +24,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.config import RunConfig
+from server.config import RunConfig
 from fedmoe.simulation import simulate
-from fedmoe.workspace import Workspace
+from server.workspace import Workspace
 from model.base import load_base
 from server.checkpoint import Checkpoints
 from server.init import InitConfig, init_workspace

@@ -34,10 +34,10 @@ from rich.table import Table
 
 from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares, exact_shapley
 from aggregation.fedavg import Update, aggregate
-from client.precision import select_precision
+from model.precision import select_precision
 from client.trainer import TrainConfig, train_local
-from fedmoe.config import RunConfig
-from fedmoe.workspace import Workspace
+from server.config import RunConfig
+from server.workspace import Workspace
 from model.base import load_base
 from model.corpus import read_texts
 from model.lora import expert_of

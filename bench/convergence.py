@@ -25,11 +25,11 @@ from rich.console import Console
 from rich.table import Table
 
 from client.node import member_seed
-from client.precision import select_precision
+from model.precision import select_precision
 from client.trainer import TrainConfig, train_local
-from fedmoe.config import RunConfig
+from server.config import RunConfig
 from fedmoe.simulation import simulate
-from fedmoe.workspace import Workspace
+from server.workspace import Workspace
 from model.base import load_base
 from model.corpus import read_texts
 from model.tokenizer import pack

@@ -35,9 +35,9 @@ from rich.table import Table
 
 from aggregation.codec import encoded_nbytes
 from aggregation.secure import TOKENS, SecureLayout
-from fedmoe.config import RunConfig
+from server.config import RunConfig
 from fedmoe.simulation import simulate
-from fedmoe.workspace import Workspace
+from server.workspace import Workspace
 from model.base import load_base
 from model.corpus import read_texts
 from model.lora import expert_of

@@ -7,12 +7,15 @@ from flwr.clientapp import ClientApp
 
 from client.metrics import gpu_memory, record_round
 from client.node import Node, StaleView, run_round
-from client.precision import PrecisionError
 from client.secure import handle_stage
-from fedmoe.protocol import SECAGG_STAGES, Hello, ProtocolError, SecAggMessage, TrainInstruction
-from privacy.secagg import SecAggError
 from model.base import BaseModelError
+from model.chatter import silence_library_chatter
 from model.corpus import DataError
+from model.precision import PrecisionError
+from privacy.secagg import SecAggError
+from protos.messages import SECAGG_STAGES, Hello, ProtocolError, SecAggMessage, TrainInstruction
+
+silence_library_chatter()  # this module is a process's entry point (SuperNode, simulation actor)
 
 app = ClientApp()
 

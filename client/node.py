@@ -15,9 +15,9 @@ import torch
 from aggregation.broadcast import PatchError, apply_patch, view_digest
 from aggregation.codec import CodecConfig, ErrorFeedback
 from client import secure
-from client.precision import select_precision
+from model.precision import select_precision
 from client.trainer import TrainConfig, train_local
-from fedmoe.protocol import TrainInstruction, TrainReply
+from protos.messages import TrainInstruction, TrainReply
 from model.base import Base, load_base
 from model.corpus import DataError, read_texts
 from model.io import load_tensors, save_tensors, tensors_from_bytes

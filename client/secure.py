@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from aggregation.codec import CodecConfig
 from aggregation.secure import TOKENS, SecureLayout
-from fedmoe.protocol import ProtocolError, SecAggMessage, TrainInstruction
+from protos.messages import ProtocolError, SecAggMessage, TrainInstruction
 from model.io import load_tensors, save_tensors
 from model.lora import LoraMoE, expert_of
 from privacy.secagg import KeyAdvert, MemberSession, ProtocolViolation, SecAggParams

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from client.precision import Precision
+from model.precision import Precision
 from model.lora import LoraMoE, expert_of
 from model.moe import routed_token_counts
 from model.tokenizer import batches

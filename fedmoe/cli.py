@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedmoe.config import ConfigError, RunConfig
+from server.config import ConfigError, RunConfig
 
 app = typer.Typer(help="fedmoe: federated training of one mixture-of-experts language model.", no_args_is_help=True)
 console = Console()
@@ -54,7 +54,7 @@ def init(
     pretrain_steps: Annotated[int, typer.Option(help="Pre-training steps of the tiny base.")] = 300,
 ) -> None:
     """Build the demo corpora, the tokenizer and the pre-trained tiny base (what is missing)."""
-    from fedmoe.workspace import Workspace
+    from server.workspace import Workspace
     from server.init import InitConfig, init_workspace
 
     _init(Workspace(workspace.resolve()), InitConfig(pretrain_steps=pretrain_steps), from_pretrained)
@@ -103,7 +103,7 @@ def _simulate(cfg: RunConfig, members: int | None, run_name: str):  # type: igno
     from fedmoe.simulation import SimulationFailed, simulate
     from server.checkpoint import Checkpoints
     from server.rounds import RoundSummary
-    from fedmoe.workspace import Workspace
+    from server.workspace import Workspace
 
     reporter = RichReporter(console)
     try:
@@ -138,7 +138,7 @@ def export(
 
 
 def _export(root: Path, run_name: str, out: Path | None) -> Path:
-    from fedmoe.workspace import Workspace
+    from server.workspace import Workspace
     from server.checkpoint import Checkpoints
     from server.release import export_release
 
@@ -166,7 +166,7 @@ def demo(
     """The whole consortium on this machine: build what is missing, train, export a release."""
     import shutil
 
-    from fedmoe.workspace import Workspace
+    from server.workspace import Workspace
     from server.init import InitConfig
 
     started = time.perf_counter()
@@ -212,4 +212,7 @@ _mount()
 
 
 def main() -> None:
+    from model.chatter import silence_library_chatter
+
+    silence_library_chatter()
     app()

@@ -10,8 +10,8 @@ import logging
 import os
 from pathlib import Path
 
-from fedmoe.config import RunConfig
-from fedmoe.workspace import Workspace
+from server.config import RunConfig
+from server.workspace import Workspace
 from server.rounds import Reporter, RoundSummary
 
 

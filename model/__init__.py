@@ -1,10 +1,5 @@
-"""MoE language model, LoRA, tokenizer, corpora and safetensors IO."""
+"""The model layer: the MoE language model, LoRA, tokenizer, corpora, precision and safetensors IO.
 
-import warnings
-
-from transformers.utils import logging as _hf_logging
-
-# Library chatter (weight-loading bars, deprecation notices) drowns the round progress.
-_hf_logging.disable_progress_bar()
-_hf_logging.set_verbosity_error()
-warnings.filterwarnings("ignore", category=FutureWarning)
+The bottom of the stack: it imports nothing else of the project and changes nothing global
+on import (library chatter is silenced by the entry points, model/chatter.py).
+"""

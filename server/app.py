@@ -5,9 +5,12 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmoe.config import RunConfig
+from model.chatter import silence_library_chatter
+from server.config import RunConfig
 from server.metrics import with_metrics
 from server.rounds import Reporter, run_rounds
+
+silence_library_chatter()  # this module is a process's entry point (SuperLink, simulation)
 
 
 def make_app(

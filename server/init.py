@@ -14,8 +14,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from client.precision import select_precision
-from fedmoe.workspace import Workspace
+from model.precision import select_precision
+from server.workspace import Workspace
 from model.base import MANIFEST, save_base
 from model.corpus import build_demo_corpora, read_texts
 from model.lora import LoraSpec

@@ -29,10 +29,10 @@ from aggregation.codec import UpdateRejected, decode
 from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares, random_groups, rotating_subsets
 from aggregation.fedavg import Update, aggregate
 from aggregation.secure import TOKENS, SecureLayout
-from client.precision import select_precision
-from fedmoe.config import RunConfig
-from fedmoe.protocol import HELLO, TRAIN, Hello, ProtocolError, TrainInstruction, TrainReply
-from fedmoe.workspace import Workspace
+from model.precision import select_precision
+from server.config import RunConfig
+from protos.messages import HELLO, TRAIN, Hello, ProtocolError, TrainInstruction, TrainReply
+from server.workspace import Workspace
 from model.base import Base, load_base
 from model.corpus import read_texts
 from model.io import tensors_to_bytes

@@ -23,7 +23,7 @@ from aggregation.contribution import (
     is_null_update,
 )
 from aggregation.fedavg import Update
-from client.precision import Precision
+from model.precision import Precision
 from model.lora import LoraMoE, expert_of
 from model.moe import evaluate_loss
 

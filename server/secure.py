@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 
 from aggregation.secure import SecureLayout
 from server.grid import exchange
-from fedmoe.protocol import ProtocolError, SecAggMessage, secagg_message_type
+from protos.messages import ProtocolError, SecAggMessage, secagg_message_type
 from privacy.secagg import (
     InvalidInput,
     KeyAdvert,

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fedmoe.workspace import Workspace  # noqa: E402
+from server.workspace import Workspace  # noqa: E402
 from model.lora import LoraSpec  # noqa: E402
 from model.moe import MoEConfig  # noqa: E402
 from server.init import InitConfig, init_workspace  # noqa: E402

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from flwr.app import RecordDict
 
-from fedmoe.config import ConfigError, RunConfig
-from fedmoe.protocol import ProtocolError, TrainInstruction, TrainReply
+from server.config import ConfigError, RunConfig
+from protos.messages import ProtocolError, TrainInstruction, TrainReply
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_malformed_messages_are_refused() -> None:
 
 
 def test_secure_aggregation_stage_messages_round_trip_and_refuse_bad_ones() -> None:
-    from fedmoe.protocol import SecAggMessage
+    from protos.messages import SecAggMessage
 
     msg = SecAggMessage(stage="mask", run="r", round=4, group=1, member="", base_path="/b", members_dir="/m",
                         nodes_dir="/n", fields={"senders": ["a", "b"], "ciphertexts": [b"x", b"y"]})

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fedmoe.deploy_cmd import free_port, process_tree
-from fedmoe.workspace import Workspace
+from server.workspace import Workspace
 from privacy.certs import CertLayout, issue
 from server.checkpoint import Checkpoints
 

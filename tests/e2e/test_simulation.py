@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from fedmoe.config import RunConfig
+from server.config import RunConfig
 from fedmoe.simulation import SimulationFailed, simulate
-from fedmoe.workspace import Workspace
+from server.workspace import Workspace
 from server.checkpoint import Checkpoints
 from server.release import export_release
 from server.rounds import LogReporter

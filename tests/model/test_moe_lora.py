@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.precision import PrecisionError, select_precision
+from model.precision import PrecisionError, select_precision
 from client.trainer import TrainConfig, train_local
 from model.base import BaseModelError, load_base
 from model.lora import LoraMoE, LoraSpec, expert_of
@@ -102,7 +102,7 @@ def test_precision_selection_follows_the_device() -> None:
 
 def test_fp16_grad_scaler_path_trains() -> None:
     """The path a GPU without bf16 takes; on a CPU-only machine fp16 autocast runs on the CPU."""
-    from client.precision import Precision
+    from model.precision import Precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lora = small_lora()

@@ -5,8 +5,8 @@ import struct
 import pytest
 import torch
 
-from fedmoe.config import RunConfig
-from fedmoe.protocol import TrainReply
+from server.config import RunConfig
+from protos.messages import TrainReply
 from aggregation.codec import CodecConfig, encode
 from server.checkpoint import CheckpointError, Checkpoints
 from server.rounds import UpdateRejected, validate_update

@@ -5,7 +5,7 @@ import shutil
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedmoe.workspace import Workspace
+from server.workspace import Workspace
 from model.base import load_base
 from server.init import init_workspace
 from conftest import TINY_INIT

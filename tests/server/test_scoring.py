@@ -9,9 +9,9 @@ import torch
 
 from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares
 from aggregation.fedavg import Update
-from client.precision import select_precision
+from model.precision import select_precision
 from client.trainer import TrainConfig, train_local
-from fedmoe.config import RunConfig
+from server.config import RunConfig
 from model.base import load_base
 from model.corpus import read_texts
 from model.tokenizer import pack

@@ -17,9 +17,9 @@ import torch
 from aggregation.secure import TOKENS, SecureLayout
 from client.app import app
 from client.secure import handle_stage, identity_key, keep_input, round_dir
-from fedmoe.config import ConfigError, RunConfig
-from fedmoe.protocol import HELLO, SecAggMessage, secagg_message_type
-from fedmoe.workspace import Workspace
+from server.config import ConfigError, RunConfig
+from protos.messages import HELLO, SecAggMessage, secagg_message_type
+from server.workspace import Workspace
 from model.base import load_base
 from model.io import load_tensors
 from model.lora import expert_of
@@ -277,7 +277,7 @@ def test_per_expert_counts_in_the_clear_are_refused_under_secure_aggregation(ws:
 
     from flwr.app import Message
 
-    from fedmoe.protocol import TRAIN, TrainReply
+    from protos.messages import TRAIN, TrainReply
 
     def leaky(message, context):  # noqa: ANN001, ANN202 - node 1000 also reports its expert counts
         reply = app(message, context)
@@ -334,7 +334,7 @@ def test_a_node_that_replies_as_another_member_than_it_said_is_refused(ws: Works
 
     from flwr.app import Message
 
-    from fedmoe.protocol import TRAIN, TrainReply
+    from protos.messages import TRAIN, TrainReply
 
     def impostor(message, context):  # noqa: ANN001, ANN202 - node 1000 trains, then signs as someone else
         reply = app(message, context)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.codec import CodecConfig
-from client.precision import CHOICES as PRECISIONS
+from model.precision import CHOICES as PRECISIONS
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,19 @@
+"""Library chatter (weight-loading bars, deprecation notices) silenced at a process's edge.
+
+Importing model/ changes nothing global; the entry points that own a process — the `fedmoe`
+CLI and the Flower ServerApp and ClientApp modules that a SuperLink, a SuperNode or the
+simulation engine load — call `silence_library_chatter()` so round progress stays readable.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+
+def silence_library_chatter() -> None:
+    """Hide Hugging Face progress bars and info logs, and FutureWarnings, for this process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
