@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
-from client.precision import Precision
+from model.precision import Precision
 from model.tokenizer import batches
 
 
