@@ -13,333 +13,48 @@ start `flower-superlink` / `flower-supernode` as a child, and on SIGTERM or SIGI
 and everything it started (by PID), then exit 0. Flower's state (registered nodes, runs) is in
 the SuperLink's `--database`; fedmoe's (committed rounds, ledger) in the workspace.
 
+Flower's side (executables, connection config, argv, `flwr` calls) is in `fedmoe.flower_deploy`,
+the supervision of the child processes in `fedmoe.processes`.
+
 This module is also runnable as `python -m fedmoe.deploy_cmd ...` (the tests use that).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedmoe.flower_deploy import (
+    CONNECTION,
+    NODE_REFUSED,
+    DeployError,
+    flower_env,
+    register_member,
+    submit,
+    superlink_argv,
+    supernode_argv,
+    write_connection,
+)
+from fedmoe.processes import Child, sigterm_interrupts, supervise, wait_for_port
 from privacy.certs import CertError, CertLayout, check_ca, check_member_key, check_readable, issue
 
 console = Console(stderr=True)
 app = typer.Typer(help="fedmoe deployment: certificates, operator server, member daemon, reports.",
                   no_args_is_help=True)
 
-CONNECTION = "fedmoe"  # name of the SuperLink connection in the private FLWR_HOME/config.toml
-NODE_REFUSED = "Failed to activate SuperNode"  # flower-supernode's log when the SuperLink refuses its key
 EXIT_REFUSED = 3  # fedmoe join: refused by the SuperLink (key not registered)
-
-
-class DeployError(RuntimeError):
-    """A deployment input is missing or unusable; the message names it."""
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     console.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code=code)
-
-
-# ------------------------------------------------------------------ processes and environment
-def flower_bin(name: str) -> str:
-    """A Flower executable, preferably from this interpreter's environment."""
-    local = Path(sys.executable).parent / name
-    if local.is_file():
-        return str(local)
-    from shutil import which
-
-    found = which(name)
-    if found is None:
-        raise DeployError(f"{name}: not found next to {sys.executable} or on PATH (pip install 'flwr>=1.41,<1.42')")
-    return found
-
-
-def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment of every Flower process fedmoe starts: private FLWR_HOME, no telemetry, no
-    dependency installation at run time, this environment's executables first on PATH."""
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONUNBUFFERED": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-    })
-    env.update(extra or {})
-    return env
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (Linux /proc; just `pid` elsewhere)."""
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def stop_tree(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM `pid` (it stops its own children gracefully), then SIGKILL whatever of its tree is
-    left after `timeout`. The tree is read before signalling: orphans are re-parented to init."""
-    tree = process_tree(pid)
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in tree):
-        time.sleep(0.2)
-    for q in tree + [r for p in tree if _alive(p) for r in process_tree(p)]:
-        if _alive(q):
-            try:
-                os.kill(q, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-@dataclass
-class Child:
-    """A Flower process run by a fedmoe supervisor; its output goes to `log` (or our stdout)
-    through a reader thread that keeps the last lines, so the supervisor can say why it ended
-    (flower-supernode reports a refused key in its log, not in its exit status)."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200))
-    reader: threading.Thread | None = None
-
-    @classmethod
-    def start(cls, name: str, argv: Sequence[str], env: Mapping[str, str], log: Path | None) -> Child:
-        process = subprocess.Popen(list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        child = cls(name, process)
-        child.reader = threading.Thread(target=child._pump, args=(log,), daemon=True, name=f"{name}-output")
-        child.reader.start()
-        return child
-
-    def _pump(self, log: Path | None) -> None:
-        assert self.process.stdout is not None
-        sink = open(log, "ab") if log is not None else sys.stdout.buffer  # noqa: SIM115
-        try:
-            for line in iter(self.process.stdout.readline, b""):
-                sink.write(line)
-                sink.flush()
-                self.tail.append(line.decode(errors="replace"))
-        finally:
-            if log is not None:
-                sink.close()
-
-    def said(self, text: str, wait: float = 3.0) -> bool:
-        """Whether the child's output contained `text` (waits briefly for the output to drain)."""
-        if self.reader is not None:
-            self.reader.join(timeout=wait)
-        return any(text in line for line in list(self.tail))
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.process.poll() is None:
-            stop_tree(self.process.pid, timeout)
-        return self.process.wait()
-
-
-def supervise(child: Child, grace: float = 15.0) -> int:
-    """Wait for `child`; SIGTERM/SIGINT stop it and its tree and return 0, else its exit code.
-
-    The handler only records the signal: the main loop does the stopping, so no wait is re-entered
-    from inside a signal handler (Popen.wait holds a non-reentrant lock).
-    """
-    requested: list[int] = []
-
-    def handle(signum: int, _frame: Any) -> None:
-        requested.append(signum)
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    tree: list[int] = []
-    deadline = 0.0
-    try:
-        while True:
-            try:
-                code = child.process.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if requested and not tree:
-                console.print(f"{signal.Signals(requested[0]).name}: stopping {child.name} (pid {child.process.pid})")
-                tree = process_tree(child.process.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.process.pid, signal.SIGTERM)
-                deadline = time.monotonic() + grace
-            elif tree and time.monotonic() > deadline:
-                _kill(tree)
-        if requested:  # what the child started (SuperExec, app processes) goes with it
-            tree = tree or process_tree(child.process.pid)
-            end = time.monotonic() + 5.0
-            while time.monotonic() < end and any(_alive(p) for p in tree[1:]):
-                time.sleep(0.2)
-            _kill(tree[1:])
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    return 0 if requested else code
-
-
-def _kill(pids: Sequence[int]) -> None:
-    for pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _sigterm_interrupts() -> None:
-    """Until `supervise` takes over, SIGTERM interrupts start-up like Ctrl-C (the child is stopped)."""
-
-    def interrupt(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
-def wait_for_port(host: str, port: int, timeout: float, child: Child | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child is not None and child.process.poll() is not None:
-            raise DeployError(f"{child.name} exited with code {child.process.returncode} while starting")
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise DeployError(f"{host}:{port}: nothing listening after {timeout:.0f}s")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-# ------------------------------------------------------------------ Flower configuration
-def write_connection(flwr_home: Path, address: str, ca: Path, name: str = CONNECTION) -> Path:
-    """Add (or replace) the SuperLink connection `name` in `$FLWR_HOME/config.toml` (Flower 1.41's
-    place for connections; `[tool.flwr.federations]` in pyproject is legacy) and make it default."""
-    import tomli
-    import tomli_w
-
-    path = flwr_home / "config.toml"
-    config: dict[str, Any] = tomli.loads(path.read_text()) if path.is_file() else {}
-    superlink = config.setdefault("superlink", {})
-    superlink["default"] = name
-    superlink[name] = {"address": address, "root-certificates": str(ca.resolve())}
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(config))
-    return path
-
-
-def node_config(values: Mapping[str, str]) -> str:
-    """`--node-config` of flower-supernode: space-separated key='value' (TOML strings)."""
-    for key, value in values.items():
-        if "'" in value or "\n" in value:
-            raise DeployError(f"node config {key}: {value!r} must not contain quotes or newlines")
-    return " ".join(f"{k}='{v}'" for k, v in values.items())
-
-
-def run_config_string(values: Mapping[str, object]) -> str:
-    """`--run-config` of `flwr run`: space-separated TOML key=value pairs."""
-    parts = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        else:
-            if "'" in str(value):
-                raise DeployError(f"run config {key}: {value!r} must not contain single quotes")
-            text = f"'{value}'"
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-def superlink_argv(layout: CertLayout, database: Path, host: str, port: int, log: Path | None = None) -> list[str]:
-    argv = [
-        flower_bin("flower-superlink"),
-        "--ssl-certfile", str(layout.server_cert), "--ssl-keyfile", str(layout.server_key),
-        "--ssl-ca-certfile", str(layout.operator_ca),
-        "--enable-supernode-auth",
-        "--database", str(database),
-        "--disable-runtime-dependency-installation",
-        "--host", host, "--port", str(port),
-    ]
-    return argv + (["--log-file", str(log)] if log is not None else [])
-
-
-def supernode_argv(superlink: str, ca: Path, key: Path, config: Mapping[str, str], clientapp_port: int) -> list[str]:
-    return [
-        flower_bin("flower-supernode"),
-        "--superlink", superlink,
-        "--root-certificates", str(ca),
-        "--auth-supernode-private-key", str(key),
-        "--node-config", node_config(config),
-        "--host", "127.0.0.1", "--port", str(clientapp_port),  # the local ClientApp runtime API
-    ]
-
-
-def register_member(flwr_home: Path, public_key: Path, name: str, connection: str = CONNECTION) -> str:
-    """Register one member's public key with the SuperLink (Control API); idempotent."""
-    result = subprocess.run(
-        [flower_bin("flwr"), "supernode", "register", str(public_key), connection, "--name", name, "--format", "json"],
-        env=flower_env(flwr_home), capture_output=True, text=True, timeout=60, check=False,
-    )
-    text = result.stdout + result.stderr
-    if result.returncode == 0 and '"success": true' in text:
-        node = json.loads(text[text.index("{"): text.rindex("}") + 1]).get("node-id")
-        return f"registered (node {node})"
-    if "already" in text.lower() or "in use" in text.lower():
-        return "already registered"
-    last = [line for line in text.strip().splitlines() if line.strip()][-3:]
-    raise DeployError(f"registering {public_key} failed: {' '.join(last)}")
 
 
 # ------------------------------------------------------------------ commands
@@ -409,7 +124,7 @@ def serve_command(
         if metrics_port:
             extra["FEDMOE_METRICS_PORT"] = str(metrics_port)
         env = flower_env(flwr_home, extra)
-        _sigterm_interrupts()
+        sigterm_interrupts()
         child = Child.start("flower-superlink", superlink_argv(layout, state / "superlink.db", host, port), env, log_file)
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
@@ -448,7 +163,7 @@ def join_command(
 ) -> None:
     """Member daemon: check data, certificates and key, then run a SuperNode with them as node
     config; stop cleanly on SIGTERM."""
-    _sigterm_interrupts()
+    sigterm_interrupts()
     try:
         child, state = _start_supernode(superlink, member, data, ca, key, state_dir, base, device,
                                         clientapp_port, flwr_home, log_file)
@@ -532,30 +247,6 @@ def submit_command(
         raise _fail(str(exc), code=1) from None
     console.print(f"submitted run {run_id}")
     print(run_id)
-
-
-def submit(flwr_home: Path, app_dir: Path, values: Mapping[str, object], *, connection: str = CONNECTION,
-           stream: bool = False) -> str:
-    if not (flwr_home / "config.toml").is_file():
-        raise DeployError(f"{flwr_home / 'config.toml'}: not found (start `fedmoe serve` first, or set --flwr-home)")
-    if not (app_dir / "pyproject.toml").is_file():
-        raise DeployError(f"{app_dir}: no pyproject.toml (pass --app the fedmoe project folder)")
-    argv = [flower_bin("flwr"), "run", str(app_dir), connection, "--format", "json"]
-    if values:
-        argv += ["--run-config", run_config_string(values)]
-    result = subprocess.run(argv, env=flower_env(flwr_home), capture_output=True, text=True, timeout=300, check=False)
-    text = result.stdout
-    try:
-        reply = json.loads(text[text.index("{"): text.rindex("}") + 1])
-    except ValueError:
-        reply = {}
-    if result.returncode or not reply.get("success"):
-        detail = (result.stderr or text).strip().splitlines()[-3:]
-        raise DeployError(f"flwr run failed: {' '.join(detail)}")
-    run_id = str(reply["run-id"])
-    if stream:
-        subprocess.run([flower_bin("flwr"), "log", run_id, connection, "--stream"], env=flower_env(flwr_home), check=False)
-    return run_id
 
 
 def report_command(

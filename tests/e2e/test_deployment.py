@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmoe.deploy_cmd import free_port, process_tree
+from fedmoe.processes import free_port, process_tree
 from server.workspace import Workspace
 from privacy.certs import CertLayout, issue
 from server.checkpoint import Checkpoints
