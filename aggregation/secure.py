@@ -35,7 +35,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aggregation.codec import CodecConfig, decode_integers, dequantize_sum, kept_count, shared_scale
+from aggregation.codec import decode_integers, dequantize_sum
+from aggregation.codec_config import CodecConfig
+from aggregation.quantize import shared_scale
+from aggregation.sparsify import kept_count
 from privacy.secagg import ring_bits_for
 
 TOKENS = "tokens"  # the weight group of every tensor that belongs to no expert

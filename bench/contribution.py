@@ -32,7 +32,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares, exact_shapley
+from aggregation.contribution import ScoreBook, contribution_shares
+from aggregation.group_estimator import GroupValueEstimator
+from aggregation.shapley import exact_shapley
 from aggregation.fedavg import Update, aggregate
 from model.precision import select_precision
 from client.trainer import TrainConfig, train_local

@@ -41,7 +41,8 @@ from server.workspace import Workspace
 from model.base import load_base
 from model.corpus import read_texts
 from model.lora import expert_of
-from privacy.secagg import MemberSession, ServerSession
+from privacy.secagg_member import MemberSession
+from privacy.secagg_server import ServerSession
 from server.init import InitConfig, init_workspace
 from server.rounds import LogReporter
 from server.secure import SecureSettings, make_params

@@ -13,7 +13,8 @@ from typing import Protocol
 import torch
 
 from aggregation.broadcast import PatchError, apply_patch, view_digest
-from aggregation.codec import CodecConfig, ErrorFeedback
+from aggregation.codec_config import CodecConfig
+from aggregation.feedback import ErrorFeedback
 from client import secure
 from model.precision import select_precision
 from client.trainer import TrainConfig, train_local

@@ -2,7 +2,7 @@
 
 After TRAIN the node keeps its update (pre-scaled, compressed, as ring elements) on its own disk
 and answers the server's stage messages (advertise, share, mask, unmask) with
-privacy/secagg.py's MemberSession, which it saves between messages: a stage may be served by
+privacy/secagg_member.py's MemberSession, which it saves between messages: a stage may be served by
 another process (a simulation actor, a fresh ClientApp process of a SuperNode). Everything
 stays under the node's state dir, owner-only, and the round's files are deleted after unmask.
 
@@ -26,12 +26,14 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from aggregation.codec import CodecConfig
+from aggregation.codec_config import CodecConfig
 from aggregation.secure import TOKENS, SecureLayout
 from protos.messages import ProtocolError, SecAggMessage, TrainInstruction
 from model.io import load_tensors, save_tensors
 from model.lora import LoraMoE, expert_of
-from privacy.secagg import KeyAdvert, MemberSession, ProtocolViolation, SecAggParams
+from privacy.secagg import ProtocolViolation, SecAggParams
+from privacy.secagg_member import MemberSession
+from privacy.secagg_wire import KeyAdvert
 
 IDENTITY = "identity-ed25519.pem"
 _REVEALS_KEPT = 256  # updates whose unmask survivors a member remembers (a re-run is of a recent round)

@@ -1,1 +1,8 @@
-"""Privacy: secure aggregation (SecAgg+-style), differential privacy, key handling."""
+"""Privacy: what keeps members' updates and identities to themselves.
+
+secagg.py is the SecAgg+-style protocol (parameters, neighbour graph, ring sizing), with its
+wire format (secagg_wire.py), shared primitives (secagg_crypto.py), a member's session
+(secagg_member.py) and the server's (secagg_server.py); shamir.py shares secrets for dropout
+recovery; certs.py makes the consortium's CA, TLS and node-authentication keys. Pure protocol
+code over bytes and tensors: no Flower, no files. privacy/ imports only model/ of the project.
+"""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from aggregation.codec import CodecConfig
+from aggregation.codec_config import CodecConfig
 from model.precision import CHOICES as PRECISIONS
 
 
@@ -115,6 +115,11 @@ class RunConfig:
         if self.contribution == "auto":
             return "secure" if self.secagg == "on" else "open"
         return self.contribution
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens a member trains on in a round: self-reported counts are bounded by it."""
+        return self.local_steps * self.batch_size * self.seq_len
 
     def with_overrides(self, **changes: Any) -> RunConfig:
         return replace(self, **changes).validated()

@@ -26,7 +26,9 @@ from flwr.serverapp import Grid
 
 from aggregation.broadcast import advance, view_digest
 from aggregation.codec import UpdateRejected, decode
-from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares, random_groups, rotating_subsets
+from aggregation.contribution import ScoreBook, contribution_shares
+from aggregation.group_estimator import GroupValueEstimator
+from aggregation.groups import random_groups, rotating_subsets
 from aggregation.fedavg import Update, aggregate
 from aggregation.secure import TOKENS, SecureLayout
 from model.precision import select_precision

@@ -3,7 +3,7 @@ and one round's scores in open mode (individual updates) or secure mode (group s
 
 v(S) = L(global) - L(global + aggregate(S)): mean validation loss over the domains, on a few
 held-out batches per domain. Everything else (GTG-Shapley, group estimation, shares) lives in
-aggregation/contribution.py as pure code.
+aggregation/ as pure code (shapley.py, groups.py, group_estimator.py, contribution.py).
 """
 
 from __future__ import annotations
@@ -14,14 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aggregation.contribution import (
-    Coalition,
-    ShapleyEstimate,
-    duplicate_members,
-    group_shapley,
-    gtg_shapley,
-    is_null_update,
-)
+from aggregation.free_riders import duplicate_members, is_null_update
+from aggregation.groups import group_shapley
+from aggregation.shapley import Coalition, ShapleyEstimate, gtg_shapley
 from aggregation.fedavg import Update
 from model.precision import Precision
 from model.lora import LoraMoE, expert_of

@@ -33,16 +33,9 @@ from flwr.serverapp import Grid
 from aggregation.secure import SecureLayout
 from server.grid import exchange
 from protos.messages import ProtocolError, SecAggMessage, secagg_message_type
-from privacy.secagg import (
-    InvalidInput,
-    KeyAdvert,
-    MaskedInput,
-    ProtocolViolation,
-    SecAggAborted,
-    SecAggParams,
-    ServerSession,
-    UnmaskReply,
-)
+from privacy.secagg import InvalidInput, ProtocolViolation, SecAggAborted, SecAggParams
+from privacy.secagg_server import ServerSession
+from privacy.secagg_wire import KeyAdvert, MaskedInput, UnmaskReply
 
 Sums = tuple[dict[str, torch.Tensor], dict[str, float]]  # (sum_i w_i delta_i, sum_i w_i) per tensor
 

@@ -13,18 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregation.codec import (
-    MAGIC,
-    CodecConfig,
-    ErrorFeedback,
     UpdateRejected,
     decode,
     decode_integers,
     dequantize_sum,
     encode,
     encoded_nbytes,
-    kept_count,
-    randk_indices,
 )
+from aggregation.codec_config import CodecConfig
+from aggregation.container import MAGIC
+from aggregation.feedback import ErrorFeedback
+from aggregation.sparsify import kept_count, randk_indices
 
 BIG = 262_144
 LIMIT = 1 << 24

@@ -9,20 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregation.contribution import (
-    ContributionError,
-    GroupValueEstimator,
-    ScoreBook,
-    Valuation,
-    contribution_shares,
-    duplicate_members,
-    exact_shapley,
-    group_shapley,
-    gtg_shapley,
-    is_null_update,
-    random_groups,
-    rotating_subsets,
-)
+from aggregation.contribution import ContributionError, ScoreBook, contribution_shares
+from aggregation.free_riders import duplicate_members, is_null_update
+from aggregation.group_estimator import GroupValueEstimator
+from aggregation.groups import group_shapley, random_groups, rotating_subsets
+from aggregation.shapley import Valuation, exact_shapley, gtg_shapley
 
 Game = Callable[[frozenset[str]], float]
 

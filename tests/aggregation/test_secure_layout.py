@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aggregation.codec import CodecConfig, encode
+from aggregation.codec import encode
+from aggregation.codec_config import CodecConfig
 from aggregation.secure import TOKENS, SecureInputError, SecureLayout
 
 SHAPES = {"attn.lora_B": (6, 4), "experts.0.lora_B": (8, 4), "experts.1.lora_B": (8, 4)}

@@ -17,19 +17,15 @@ from hypothesis import strategies as st
 from privacy.shamir import PRIME, Share
 from privacy.secagg import (
     InvalidInput,
-    KeyAdvert,
-    MaskedInput,
-    MemberSession,
     ProtocolViolation,
     SecAggAborted,
     SecAggParams,
-    ServerSession,
-    UnmaskReply,
     neighbour_graph,
-    pack,
     ring_bits_for,
-    unpack,
 )
+from privacy.secagg_member import MemberSession
+from privacy.secagg_server import ServerSession
+from privacy.secagg_wire import KeyAdvert, MaskedInput, UnmaskReply, pack, unpack
 
 SEED = b"fedmoe-test-graph-seed"
 T = TypeVar("T")

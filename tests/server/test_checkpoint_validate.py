@@ -7,7 +7,8 @@ import torch
 
 from server.config import RunConfig
 from protos.messages import TrainReply
-from aggregation.codec import CodecConfig, encode
+from aggregation.codec import encode
+from aggregation.codec_config import CodecConfig
 from server.checkpoint import CheckpointError, Checkpoints
 from server.rounds import UpdateRejected, validate_update
 

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from aggregation.contribution import GroupValueEstimator, ScoreBook, contribution_shares
+from aggregation.contribution import ScoreBook, contribution_shares
+from aggregation.group_estimator import GroupValueEstimator
 from aggregation.fedavg import Update
 from model.precision import select_precision
 from client.trainer import TrainConfig, train_local
