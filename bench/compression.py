@@ -30,7 +30,7 @@ from server.workspace import Workspace
 from model.base import load_base
 from server.checkpoint import Checkpoints
 from server.init import InitConfig, init_workspace
-from server.rounds import LogReporter
+from server.summary import LogReporter
 
 RESULTS = Path(__file__).parent / "results" / "compression.json"
 # (row label, codec, codec-clip, secure-aggregation compatible)

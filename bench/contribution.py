@@ -7,7 +7,7 @@ zeros). Each round the global state moves by the aggregate of all five updates. 
 - reference: exact Shapley of that round's utility, all 32 coalitions evaluated;
 - open mode: GTG-Shapley on the individual updates (server/scoring.py);
 - secure mode: the server sees only the sum of one secure-aggregation group per round, chosen
-  as the round loop chooses it with 5 members and min-group 3 (server/rounds.plan_groups: 3
+  as the round loop chooses it with 5 members and min-group 3 (server/sampling.plan_groups: 3
   members from a balanced rotation of the 10 possible groups), valued as its part of the
   round's aggregate; individual values are recovered across rounds by the round loop's
   estimator (ridge least squares with a common drift over the run, credit only for estimates
@@ -45,7 +45,8 @@ from model.corpus import read_texts
 from model.lora import expert_of
 from model.tokenizer import pack
 from server.init import InitConfig, init_workspace
-from server.rounds import plan_groups, validation_sets
+from server.evaluation import validation_sets
+from server.sampling import plan_groups
 from server.scoring import open_value, score_open
 
 RESULTS = Path(__file__).parent / "results" / "contribution.json"
@@ -79,7 +80,7 @@ def spearman(a: dict[str, float], b: dict[str, float]) -> float:
 def secure_shares(games: list[dict[str, float]], seed: int) -> dict[str, float]:
     """Secure-mode shares: each round only the value of the group the round loop would choose.
 
-    The estimator is the round loop's (server/rounds.py). Here every member trained in every
+    The estimator is the round loop's (server/rounds.py, score_round). Here every member trained in every
     round (the reference needs all 32 coalitions), so a member's total is its credited
     per-round estimate times the rounds, not times the rounds its group was observed.
     """

@@ -35,7 +35,8 @@ from model.corpus import read_texts
 from model.tokenizer import pack
 from server.checkpoint import Checkpoints
 from server.init import InitConfig, init_workspace
-from server.rounds import LogReporter, evaluate, validation_sets
+from server.evaluation import evaluate, validation_sets
+from server.summary import LogReporter
 
 RESULTS = Path(__file__).parent / "results" / "convergence.json"
 

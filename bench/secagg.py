@@ -44,7 +44,7 @@ from model.lora import expert_of
 from privacy.secagg_member import MemberSession
 from privacy.secagg_server import ServerSession
 from server.init import InitConfig, init_workspace
-from server.rounds import LogReporter
+from server.summary import LogReporter
 from server.secure import SecureSettings, make_params
 
 RESULTS = Path(__file__).parent / "results" / "secagg.json"

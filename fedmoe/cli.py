@@ -102,7 +102,7 @@ def _simulate(cfg: RunConfig, members: int | None, run_name: str):  # type: igno
     from fedmoe.console import RichReporter, round_table
     from fedmoe.simulation import SimulationFailed, simulate
     from server.checkpoint import Checkpoints
-    from server.rounds import RoundSummary
+    from server.summary import RoundSummary
     from server.workspace import Workspace
 
     reporter = RichReporter(console)
@@ -119,7 +119,7 @@ def _simulate(cfg: RunConfig, members: int | None, run_name: str):  # type: igno
 
 
 def _summary_from_manifest(m: dict) -> "object":  # type: ignore[type-arg]
-    from server.rounds import MemberReport, RoundSummary
+    from server.summary import MemberReport, RoundSummary
 
     return RoundSummary(
         round=m["round"], val_loss=m["val_loss"], members=[MemberReport(**r) for r in m["members"]],

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from server.rounds import RoundSummary
+from server.summary import RoundSummary
 
 
 def human_bytes(n: float) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from server.config import RunConfig
 from server.workspace import Workspace
-from server.rounds import Reporter, RoundSummary
+from server.summary import Reporter, RoundSummary
 
 
 class SimulationFailed(RuntimeError):

@@ -8,7 +8,8 @@ from flwr.serverapp import Grid, ServerApp
 from model.chatter import silence_library_chatter
 from server.config import RunConfig
 from server.metrics import with_metrics
-from server.rounds import Reporter, run_rounds
+from server.rounds import run_rounds
+from server.summary import Reporter
 
 silence_library_chatter()  # this module is a process's entry point (SuperLink, simulation)
 

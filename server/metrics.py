@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from server.rounds import LogReporter, Reporter, RoundSummary
+from server.summary import LogReporter, Reporter, RoundSummary
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

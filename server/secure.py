@@ -1,7 +1,7 @@
 """The operator's side of secure aggregation in a round: four message exchanges per round.
 
 After TRAIN, the members of each secure-aggregation group (one group of everybody, or the
-contribution groups of aggregation/contribution.py) run privacy/secagg.py's protocol through
+contribution groups of server/sampling.py) run privacy/secagg.py's protocol through
 the Grid: advertise -> share -> mask -> unmask. All groups go through each stage together, so a
 round costs four extra round trips however many groups it has. A member that does not answer a
 stage within `secagg-timeout`, or whose message is refused, is out of the round from that stage
@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -114,36 +115,175 @@ def secure_aggregate(
     hints: Mapping[str, str],  # base_path, members_dir, nodes_dir (simulated nodes)
     note: Callable[[str], None],
 ) -> SecureOutcome:
-    out = SecureOutcome()
+    """The four rounds of the protocol (Bonawitz et al.) for every group of the round at once."""
     started = time.perf_counter()
-    waited = 0.0
-    live: list[_Group] = []
-    for index, nodes in enumerate(groups):
-        name = "+".join(sorted(nodes))
-        try:
-            params = make_params(rnd, list(nodes), layout, settings, index)
-            session = ServerSession(params, {m: directory[m] for m in nodes}, lenient=True)
-        except (InvalidInput, KeyError) as exc:
-            out.aborted[name] = f"cannot start: {exc}"
-            continue
-        live.append(_Group(index, name, session, dict(nodes)))
+    round_ = _SecureRound(grid, rnd, run, directory, layout, settings, hints, note)
+    round_.start(groups)
+    forwarded = round_.advertise_keys()
+    inboxes = round_.share_keys(forwarded)
+    requests = round_.masked_input_collection(inboxes)
+    round_.unmasking(requests)
+    out = round_.out
+    out.server_seconds = time.perf_counter() - started - round_.waited
+    for member in out.survivors:  # a survivor that went silent at unmask is still summed
+        out.dropped.pop(member, None)
+    return out
 
-    def run_stage(stage: str, outgoing: Callable[[_Group], dict[str, dict[str, object]]]) -> dict[int, dict[str, SecAggMessage]]:
+
+class _SecureRound:
+    """One round's groups going through the protocol's stages together, and what came of it."""
+
+    def __init__(
+        self, grid: Grid, rnd: int, run: str, directory: Mapping[str, Ed25519PublicKey], layout: SecureLayout,
+        settings: SecureSettings, hints: Mapping[str, str], note: Callable[[str], None],
+    ) -> None:
+        self.grid, self.rnd, self.run, self.directory = grid, rnd, run, directory
+        self.layout, self.settings, self.hints, self.note = layout, settings, hints, note
+        self.out = SecureOutcome()
+        self.live: list[_Group] = []
+        self.waited = 0.0  # seconds spent waiting for members (not the server's protocol time)
+
+    def start(self, groups: Sequence[Mapping[str, int]]) -> None:
+        for index, nodes in enumerate(groups):
+            name = "+".join(sorted(nodes))
+            try:
+                params = make_params(self.rnd, list(nodes), self.layout, self.settings, index)
+                session = ServerSession(params, {m: self.directory[m] for m in nodes}, lenient=True)
+            except (InvalidInput, KeyError) as exc:
+                self.out.aborted[name] = f"cannot start: {exc}"
+                continue
+            self.live.append(_Group(index, name, session, dict(nodes)))
+
+    # 0. advertise keys: each member gets the group, its identity directory and the parameters
+    def advertise_keys(self) -> dict[int, dict[str, dict[str, KeyAdvert]]]:
+        def setup(group: _Group) -> dict[str, dict[str, object]]:
+            p = group.session.params
+            fields: dict[str, object] = {
+                "group": list(p.members), "identities": [self.directory[m].public_bytes_raw() for m in p.members],
+                "threshold": p.threshold, "neighbours": p.neighbours, "ring-bits": p.ring_bits,
+                "vector-length": p.vector_length, "graph-seed": p.graph_seed,
+            }
+            return {m: fields for m in p.members}
+
+        replies = self.exchange_stage("advertise", setup)
+        forwarded: dict[int, dict[str, dict[str, KeyAdvert]]] = {}
+        for group in list(self.live):
+            adverts = {
+                m: KeyAdvert(m, self.rnd, *(r.fields[f] for f in ("c-pub", "s-pub", "b-commitment", "signature")))  # type: ignore[arg-type]
+                for m, r in replies[group.index].items()
+            }
+            result = self.settle(group, lambda g=group, a=adverts: g.session.receive_adverts(a))
+            if result is not None:
+                forwarded[group.index] = result  # type: ignore[assignment]
+        return forwarded
+
+    # 1. share keys: each member gets its neighbours' adverts, returns encrypted shares
+    def share_keys(self, forwarded: dict[int, dict[str, dict[str, KeyAdvert]]]) -> dict[int, dict[str, dict[str, bytes]]]:
+        def adverts_of(group: _Group) -> dict[str, dict[str, object]]:
+            out_fields = {}
+            for member, neighbours in forwarded[group.index].items():
+                senders = sorted(neighbours)
+                out_fields[member] = {
+                    "senders": senders,
+                    "c-pubs": [neighbours[s].c_pub for s in senders], "s-pubs": [neighbours[s].s_pub for s in senders],
+                    "b-commitments": [neighbours[s].b_commitment for s in senders],
+                    "signatures": [neighbours[s].signature for s in senders],
+                }
+            return out_fields
+
+        replies = self.exchange_stage("share", adverts_of)
+        inboxes: dict[int, dict[str, dict[str, bytes]]] = {}
+        for group in list(self.live):
+            shares = {}
+            for m, r in replies[group.index].items():
+                try:
+                    shares[m] = r.pairs("receivers", "ciphertexts")
+                except ProtocolError as exc:
+                    self.out.dropped.setdefault(m, f"share: {exc}")
+            result = self.settle(group, lambda g=group, s=shares: g.session.receive_shares(s))
+            if result is not None:
+                inboxes[group.index] = result  # type: ignore[assignment]
+        return inboxes
+
+    # 2. masked input collection: each member gets the shares addressed to it, returns its masked vector
+    def masked_input_collection(self, inboxes: dict[int, dict[str, dict[str, bytes]]]) -> dict[int, dict[str, Any]]:
+        replies = self.exchange_stage("mask", lambda g: {
+            m: {"senders": sorted(inbox), "ciphertexts": [inbox[s] for s in sorted(inbox)]}
+            for m, inbox in inboxes[g.index].items()
+        })
+        requests = {}
+        smallest = self.settings.min_group
+        for group in list(self.live):
+            masked = {m: MaskedInput(m, self.rnd, r.fields["packed"]) for m, r in replies[group.index].items()}  # type: ignore[arg-type]
+            result = self.guarded(group, lambda g=group, x=masked: g.session.receive_masked(x))
+            self.refused(group)
+            survivors = result[0] if result is not None else set()  # type: ignore[index]
+            if result is not None and len(survivors) < max(smallest, group.session.params.threshold):
+                self.out.aborted[group.name] = (
+                    f"only {len(survivors)} member(s) sent masked inputs; a group is unmasked with at least "
+                    f"{max(smallest, group.session.params.threshold)}"
+                )
+                result = None
+            if result is None:
+                self.live.remove(group)
+            else:
+                requests[group.index] = group.session.unmask_requests()
+        unmaskable = sum(len(r) for r in requests.values())
+        if unmaskable < self.settings.min_members:
+            # A sum the round cannot commit is never revealed: the round would be re-run with the same
+            # state, and a second sum over other survivors could be differenced against this one.
+            # (Necessary, not sufficient: a group can still fail at unmask after another unmasked;
+            # the members' own record of what they helped unmask covers that, client/secure.py.)
+            for group in self.live:
+                self.out.aborted[group.name] = (
+                    f"only {unmaskable} member(s) sent masked inputs in the round's groups, fewer than "
+                    f"min-members {self.settings.min_members}: nothing is unmasked"
+                )
+            self.live.clear()
+        return requests
+
+    # 3. unmasking: survivors reveal the shares that remove self masks and dropped members' masks
+    def unmasking(self, requests: dict[int, dict[str, Any]]) -> None:
+        replies = self.exchange_stage("unmask", lambda g: {
+            m: {"survivors": sorted(r.survivors), "dropped": sorted(r.dropped)} for m, r in requests[g.index].items()
+        })
+        for group in self.live:
+            answers = {}
+            for m, r in replies[group.index].items():
+                try:
+                    answers[m] = UnmaskReply(m, self.rnd, r.pairs("b-owners", "b-shares"), r.pairs("s-owners", "s-shares"))
+                except ProtocolError as exc:
+                    self.out.dropped.setdefault(m, f"unmask: {exc}")
+            total = self.guarded(group, lambda g=group, a=answers: g.session.finish(a))
+            self.out.flagged.update(group.session.refused)  # e.g. a provably tampered share: named, and still summed
+            self.out.tampered.update(group.session.tampered)
+            group.session.refused.clear()
+            if total is None:
+                continue
+            survivors = frozenset(requests[group.index])
+            try:
+                self.out.sums[survivors] = self.layout.decode_sum(total, len(survivors))  # type: ignore[arg-type]
+            except ValueError as exc:
+                self.out.aborted[group.name] = f"sum does not decode: {exc}"
+
+    def exchange_stage(
+        self, stage: str, outgoing: Callable[[_Group], dict[str, dict[str, object]]]
+    ) -> dict[int, dict[str, SecAggMessage]]:
         """One exchange for every live group; replies per group index, member -> message."""
-        nonlocal waited
+        out, rnd = self.out, self.rnd
         messages, sent_to = [], {}
-        for group in live:
+        for group in self.live:
             for member, fields in outgoing(group).items():
-                msg = SecAggMessage(stage=stage, run=run, round=rnd, group=group.index, member="", fields=fields, **hints)
+                msg = SecAggMessage(stage=stage, run=self.run, round=rnd, group=group.index, member="", fields=fields, **self.hints)
                 content = msg.to_record()
                 node = group.nodes[member]
                 out.bytes_down[member] = out.bytes_down.get(member, 0) + recorddict_to_proto(content).ByteSize()
                 messages.append(Message(content=content, message_type=secagg_message_type(stage), dst_node_id=node, group_id=f"{rnd}"))
                 sent_to[(node, group.index)] = member
         t0 = time.perf_counter()
-        replies = exchange(grid, messages, settings.timeout, poll=0.05)
-        waited += time.perf_counter() - t0
-        got: dict[int, dict[str, SecAggMessage]] = {g.index: {} for g in live}
+        replies = exchange(self.grid, messages, self.settings.timeout, poll=0.05)
+        self.waited += time.perf_counter() - t0
+        got: dict[int, dict[str, SecAggMessage]] = {g.index: {} for g in self.live}
         answered = set()
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -162,8 +302,8 @@ def secure_aggregate(
                 continue
             key = (node, parsed.group)
             member = sent_to.get(key)
-            if member is None or parsed.member != member or parsed.round != rnd or parsed.run != run:
-                note(f"round {rnd}: secagg {stage}: refused a reply from node {node} (labelled {parsed.member!r}, round {parsed.round})")
+            if member is None or parsed.member != member or parsed.round != rnd or parsed.run != self.run:
+                self.note(f"round {rnd}: secagg {stage}: refused a reply from node {node} (labelled {parsed.member!r}, round {parsed.round})")
                 continue
             answered.add(key)
             out.bytes_up[member] = out.bytes_up.get(member, 0) + recorddict_to_proto(reply.content).ByteSize()
@@ -171,134 +311,25 @@ def secure_aggregate(
             got[parsed.group][member] = parsed
         for key, member in sent_to.items():
             if key not in answered:
-                out.dropped.setdefault(member, f"{stage}: no reply within {settings.timeout:g}s")
+                out.dropped.setdefault(member, f"{stage}: no reply within {self.settings.timeout:g}s")
         return got
 
-    def guarded(group: _Group, step: Callable[[], object]) -> object:
+    def guarded(self, group: _Group, step: Callable[[], object]) -> object:
         try:
             return step()
         except (SecAggAborted, ProtocolViolation, ProtocolError, ValueError) as exc:
-            out.aborted[group.name] = str(exc)
+            self.out.aborted[group.name] = str(exc)
             return None
 
-    def refused(group: _Group) -> None:
+    def refused(self, group: _Group) -> None:
         for member, why in group.session.refused.items():
-            out.dropped.setdefault(member, f"refused: {why}")
+            self.out.dropped.setdefault(member, f"refused: {why}")
         group.session.refused.clear()
 
-    def settle(group: _Group, step: Callable[[], object]) -> object:
+    def settle(self, group: _Group, step: Callable[[], object]) -> object:
         """One group's server step: a refusal drops members, an abort drops the group."""
-        result = guarded(group, step)
-        refused(group)
+        result = self.guarded(group, step)
+        self.refused(group)
         if result is None:
-            live.remove(group)
+            self.live.remove(group)
         return result
-
-    # 1. advertise: each member gets the group, its identity directory and the parameters
-    def setup(group: _Group) -> dict[str, dict[str, object]]:
-        p = group.session.params
-        fields: dict[str, object] = {
-            "group": list(p.members), "identities": [directory[m].public_bytes_raw() for m in p.members],
-            "threshold": p.threshold, "neighbours": p.neighbours, "ring-bits": p.ring_bits,
-            "vector-length": p.vector_length, "graph-seed": p.graph_seed,
-        }
-        return {m: fields for m in p.members}
-
-    replies = run_stage("advertise", setup)
-    forwarded: dict[int, dict[str, dict[str, KeyAdvert]]] = {}
-    for group in list(live):
-        adverts = {
-            m: KeyAdvert(m, rnd, *(r.fields[f] for f in ("c-pub", "s-pub", "b-commitment", "signature")))  # type: ignore[arg-type]
-            for m, r in replies[group.index].items()
-        }
-        result = settle(group, lambda g=group, a=adverts: g.session.receive_adverts(a))
-        if result is not None:
-            forwarded[group.index] = result  # type: ignore[assignment]
-
-    # 2. share keys: each member gets its neighbours' adverts, returns encrypted shares
-    def adverts_of(group: _Group) -> dict[str, dict[str, object]]:
-        out_fields = {}
-        for member, neighbours in forwarded[group.index].items():
-            senders = sorted(neighbours)
-            out_fields[member] = {
-                "senders": senders,
-                "c-pubs": [neighbours[s].c_pub for s in senders], "s-pubs": [neighbours[s].s_pub for s in senders],
-                "b-commitments": [neighbours[s].b_commitment for s in senders],
-                "signatures": [neighbours[s].signature for s in senders],
-            }
-        return out_fields
-
-    replies = run_stage("share", adverts_of)
-    inboxes: dict[int, dict[str, dict[str, bytes]]] = {}
-    for group in list(live):
-        shares = {}
-        for m, r in replies[group.index].items():
-            try:
-                shares[m] = r.pairs("receivers", "ciphertexts")
-            except ProtocolError as exc:
-                out.dropped.setdefault(m, f"share: {exc}")
-        result = settle(group, lambda g=group, s=shares: g.session.receive_shares(s))
-        if result is not None:
-            inboxes[group.index] = result  # type: ignore[assignment]
-
-    # 3. masked input: each member gets the shares addressed to it, returns its masked vector
-    replies = run_stage("mask", lambda g: {
-        m: {"senders": sorted(inbox), "ciphertexts": [inbox[s] for s in sorted(inbox)]}
-        for m, inbox in inboxes[g.index].items()
-    })
-    requests = {}
-    for group in list(live):
-        masked = {m: MaskedInput(m, rnd, r.fields["packed"]) for m, r in replies[group.index].items()}  # type: ignore[arg-type]
-        result = guarded(group, lambda g=group, x=masked: g.session.receive_masked(x))
-        refused(group)
-        survivors = result[0] if result is not None else set()  # type: ignore[index]
-        if result is not None and len(survivors) < max(settings.min_group, group.session.params.threshold):
-            out.aborted[group.name] = (
-                f"only {len(survivors)} member(s) sent masked inputs; a group is unmasked with at least "
-                f"{max(settings.min_group, group.session.params.threshold)}"
-            )
-            result = None
-        if result is None:
-            live.remove(group)
-        else:
-            requests[group.index] = group.session.unmask_requests()
-    unmaskable = sum(len(r) for r in requests.values())
-    if unmaskable < settings.min_members:
-        # A sum the round cannot commit is never revealed: the round would be re-run with the same
-        # state, and a second sum over other survivors could be differenced against this one.
-        # (Necessary, not sufficient: a group can still fail at unmask after another unmasked;
-        # the members' own record of what they helped unmask covers that, client/secure.py.)
-        for group in live:
-            out.aborted[group.name] = (
-                f"only {unmaskable} member(s) sent masked inputs in the round's groups, fewer than "
-                f"min-members {settings.min_members}: nothing is unmasked"
-            )
-        live.clear()
-
-    # 4. unmask: survivors reveal the shares that remove self masks and dropped members' masks
-    replies = run_stage("unmask", lambda g: {
-        m: {"survivors": sorted(r.survivors), "dropped": sorted(r.dropped)} for m, r in requests[g.index].items()
-    })
-    for group in live:
-        answers = {}
-        for m, r in replies[group.index].items():
-            try:
-                answers[m] = UnmaskReply(m, rnd, r.pairs("b-owners", "b-shares"), r.pairs("s-owners", "s-shares"))
-            except ProtocolError as exc:
-                out.dropped.setdefault(m, f"unmask: {exc}")
-        total = guarded(group, lambda g=group, a=answers: g.session.finish(a))
-        out.flagged.update(group.session.refused)  # e.g. a provably tampered share: named, and still summed
-        out.tampered.update(group.session.tampered)
-        group.session.refused.clear()
-        if total is None:
-            continue
-        survivors = frozenset(requests[group.index])
-        try:
-            out.sums[survivors] = layout.decode_sum(total, len(survivors))  # type: ignore[arg-type]
-        except ValueError as exc:
-            out.aborted[group.name] = f"sum does not decode: {exc}"
-    out.server_seconds = time.perf_counter() - started - waited
-    for member in out.survivors:  # a survivor that went silent at unmask is still summed
-        out.dropped.pop(member, None)
-    return out
-

@@ -6,7 +6,7 @@
     <workspace>/nodes/<member>/     node-local state of each simulated member
     <workspace>/releases/<name>/    exported releases (server/release.py)
     <workspace>/operator/           the operator's Ed25519 key and usage-rights policy
-    <workspace>/runs/<run>/ledger.sqlite   the run's transparency ledger (server/ledger.py)
+    <workspace>/runs/<run>/ledger.sqlite   the run's transparency ledger (server/ledger/)
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from fedmoe.simulation import SimulationFailed, simulate
 from server.workspace import Workspace
 from server.checkpoint import Checkpoints
 from server.release import export_release
-from server.rounds import LogReporter
+from server.summary import LogReporter
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import torch
 
 from server.config import RunConfig
 from protos.messages import TrainReply
-from aggregation.codec import encode
+from aggregation.codec import UpdateRejected, encode
 from aggregation.codec_config import CodecConfig
 from server.checkpoint import CheckpointError, Checkpoints
-from server.rounds import UpdateRejected, validate_update
+from server.validate import validate_update
 
 SHAPES = {"a.lora_B": (4, 2), "layers.0.mlp.experts.down_proj.lora_B.e1": (3, 2)}
 CONFIG = RunConfig(local_steps=2, batch_size=2, seq_len=16, codec="fp32")  # token budget 64

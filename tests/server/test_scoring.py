@@ -16,7 +16,7 @@ from server.config import RunConfig
 from model.base import load_base
 from model.corpus import read_texts
 from model.tokenizer import pack
-from server.rounds import validation_sets
+from server.evaluation import validation_sets
 from server.scoring import combine_group_sums, open_value, score_open
 
 ROLES = ("rich", "duplicate", "noisy", "small", "free_rider")

@@ -26,7 +26,8 @@ from model.lora import expert_of
 from privacy.secagg import ProtocolViolation
 from server.checkpoint import Checkpoints
 from server.ledger import Ledger, OperatorKey
-from server.rounds import LogReporter, RoundAborted, run_rounds
+from server.rounds import RoundAborted, run_rounds
+from server.summary import LogReporter
 from server.scoring import combine_group_sums
 
 from fake_grid import FakeGrid, task_identity
@@ -294,7 +295,7 @@ def test_per_expert_counts_in_the_clear_are_refused_under_secure_aggregation(ws:
 
 
 def test_plan_groups_rotates_a_small_consortium_evenly_and_splits_a_large_one() -> None:
-    from server.rounds import plan_groups
+    from server.sampling import plan_groups
 
     members = ["acme", "beta", "corp", "delta", "echo"]
     rounds = [plan_groups(members, 3, seed=7, rnd=r) for r in range(1, 11)]

@@ -1,0 +1,118 @@
+"""The round's first stage: which nodes train this round, as which members, in which groups.
+
+Open rounds and plain secure rounds sample nodes; secure contribution plans its groups by member
+name (asked with a HELLO exchange), since Flower node ids change when a node restarts and a
+re-run round must train the same group again (client/secure.py).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from aggregation.groups import random_groups, rotating_subsets
+from protos.messages import HELLO, Hello, ProtocolError
+from server.config import RunConfig
+from server.grid import exchange
+from server.workspace import Workspace
+
+MEMBER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+T = TypeVar("T", int, str)  # a node id or a member name
+
+
+@dataclass(frozen=True)
+class Roster:
+    nodes: list[int]  # the nodes sent TRAIN this round
+    groups: list[list[int]]  # secure-aggregation groups of those nodes (one group when not planned)
+    planned: dict[int, str]  # secure contribution: node -> the member it said it is (else empty)
+
+
+def sample_members(
+    grid: Grid, config: RunConfig, ws: Workspace, node_member: dict[int, str], rnd: int, note: Callable[[str], None]
+) -> Roster:
+    """The round's roster; `node_member` learns the members of nodes it did not know."""
+    nodes = wait_for_nodes(grid, config.min_members, config.round_timeout)
+    if not (config.secagg == "on" and config.contribution_mode == "secure"):
+        nodes = members_of_round(nodes, config, rnd)
+        return Roster(nodes=nodes, groups=[nodes], planned={})
+    # Plan by member name, not Flower node id (ids change on restart): a re-run round must
+    # train the same group, or its members refuse to unmask it (client/secure.py).
+    unknown = [n for n in nodes if n not in node_member]
+    if unknown:
+        hints = Hello("", str(ws.base), str(ws.members_dir), str(ws.root / "nodes"))
+        node_member.update(ask_members(grid, unknown, hints, config.secagg_timeout, note))
+    member_node: dict[str, int] = {}
+    for node in nodes:
+        member = node_member.get(node)
+        if member is not None and member in member_node:
+            note(f"round {rnd}: nodes {member_node[member]} and {node} both say they are {member}; {node} sits out")
+        elif member is not None:
+            member_node[member] = node
+    members = members_of_round(sorted(member_node), config, rnd)
+    groups = plan_groups(members, config.contribution_min_group, seed=config.seed, rnd=rnd, min_members=config.min_members)
+    planned = {member_node[m]: m for group in groups for m in group}
+    return Roster(nodes=sorted(planned), groups=[[member_node[m] for m in group] for group in groups], planned=planned)
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def members_of_round(candidates: list[T], config: RunConfig, rnd: int) -> list[T]:
+    """The round's seeded sample of `members-per-round` candidates (all of them when 0)."""
+    if not config.members_per_round:
+        return candidates
+    return sorted(random.Random(config.seed * 100_003 + rnd).sample(candidates, min(len(candidates), config.members_per_round)))
+
+
+def plan_groups(members: Sequence[str], min_group: int, *, seed: int, rnd: int, min_members: int = 1) -> list[list[str]]:
+    """Secure contribution: which members train this round, in which secure-aggregation group.
+
+    With at least 2*min_group members: everybody, in disjoint random groups of >= min_group.
+    With fewer, one group cannot be split without revealing a sum of fewer than min_group, so
+    the round trains one group of min_group members (or min_members, if the round needs more to
+    commit) from a balanced rotation, and the others sit out: rounds of different groups are
+    what makes members separable (the secure-mode group estimator).
+    Deterministic in (members, min_group, seed, rnd) -- by member name, not Flower node id, so
+    a round re-run after a restart (new node ids) trains the same group again, which its
+    members insist on when its sum was already unmasked (client/secure.py).
+    """
+    if len(members) >= 2 * min_group:
+        return [sorted(g) for g in random_groups(members, min_group, rng=random.Random(f"fedmoe-groups|{seed}|{rnd}"))]
+    if len(members) <= min_group:
+        return [sorted(members)]
+    size = max(min_group, min(min_members, len(members)))
+    return [sorted(rotating_subsets(members, size, rnd - 1, seed=f"fedmoe-groups|{seed}"))]
+
+
+def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, note: Callable[[str], None]) -> dict[int, str]:
+    """node -> member, from a HELLO exchange; nodes that do not answer are left out."""
+    messages = [Message(content=hints.to_record(), message_type=HELLO, dst_node_id=n, group_id="hello") for n in nodes]
+    found: dict[int, str] = {}
+    for reply in exchange(grid, messages, timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            note(f"node {node} did not say which member it is: {reply.error.reason}")
+            continue
+        try:
+            member = Hello.from_record(reply.content).member
+        except ProtocolError as exc:
+            note(f"node {node}: {exc}")
+            continue
+        if not MEMBER_NAME.fullmatch(member):
+            note(f"node {node} said it is {member!r}, not a member name (letters, digits, '.', '_', '-')")
+            continue
+        found[node] = member
+    return found

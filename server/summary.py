@@ -1,0 +1,73 @@
+"""What a round leaves behind for people: the per-member report, the round summary, and the
+`Reporter` through which the round loop tells the CLI, the logs and Prometheus how it goes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger("fedmoe.server")
+
+
+@dataclass(frozen=True)
+class MemberReport:
+    member: str
+    node_id: int
+    bytes_down: int
+    bytes_up: int
+    num_tokens: int
+    train_loss: float
+    seconds: float
+    experts_sent: int
+    precision: str
+    secagg_seconds: float = 0.0  # the member's time on the secure-aggregation stages
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    round: int
+    val_loss: dict[str, float]
+    members: list[MemberReport] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # member or node -> reason
+    seconds: float = 0.0
+    scores: dict[str, float] = field(default_factory=dict)  # contribution this round (val-loss drop)
+    shares: dict[str, float] = field(default_factory=dict)  # cumulative contribution shares
+    contribution: dict[str, object] = field(default_factory=dict)  # how scores were computed
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(m.bytes_up for m in self.members)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(m.bytes_down for m in self.members)
+
+
+class Reporter(Protocol):
+    def start(self, first_round: int, num_rounds: int, resumed: bool) -> None: ...
+    def round_started(self, rnd: int, num_members: int) -> None: ...
+    def member_done(self, rnd: int, done: int, total: int) -> None: ...
+    def round_finished(self, summary: RoundSummary) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class LogReporter:
+    """Progress through Flower's log (a deployed ServerApp has no terminal of its own)."""
+
+    def start(self, first_round: int, num_rounds: int, resumed: bool) -> None:
+        log.info("fedmoe: rounds %d..%d%s", first_round, num_rounds, " (resumed)" if resumed else "")
+
+    def round_started(self, rnd: int, num_members: int) -> None:
+        log.info("round %d: sent to %d members", rnd, num_members)
+
+    def member_done(self, rnd: int, done: int, total: int) -> None:
+        pass
+
+    def round_finished(self, summary: RoundSummary) -> None:
+        losses = ", ".join(f"{d}={v:.3f}" for d, v in summary.val_loss.items())
+        log.info("round %d committed: val loss %s", summary.round, losses)
+
+    def note(self, text: str) -> None:
+        log.warning("%s", text)
+

@@ -1,0 +1,131 @@
+"""The round's validation stage: every TRAIN reply checked where it arrives, before it counts.
+
+A reply is parsed strictly (protos/), its round and member checked against what the round
+planned, its update decoded under the codec's bounds and checked tensor by tensor (names,
+shapes, finite), its self-reported counts bounded by the round's token budget. A reply that
+fails is one rejection naming the node and why; the round goes on without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import Message
+from flwr.common.serde import recorddict_to_proto
+
+from aggregation.codec import UpdateRejected, decode
+from aggregation.fedavg import Update
+from protos.messages import ProtocolError, TrainReply
+from server.config import RunConfig
+from server.identities import Identities
+from server.sampling import Roster
+from server.summary import MemberReport
+
+
+@dataclass
+class Received:
+    """What the round's valid replies brought: updates (open) and one report per member."""
+
+    updates: list[Update] = field(default_factory=list)  # open rounds only: secure ones hold theirs masked
+    reports: list[MemberReport] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # node or member -> reason
+
+
+def validate_replies(
+    replies: list[Message],
+    roster: Roster,
+    *,
+    rnd: int,
+    config: RunConfig,
+    shapes: dict[str, tuple[int, ...]],
+    codec_seed: int,
+    bytes_down: dict[int, int],
+    identities: Identities,
+    node_member: dict[int, str],
+    held_views: dict[str, str],
+    note: Callable[[str], None],
+) -> Received:
+    """Check every reply; `node_member` and `held_views` learn what the valid ones say."""
+    secure = config.secagg == "on"
+    received = Received()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            held_views.pop(node_member.get(node, ""), None)  # resend the full state next time
+            received.rejected[f"node {node}"] = reply.error.reason
+            note(f"round {rnd}: {reply.error.reason}")
+            node_member.pop(node, None)  # ask it again next round
+            continue
+        try:
+            parsed = TrainReply.from_record(reply.content)
+            if parsed.round != rnd:
+                raise UpdateRejected(f"member {parsed.member!r}: reply for round {parsed.round}, expected {rnd}")
+            if roster.planned and roster.planned.get(node) != parsed.member:
+                raise UpdateRejected(
+                    f"node {node} said it is {roster.planned.get(node)!r} but replied as {parsed.member!r}; its group was planned for the former"
+                )
+            if secure:
+                if parsed.update:
+                    raise UpdateRejected(f"member {parsed.member!r}: sent its update in the clear under secure aggregation")
+                if parsed.expert_tokens:  # they would tell the operator which experts the member's data uses
+                    raise UpdateRejected(f"member {parsed.member!r}: sent per-expert token counts in the clear under secure aggregation")
+                check_counts(parsed, config)
+                identities.pin(parsed.member, parsed.identity)
+            else:
+                received.updates.append(validate_update(parsed, shapes, config, codec_seed=codec_seed))
+        except (ProtocolError, UpdateRejected, ValueError) as exc:
+            received.rejected[f"node {node}"] = str(exc)
+            note(f"round {rnd}: rejected: {exc}")
+            node_member.pop(node, None)
+            continue
+        node_member[node] = parsed.member
+        held_views[parsed.member] = parsed.view_sha256
+        received.reports.append(MemberReport(
+            member=parsed.member, node_id=node, bytes_down=bytes_down[node],
+            bytes_up=recorddict_to_proto(reply.content).ByteSize(),
+            num_tokens=parsed.num_tokens, train_loss=parsed.train_loss, seconds=parsed.seconds,
+            experts_sent=len(parsed.expert_tokens), precision=parsed.precision,
+        ))
+    missing = len(roster.nodes) - len(replies)
+    if missing:
+        note(f"round {rnd}: {missing} member(s) did not reply within {config.round_timeout:.0f}s")
+    return received
+
+
+def validate_update(
+    reply: TrainReply, shapes: dict[str, tuple[int, ...]], config: RunConfig, *, codec_seed: int = 0
+) -> Update:
+    """Decode (strict, bounded) and check a member's update: names, shapes, finite, counts."""
+    delta = decode(
+        reply.update, shapes, member=reply.member, max_bytes=config.max_update_bytes,
+        seed=codec_seed, config=config.codec_config(),
+    )
+    for name, tensor in delta.items():
+        if name not in shapes:
+            raise UpdateRejected(f"member {reply.member!r}: unknown tensor {name!r}")
+        if tuple(tensor.shape) != shapes[name]:
+            raise UpdateRejected(
+                f"member {reply.member!r}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shapes[name]}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise UpdateRejected(f"member {reply.member!r}: tensor {name!r} has NaN or Inf")
+    check_counts(reply, config)
+    return Update(
+        member=reply.member,
+        delta={k: v.float() for k, v in delta.items()},
+        num_tokens=reply.num_tokens,
+        expert_tokens=dict(reply.expert_tokens),
+    )
+
+
+def check_counts(reply: TrainReply, config: RunConfig) -> None:
+    """Self-reported counts are bounded by the round's token budget and never exceed it."""
+    budget = config.token_budget
+    top_k_budget = budget * 8  # a token is routed to k experts per layer; k <= 8 in practice
+    if not 0 < reply.num_tokens <= budget:
+        raise UpdateRejected(f"member {reply.member!r}: num-tokens {reply.num_tokens} outside (0, {budget}]")
+    for group, count in reply.expert_tokens.items():
+        if not 0 <= count <= top_k_budget:
+            raise UpdateRejected(f"member {reply.member!r}: expert-tokens[{group}] = {count} out of range")
