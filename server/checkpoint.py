@@ -4,6 +4,8 @@
     <run>/round-0003/manifest.json       what happened in round 3 (members, losses, bytes, ...)
     <run>/round-0003/view.safetensors    the view of the global state members trained from in
                                          round 3 (aggregation/broadcast.py); resumes continue it
+    <run>/round-0003/optimizer.safetensors  the server optimizer's state after round 3
+                                         (aggregation/server_opt.py; absent for plain fedavg)
     <run>/COMMITTED                      {"round": 3, "sha256": ...}, replaced last
 
 A round is committed when COMMITTED names it; a crash before that leaves the previous round
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ class Committed:
     state: dict[str, torch.Tensor]
     manifest: dict[str, Any]
     view: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Checkpoints:
@@ -51,6 +54,7 @@ class Checkpoints:
         manifest: dict[str, Any],
         *,
         view: dict[str, torch.Tensor] | None = None,
+        optimizer: dict[str, torch.Tensor] | None = None,
     ) -> str:
         """Commit round `rnd`; returns the sha256 of the committed state."""
         payload = tensors_to_bytes(state, torch.float32)
@@ -62,9 +66,15 @@ class Checkpoints:
             view_payload = tensors_to_bytes(view, torch.float32)
             view_digest = hashlib.sha256(view_payload).hexdigest()
             atomic_write_bytes(folder / "view.safetensors", view_payload)
+        optimizer_digest = None
+        if optimizer:
+            optimizer_payload = tensors_to_bytes(optimizer)  # moments fp32, step counts int64
+            optimizer_digest = hashlib.sha256(optimizer_payload).hexdigest()
+            atomic_write_bytes(folder / "optimizer.safetensors", optimizer_payload)
         atomic_write_json(
             folder / "manifest.json",
-            {**manifest, "round": rnd, "state_sha256": digest, "view_sha256": view_digest},
+            {**manifest, "round": rnd, "state_sha256": digest, "view_sha256": view_digest,
+             "optimizer_sha256": optimizer_digest},
         )
         atomic_write_json(self.run_dir / POINTER, {"round": rnd, "sha256": digest})
         return digest
@@ -92,7 +102,13 @@ class Checkpoints:
             if hashlib.sha256(view_payload).hexdigest() != manifest["view_sha256"]:
                 raise CheckpointError(f"{folder / 'view.safetensors'}: sha256 does not match its manifest")
             view = tensors_from_bytes(view_payload, source=str(folder))
-        return Committed(rnd, tensors_from_bytes(payload, source=str(folder)), manifest, view)
+        optimizer = {}
+        if manifest.get("optimizer_sha256"):
+            optimizer_payload = (folder / "optimizer.safetensors").read_bytes()
+            if hashlib.sha256(optimizer_payload).hexdigest() != manifest["optimizer_sha256"]:
+                raise CheckpointError(f"{folder / 'optimizer.safetensors'}: sha256 does not match its manifest")
+            optimizer = tensors_from_bytes(optimizer_payload, source=str(folder))
+        return Committed(rnd, tensors_from_bytes(payload, source=str(folder)), manifest, view, optimizer)
 
     def manifests(self) -> list[dict[str, Any]]:
         latest = self.latest_round()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.codec_config import CodecConfig
+from aggregation.server_opt import ServerOptError, ServerOptimizer
 from model.precision import CHOICES as PRECISIONS
 
 
@@ -47,6 +48,12 @@ class RunConfig:
     secagg_neighbours: int = 0  # neighbours per member (SecAgg+); 0: about 2*log2(members)
     secagg_ring_bits: int = 0  # ring width; 0: what the sum of the group needs (12 bits for 10 int8 members)
     secagg_timeout: float = 120.0  # seconds per secure-aggregation stage
+    server_opt: str = "fedavg"  # the server's step on the aggregated update (aggregation/server_opt.py)
+    server_lr: float = 1.0  # server learning rate
+    server_momentum: float = 0.9  # fedavgm
+    server_beta1: float = 0.9  # fedadam, fedyogi
+    server_beta2: float = 0.99  # fedadam, fedyogi
+    server_tau: float = 1e-3  # fedadam, fedyogi: adaptivity
 
     @classmethod
     def from_user_config(cls, user: Mapping[str, Any]) -> RunConfig:
@@ -100,6 +107,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"run config: {message}")
+        self.server_optimizer()
         codec = self.codec_config()
         if self.secagg == "on" and not codec.secure_compatible:
             raise ConfigError(
@@ -128,6 +136,15 @@ class RunConfig:
         try:
             return CodecConfig.parse(self.codec, clip=self.codec_clip or None)
         except (ValueError, TypeError) as exc:
+            raise ConfigError(f"run config: {exc}") from None
+
+    def server_optimizer(self) -> ServerOptimizer:
+        try:
+            return ServerOptimizer(
+                name=self.server_opt, lr=self.server_lr, momentum=self.server_momentum,
+                beta1=self.server_beta1, beta2=self.server_beta2, tau=self.server_tau,
+            )
+        except ServerOptError as exc:
             raise ConfigError(f"run config: {exc}") from None
 
     @property

@@ -26,6 +26,7 @@ from aggregation.contribution import ScoreBook, contribution_shares
 from aggregation.group_estimator import GroupValueEstimator
 from aggregation.fedavg import aggregate
 from aggregation.secure import TOKENS, SecureLayout
+from aggregation.server_opt import ServerOptimizer, check_state
 from model.base import Base, load_base
 from model.io import tensors_to_bytes
 from model.lora import LoraMoE, expert_of
@@ -67,6 +68,8 @@ class Run:
     identities: Identities
     state: dict[str, torch.Tensor]  # the global trainable state, as last committed
     view: dict[str, torch.Tensor] | None  # the view members trained from last round
+    optimizer: ServerOptimizer  # the server's step on the aggregated update
+    opt_state: dict[str, torch.Tensor]  # its per-tensor state, committed with each round
     book: ScoreBook  # open contribution: per-round scores
     estimator: GroupValueEstimator  # secure contribution: group values -> member values
     first: int  # the first round still to run
@@ -97,14 +100,14 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     group_sums = secure_stages(grid, run, roster, received, rnd, codec_seed, reporter.note) if config.secagg == "on" else {}
     require_enough(received, config, rnd, reporter.note)
     scores, how, shares = score_round(run, received, group_sums, rnd, reporter.note)
-    run.state = aggregate_round(run, received, group_sums)
+    run.state, run.opt_state = aggregate_round(run, received, group_sums)
     run.lora.set_state(run.state)
     summary = RoundSummary(
         round=rnd, val_loss=evaluate(run.lora, run.val_sets, config), members=sorted(received.reports, key=lambda r: r.member),
         rejected=received.rejected, seconds=time.perf_counter() - started,
         scores=scores, shares=shares, contribution=how,
     )
-    run.checkpoints.commit(rnd, run.state, _manifest(summary, run.base, config), view=run.view)
+    run.checkpoints.commit(rnd, run.state, _manifest(summary, run.base, config), view=run.view, optimizer=run.opt_state)
     record_in_ledger(run.ledger, run.checkpoints, config)  # after the commit: a crash between re-syncs
     reporter.round_finished(summary)
     return summary
@@ -125,6 +128,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
     book, estimator = ScoreBook(), GroupValueEstimator(nonnegative=False)
     committed = checkpoints.load()
     view: dict[str, torch.Tensor] | None = None
+    opt_state: dict[str, torch.Tensor] = {}
     if committed is None:
         state = lora.get_state()
         summary = RoundSummary(round=0, val_loss=evaluate(lora, val_sets, config))
@@ -133,7 +137,14 @@ def open_run(config: RunConfig, run_name: str) -> Run:
     else:
         if set(committed.state) != set(shapes):
             raise RuntimeError(f"{checkpoints.run_dir}: committed state does not match the base's trainable state")
-        state, view = committed.state, committed.view
+        state, view, opt_state = committed.state, committed.view, committed.optimizer
+        was = committed.manifest.get("run_config", {}).get("server-opt", "fedavg")
+        if opt_state and was != config.server_opt:
+            raise RuntimeError(
+                f"{checkpoints.run_dir}: committed with server-opt {was!r}, resumed with {config.server_opt!r}; "
+                "resume with the same server optimizer or start a new run"
+            )
+        check_state(opt_state, shapes, str(checkpoints.round_dir(committed.round)))
         record_in_ledger(ledger, checkpoints, config)  # rounds committed before a crash
         for manifest in checkpoints.manifests()[1:]:  # the score book is rebuilt from committed rounds
             how = manifest.get("contribution", {})
@@ -147,7 +158,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
         contribution_sets={d: blocks[: config.contribution_batches * config.batch_size] for d, blocks in val_sets.items()},
         precision=select_precision(config.precision), checkpoints=checkpoints, ledger=ledger,
         identities=Identities(ws.operator_dir / "identities.json"), state=state, view=view,
-        book=book, estimator=estimator, first=first, resumed=committed is not None,
+        optimizer=config.server_optimizer(), opt_state=opt_state, book=book, estimator=estimator, first=first, resumed=committed is not None,
     )
 
 
@@ -280,13 +291,16 @@ def score_round(
     return scores, how, shares
 
 
-def aggregate_round(run: Run, received: Received, group_sums: dict[frozenset[str], Sums]) -> dict[str, torch.Tensor]:
-    """The new global state: the old one plus the token-weighted mean update, per expert."""
+def aggregate_round(
+    run: Run, received: Received, group_sums: dict[frozenset[str], Sums]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(new global state, new optimizer state): the server optimizer's step on the token-weighted
+    mean update, per expert; tensors nobody trained keep their value and state."""
     if run.config.secagg == "on":
         mean_delta = combine_group_sums(list(group_sums.values()))
     else:
         mean_delta = aggregate(received.updates, expert_of)
-    return {name: value + mean_delta[name] if name in mean_delta else value for name, value in run.state.items()}
+    return run.optimizer.step(run.state, mean_delta, run.opt_state)
 
 
 def record_in_ledger(ledger: Ledger, checkpoints: Checkpoints, config: RunConfig) -> None:

@@ -1,0 +1,68 @@
+"""The server optimizer in the round loop: its state is committed with each round, a resumed run
+continues it bit-identically, and a run cannot silently switch optimizers halfway."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.app import app
+from server.checkpoint import CheckpointError, Checkpoints
+from server.config import RunConfig
+from server.rounds import run_rounds
+from server.summary import LogReporter
+from server.workspace import Workspace
+
+from fake_grid import FakeGrid, task_identity
+
+
+def config(ws: Workspace, **overrides: object) -> RunConfig:
+    base = RunConfig(
+        workspace=str(ws.root), num_rounds=2, local_steps=2, batch_size=4, seq_len=64, eval_batches=1,
+        min_expert_tokens=8, min_members=2, round_timeout=30.0, codec="fp16", contribution="off",
+        server_opt="fedadam", server_lr=0.01,
+    )
+    return base.with_overrides(**overrides)
+
+
+@pytest.fixture()
+def ws(tiny_workspace: Workspace, tmp_path: Path) -> Workspace:
+    root = tmp_path / "ws"
+    shutil.copytree(tiny_workspace.root, root, ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
+    return Workspace(root)
+
+
+def test_adaptive_server_state_is_committed_and_a_resumed_run_matches_an_uninterrupted_one(ws: Workspace) -> None:
+    with task_identity():
+        run_rounds(FakeGrid(app, 3), config(ws), LogReporter(), run_name="straight")
+        run_rounds(FakeGrid(app, 3), config(ws, num_rounds=1), LogReporter(), run_name="resumed")
+        run_rounds(FakeGrid(app, 3), config(ws), LogReporter(), run_name="resumed")
+        run_rounds(FakeGrid(app, 3), config(ws, server_opt="fedavg", server_lr=1.0), LogReporter(), run_name="plain")
+    straight, resumed = Checkpoints(ws.run_dir("straight")).load(), Checkpoints(ws.run_dir("resumed")).load()
+    assert straight.round == resumed.round == 2
+    assert straight.optimizer and set(straight.optimizer) == set(resumed.optimizer)
+    assert all(torch.equal(straight.optimizer[k], resumed.optimizer[k]) for k in straight.optimizer)
+    assert all(torch.equal(straight.state[k], resumed.state[k]) for k in straight.state)
+    assert {int(v) for k, v in straight.optimizer.items() if k.startswith("t/")} <= {1, 2}
+    # the optimizer is what moved the state: the same rounds under plain fedavg end elsewhere
+    plain = Checkpoints(ws.run_dir("plain")).load()
+    assert plain.optimizer == {}
+    assert any(not torch.equal(plain.state[k], straight.state[k]) for k in plain.state)
+
+
+def test_a_run_resumed_with_another_server_optimizer_is_refused(ws: Workspace) -> None:
+    with task_identity():
+        run_rounds(FakeGrid(app, 3), config(ws, num_rounds=1), LogReporter(), run_name="switch")
+        with pytest.raises(RuntimeError, match="committed with server-opt 'fedadam', resumed with 'fedyogi'"):
+            run_rounds(FakeGrid(app, 3), config(ws, server_opt="fedyogi"), LogReporter(), run_name="switch")
+    checkpoints = Checkpoints(ws.run_dir("switch"))
+    assert checkpoints.latest_round() == 1  # nothing lost
+    path = checkpoints.round_dir(1) / "optimizer.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors: sha256 does not match"):
+        checkpoints.load()
