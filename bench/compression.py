@@ -27,6 +27,7 @@ from rich.table import Table
 from server.config import RunConfig
 from fedmoe.simulation import simulate
 from server.workspace import Workspace
+from model.chatter import silence_library_chatter
 from model.base import load_base
 from server.checkpoint import Checkpoints
 from server.init import InitConfig, init_workspace
@@ -44,6 +45,7 @@ ENCODINGS = [
 
 
 def main() -> None:
+    silence_library_chatter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
     parser.add_argument("--rounds", type=int, default=4)

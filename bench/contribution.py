@@ -36,6 +36,7 @@ from aggregation.contribution import ScoreBook, contribution_shares
 from aggregation.group_estimator import GroupValueEstimator
 from aggregation.shapley import exact_shapley
 from aggregation.fedavg import Update, aggregate
+from model.chatter import silence_library_chatter
 from model.precision import select_precision
 from client.trainer import TrainConfig, train_local
 from server.config import RunConfig
@@ -117,6 +118,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
+    silence_library_chatter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
     parser.add_argument("--rounds", type=int, default=48)

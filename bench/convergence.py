@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from client.node import member_seed
+from model.chatter import silence_library_chatter
 from model.precision import select_precision
 from client.trainer import TrainConfig, train_local
 from server.config import RunConfig
@@ -42,6 +43,7 @@ RESULTS = Path(__file__).parent / "results" / "convergence.json"
 
 
 def main() -> None:
+    silence_library_chatter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
     parser.add_argument("--rounds", type=int, default=4)

@@ -38,6 +38,7 @@ from aggregation.secure import TOKENS, SecureLayout
 from server.config import RunConfig
 from fedmoe.simulation import simulate
 from server.workspace import Workspace
+from model.chatter import silence_library_chatter
 from model.base import load_base
 from model.corpus import read_texts
 from model.lora import expert_of
@@ -107,6 +108,7 @@ def protocol_ms(layout: SecureLayout, n: int) -> dict[str, float]:
 
 
 def main() -> None:
+    silence_library_chatter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
     parser.add_argument("--members", type=int, nargs="+", default=[5, 10, 20])

@@ -120,6 +120,8 @@ def open_run(config: RunConfig, run_name: str) -> Run:
     lora = base.with_lora()
     shapes = lora.shapes()
     val_sets = validation_sets(ws, base, config)
+    precision = select_precision(config.precision)  # refused before anything is written
+    identities = Identities(ws.operator_dir / "identities.json")
     checkpoints = Checkpoints(ws.run_dir(run_name))
     ledger = Ledger(ws.ledger(run_name), OperatorKey.load_or_create(ws.operator_key))
     # Secure contribution: unconstrained least squares. A harmful member is truly negative, and
@@ -156,8 +158,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
     return Run(
         config=config, name=run_name, ws=ws, base=base, lora=lora, shapes=shapes, val_sets=val_sets,
         contribution_sets={d: blocks[: config.contribution_batches * config.batch_size] for d, blocks in val_sets.items()},
-        precision=select_precision(config.precision), checkpoints=checkpoints, ledger=ledger,
-        identities=Identities(ws.operator_dir / "identities.json"), state=state, view=view,
+        precision=precision, checkpoints=checkpoints, ledger=ledger, identities=identities, state=state, view=view,
         optimizer=config.server_optimizer(), opt_state=opt_state, book=book, estimator=estimator, first=first, resumed=committed is not None,
     )
 
