@@ -170,6 +170,7 @@ def _markdown(run_dir: Path, manifests: Sequence[dict[str, Any]], costs: Sequenc
             f"{m.get('bytes_down', 0) / 2**20:.2f} | {m.get('bytes_up', 0) / 2**20:.2f} | {m.get('seconds', 0.0):.1f} | "
             f"{c.gpu_hours if c else 0.0:.4f} | {c.total if c else 0.0:.4f} |"
         )
+    lines += _timing_table(manifests)
     total = sum(c.total for _, c in costs)
     lines += ["", (f"Estimated total cost: **{total:.4f} {currency}** at {prices.gpu_hour} {currency}/GPU-hour "
                    f"({prices.member_gpus} GPU per member, {prices.server_gpus} for the server) and "
@@ -183,3 +184,26 @@ def _markdown(run_dir: Path, manifests: Sequence[dict[str, Any]], costs: Sequenc
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+STAGES = ("sample", "broadcast", "train", "validate", "secure", "score", "aggregate", "evaluate")
+
+
+def _timing_table(manifests: Sequence[dict[str, Any]]) -> list[str]:
+    """Where each round's wall time went (server/rounds.py's stages), and the members' training share."""
+    timed = [m for m in manifests if m.get("timing")]
+    if not timed:
+        return []
+    lines = ["", "## Where the round time went (seconds)", "",
+             "| round | total | " + " | ".join(STAGES) + " | members training | training share |",
+             "|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|"]
+    for m in timed:
+        seconds = float(m.get("seconds", 0.0))
+        training = float(m.get("members_train_seconds", 0.0))
+        share = training / seconds if seconds > 0 else 0.0
+        cells = " | ".join(f"{float(m['timing'].get(stage, 0.0)):.2f}" for stage in STAGES)
+        lines.append(f"| {m['round']} | {seconds:.1f} | {cells} | {training:.1f} | {share:.0%} |")
+    lines += ["", ("`train` runs from sending TRAIN to the last reply (the members' training and the transport); "
+                   "`members training` is the sum of the members' own training seconds, so the share exceeds "
+                   "100% when members train in parallel.")]
+    return lines

@@ -41,7 +41,7 @@ from server.ledger import Ledger, OperatorKey, Record, utc_now
 from server.sampling import Roster, sample_members
 from server.scoring import CoalitionValue, combine_group_sums, open_value, score_groups, score_open
 from server.secure import SecureSettings, Sums, secure_aggregate
-from server.summary import Reporter, RoundSummary
+from server.summary import Laps, Reporter, RoundSummary
 from server.validate import Received, validate_replies
 from server.workspace import Workspace
 
@@ -86,26 +86,35 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
 
 
 def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummary:
-    started = time.perf_counter()
+    started, laps = time.perf_counter(), Laps()
     config = run.config
     codec_seed = config.seed * 1_000_003 + rnd  # the round's shared seed (randk coordinates)
     roster = sample_members(grid, config, run.ws, run.node_member, rnd, reporter.note)
     reporter.round_started(rnd, len(roster.nodes))
+    laps("sample")
     messages, bytes_down = broadcast(run, roster, rnd, codec_seed)
+    laps("broadcast")
     replies = exchange(grid, messages, config.round_timeout, lambda n: reporter.member_done(rnd, n, len(roster.nodes)))
+    laps("train")  # until the last reply: the members' training and the transport both ways
     received = validate_replies(
         replies, roster, rnd=rnd, config=config, shapes=run.shapes, codec_seed=codec_seed, bytes_down=bytes_down,
         identities=run.identities, node_member=run.node_member, held_views=run.held_views, note=reporter.note,
     )
+    laps("validate")
     group_sums = secure_stages(grid, run, roster, received, rnd, codec_seed, reporter.note) if config.secagg == "on" else {}
+    laps("secure")
     require_enough(received, config, rnd, reporter.note)
     scores, how, shares = score_round(run, received, group_sums, rnd, reporter.note)
+    laps("score")
     run.state, run.opt_state = aggregate_round(run, received, group_sums)
     run.lora.set_state(run.state)
+    laps("aggregate")
+    val_loss = evaluate(run.lora, run.val_sets, config)
+    laps("evaluate")
     summary = RoundSummary(
-        round=rnd, val_loss=evaluate(run.lora, run.val_sets, config), members=sorted(received.reports, key=lambda r: r.member),
+        round=rnd, val_loss=val_loss, members=sorted(received.reports, key=lambda r: r.member),
         rejected=received.rejected, seconds=time.perf_counter() - started,
-        scores=scores, shares=shares, contribution=how,
+        scores=scores, shares=shares, contribution=how, timing=laps.seconds,
     )
     run.checkpoints.commit(rnd, run.state, _manifest(summary, run.base, config), view=run.view, optimizer=run.opt_state)
     record_in_ledger(run.ledger, run.checkpoints, config)  # after the commit: a crash between re-syncs
@@ -336,5 +345,7 @@ def _manifest(summary: RoundSummary, base: Base, config: RunConfig) -> dict[str,
         "scores": summary.scores,
         "shares": summary.shares,
         "contribution": summary.contribution,
+        "timing": summary.timing,  # the commit and the ledger append after it are not in it
+        "members_train_seconds": sum(m.seconds for m in summary.members),
         "run_config": config.as_user_config(),
     }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +35,7 @@ class RoundSummary:
     scores: dict[str, float] = field(default_factory=dict)  # contribution this round (val-loss drop)
     shares: dict[str, float] = field(default_factory=dict)  # cumulative contribution shares
     contribution: dict[str, object] = field(default_factory=dict)  # how scores were computed
+    timing: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds (Laps)
 
     @property
     def bytes_up(self) -> int:
@@ -42,6 +44,19 @@ class RoundSummary:
     @property
     def bytes_down(self) -> int:
         return sum(m.bytes_down for m in self.members)
+
+
+class Laps:
+    """Wall time per stage of a round: call it with the stage's name as each stage ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
 
 
 class Reporter(Protocol):

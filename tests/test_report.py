@@ -30,6 +30,8 @@ def _run(run_dir: Path, *, shares: bool = True) -> Checkpoints:
             "bytes_up": sum(m["bytes_up"] for m in members), "bytes_down": sum(m["bytes_down"] for m in members),
             "seconds": 30.0 if rnd else 0.0,
             "shares": {"acme": 0.5, "globex": 0.3, "initech": 0.2} if rnd and shares else {},
+            **({"timing": {"sample": 0.5, "broadcast": 1.0, "train": 22.0, "secure": 4.0, "evaluate": 2.5},
+                "members_train_seconds": sum(m["seconds"] for m in members)} if rnd else {}),
         })
     return checkpoints
 
@@ -60,6 +62,9 @@ def test_report_writes_four_nontrivial_plots_and_a_summary(tmp_path: Path) -> No
         estimate_cost(30.0, [10.0 + r] * 3, 3 * 4096, Prices(gpu_hour=2.5, million_tokens=0.4)).total for r in (1, 2, 3)
     )
     assert f"**{expected:.4f} USD**" in text
+    # where each round's time went: its stages, and the members' training against the wall time
+    assert "## Where the round time went" in text
+    assert "| 2 | 30.0 | 0.50 | 1.00 | 22.00 | 0.00 | 4.00 | 0.00 | 0.00 | 2.50 | 36.0 | 120% |" in text
 
 
 def test_report_skips_shares_with_a_note_when_contribution_was_off(tmp_path: Path) -> None:

@@ -66,3 +66,16 @@ def test_a_run_resumed_with_another_server_optimizer_is_refused(ws: Workspace) -
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="optimizer.safetensors: sha256 does not match"):
         checkpoints.load()
+
+
+def test_each_round_records_where_its_wall_time_went(ws: Workspace) -> None:
+    with task_identity():
+        run_rounds(FakeGrid(app, 3), config(ws, num_rounds=1), LogReporter(), run_name="timed")
+    manifest = Checkpoints(ws.run_dir("timed")).manifests()[1]
+    timing = manifest["timing"]
+    assert set(timing) == {"sample", "broadcast", "train", "validate", "secure", "score", "aggregate", "evaluate"}
+    assert all(v >= 0 for v in timing.values())
+    assert sum(timing.values()) <= manifest["seconds"] + 1e-6
+    # in-process members train inside the TRAIN exchange: their seconds are part of its wall time
+    assert 0 < manifest["members_train_seconds"] <= timing["train"] + 1e-6
+    assert manifest["members_train_seconds"] == sum(m["seconds"] for m in manifest["members"])
