@@ -38,7 +38,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(error=Error(BASE_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
     except StaleView as exc:
         return Message(error=Error(STALE_VIEW, f"member {node.member!r}: {exc}"), reply_to=msg)
-    except PrecisionError as exc:
+    except (PrecisionError, ProtocolError) as exc:
         return Message(error=Error(CONFIG_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
     try:  # the daemon's metrics (client/metrics.py); never fails the round
         record_round(

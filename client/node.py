@@ -18,7 +18,7 @@ from aggregation.feedback import ErrorFeedback
 from client import secure
 from model.precision import select_precision
 from client.trainer import TrainConfig, train_local
-from protos.messages import TrainInstruction, TrainReply
+from protos.messages import ProtocolError, TrainInstruction, TrainReply
 from model.base import Base, load_base
 from model.corpus import DataError, read_texts
 from model.io import load_tensors, save_tensors, tensors_from_bytes
@@ -150,6 +150,27 @@ def member_seed(seed: int, rnd: int, member: str) -> int:
     return (seed * 1_000_003 + rnd * 7919 + zlib.crc32(member.encode())) % (2**31)
 
 
+def expert_load_of(ins: TrainInstruction, lora: LoraMoE) -> torch.Tensor | None:
+    """The consortium's expert load to balance against (None: balance the member's own batch)."""
+    if ins.balance == "member" or not ins.expert_load:
+        return None
+    if ins.balance != "consortium":
+        raise ProtocolError(f"TRAIN: unknown balance {ins.balance!r}")
+    if not 0 < ins.balance_weight <= 1:
+        raise ProtocolError(f"TRAIN: balance-weight {ins.balance_weight} outside (0, 1]")
+    config = lora.model.config
+    shape = (int(config.num_hidden_layers), int(config.num_local_experts))
+    try:
+        load = tensors_from_bytes(ins.expert_load, source=f"round {ins.round} expert load")["load"]
+    except (ValueError, KeyError) as exc:
+        raise ProtocolError(f"TRAIN: expert load unreadable ({exc})") from None
+    if tuple(load.shape) != shape or load.dtype != torch.float32:
+        raise ProtocolError(f"TRAIN: expert load is {load.dtype} {tuple(load.shape)}, expected float32 {shape}")
+    if not torch.isfinite(load).all() or (load < 0).any() or not torch.allclose(load.sum(dim=1), torch.ones(shape[0]), atol=1e-3):
+        raise ProtocolError("TRAIN: expert load must hold non-negative fractions summing to 1 per layer")
+    return load
+
+
 def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
     base, lora = _load(node.base_path, ins.base_sha256)
     blocks = member_blocks(node, base, ins.seq_len)
@@ -165,6 +186,8 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
             lr=ins.lr,
             seed=member_seed(ins.seed, ins.round, node.member),
             min_expert_tokens=ins.min_expert_tokens,
+            expert_load=expert_load_of(ins, lora),
+            balance_weight=ins.balance_weight,
         ),
         precision,
     )

@@ -15,7 +15,7 @@ import torch
 
 from model.precision import Precision
 from model.lora import LoraMoE, expert_of
-from model.moe import routed_token_counts
+from model.moe import balance_loss, routed_token_counts
 from model.tokenizer import batches
 
 
@@ -27,6 +27,8 @@ class TrainConfig:
     seed: int
     min_expert_tokens: int  # experts this member routed fewer tokens to are not sent
     max_grad_norm: float = 1.0
+    expert_load: torch.Tensor | None = None  # (L, E) consortium load to balance against; None: own batch
+    balance_weight: float = 1.0  # this member's part of the consortium's tokens
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,12 @@ def train_local(
             enabled=precision.autocast_dtype is not None,
         ):
             out = model(input_ids=batch, labels=batch, output_router_logits=True)
-        scaler.scale(out.loss).backward()
+        loss = out.loss
+        if config.expert_load is not None and out.aux_loss is not None:
+            # the model's own term balances this member's batch; swap it for the consortium's
+            consortium = balance_loss(out.router_logits, top_k, config.expert_load, config.balance_weight)
+            loss = out.loss - aux_coef * out.aux_loss + aux_coef * consortium
+        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         scaler.step(optimizer)

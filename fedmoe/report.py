@@ -171,6 +171,7 @@ def _markdown(run_dir: Path, manifests: Sequence[dict[str, Any]], costs: Sequenc
             f"{c.gpu_hours if c else 0.0:.4f} | {c.total if c else 0.0:.4f} |"
         )
     lines += _timing_table(manifests)
+    lines += _specialization_table(manifests)
     total = sum(c.total for _, c in costs)
     lines += ["", (f"Estimated total cost: **{total:.4f} {currency}** at {prices.gpu_hour} {currency}/GPU-hour "
                    f"({prices.member_gpus} GPU per member, {prices.server_gpus} for the server) and "
@@ -206,4 +207,25 @@ def _timing_table(manifests: Sequence[dict[str, Any]]) -> list[str]:
     lines += ["", ("`train` runs from sending TRAIN to the last reply (the members' training and the transport); "
                    "`members training` is the sum of the members' own training seconds, so the share exceeds "
                    "100% when members train in parallel.")]
+    return lines
+
+
+def _specialization_table(manifests: Sequence[dict[str, Any]]) -> list[str]:
+    """How members share experts per round (open rounds; secure ones show only sums to the operator)."""
+    rows = [m for m in manifests if m.get("specialization")]
+    if not rows:
+        return []
+    members = sorted({k for m in rows for k in m["specialization"].get("routing_entropy", {})})
+    lines = ["", "## Expert specialization", "",
+             "| round | top member's share of an expert | " + " | ".join(f"entropy {m}" for m in members) + " |",
+             "|---:|---:|" + "---:|" * len(members)]
+    for m in rows:
+        spec = m["specialization"]
+        top = spec.get("expert_top_member_share")
+        cells = [f"{spec['routing_entropy'][k]:.2f}" if spec.get("routing_entropy", {}).get(k) is not None else "–"
+                 for k in members]
+        lines.append(f"| {m['round']} | {'not known (secure)' if top is None else f'{top:.0%}'} | " + " | ".join(cells) + " |")
+    lines += ["", ("An expert's top-member share is the part of its routed tokens that came from the member that "
+                   "routed most to it (1/members: shared evenly; 100%: owned); entropy is a member's routing "
+                   "entropy over the experts, normalized (1: uniform).")]
     return lines

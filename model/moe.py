@@ -73,6 +73,31 @@ def routed_token_counts(router_logits: tuple[torch.Tensor, ...], top_k: int) -> 
     return torch.stack(counts).to(torch.int64).cpu()
 
 
+def balance_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    top_k: int,
+    reference: torch.Tensor | None = None,  # (L, E) the consortium's routed-token fractions
+    weight: float = 1.0,  # this member's part of the consortium's tokens
+) -> torch.Tensor:
+    """Switch-style load balancing, E * sum_e f_e * P_e per layer, averaged over layers.
+
+    P_e is the mean router probability of expert e over the batch (it carries the gradient),
+    f_e the fraction of top-k assignments that went to e (a constant). With a `reference`,
+    f_e is the consortium's load, (1 - weight) * reference_e + weight * f_e: the member is pushed
+    off the experts the consortium overloads, not off the ones it alone uses most, so members
+    with different data can each own experts while no expert starves consortium-wide.
+    """
+    losses = []
+    for layer, logits in enumerate(router_logits):  # (N, E)
+        probs = logits.float().softmax(dim=-1)  # (N, E)
+        chosen = logits.topk(top_k, dim=-1).indices.flatten()  # (N * k,)
+        routed = torch.bincount(chosen, minlength=logits.shape[-1]).to(probs.dtype) / chosen.numel()  # (E,)
+        if reference is not None:
+            routed = (1 - weight) * reference[layer].to(probs.device, probs.dtype) + weight * routed
+        losses.append(logits.shape[-1] * (routed.detach() * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: torch.nn.Module,

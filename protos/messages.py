@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 2  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
+PROTOCOL_VERSION = 3  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
+# 3: TRAIN carries the expert balance (`balance`, the consortium's `expert_load`, `balance_weight`)
 
 
 class ProtocolError(ValueError):
@@ -43,6 +44,9 @@ class TrainInstruction:
     codec_seed: int  # the round's shared seed (randk coordinates)
     precision: str
     secure: bool  # secure aggregation: keep the update on the node for the SecAgg stages
+    balance: str  # "consortium": balance expert load against `expert_load`; "member": own batch only
+    expert_load: bytes  # safetensors {"load": (L, E)}: the consortium's routed-token fractions; b"": none yet
+    balance_weight: float  # the member's part of the consortium's tokens, in (0, 1]
 
     def to_record(self) -> RecordDict:
         config = {k: v for k, v in asdict(self).items() if k != "state"}

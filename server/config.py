@@ -48,6 +48,7 @@ class RunConfig:
     secagg_neighbours: int = 0  # neighbours per member (SecAgg+); 0: about 2*log2(members)
     secagg_ring_bits: int = 0  # ring width; 0: what the sum of the group needs (12 bits for 10 int8 members)
     secagg_timeout: float = 120.0  # seconds per secure-aggregation stage
+    expert_balance: str = "consortium"  # members balance expert load against the consortium's, or their own
     server_opt: str = "fedavg"  # the server's step on the aggregated update (aggregation/server_opt.py)
     server_lr: float = 1.0  # server learning rate
     server_momentum: float = 0.9  # fedavgm
@@ -103,6 +104,7 @@ class RunConfig:
              "contribution 'open' needs individual updates, which secagg = 'on' hides: use 'secure' or 'auto'"),
             (self.contribution_batches >= 1, "contribution-batches must be >= 1"),
             (self.contribution_permutations >= 1, "contribution-permutations must be >= 1"),
+            (self.expert_balance in ("consortium", "member"), "expert-balance must be 'consortium' or 'member'"),
         ]
         for ok, message in checks:
             if not ok:

@@ -34,6 +34,7 @@ from model.precision import Precision, select_precision
 from protos.messages import TRAIN, TrainInstruction
 from server.checkpoint import Checkpoints
 from server.config import RunConfig
+from server.balance import load_json, observe_expert_load
 from server.evaluation import evaluate, validation_sets
 from server.grid import exchange
 from server.identities import Identities
@@ -70,6 +71,8 @@ class Run:
     view: dict[str, torch.Tensor] | None  # the view members trained from last round
     optimizer: ServerOptimizer  # the server's step on the aggregated update
     opt_state: dict[str, torch.Tensor]  # its per-tensor state, committed with each round
+    expert_load: torch.Tensor | None  # (L, E) the consortium's routed-token fractions last round
+    load_weight: float  # a member's part of the consortium's tokens last round (1 / members)
     book: ScoreBook  # open contribution: per-round scores
     estimator: GroupValueEstimator  # secure contribution: group values -> member values
     first: int  # the first round still to run
@@ -108,15 +111,19 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     laps("score")
     run.state, run.opt_state = aggregate_round(run, received, group_sums)
     run.lora.set_state(run.state)
+    load, weight, specialization = observe_expert_load(run.lora, config.secagg == "on", received, group_sums)
+    if load is not None:
+        run.expert_load, run.load_weight = load, weight
     laps("aggregate")
     val_loss = evaluate(run.lora, run.val_sets, config)
     laps("evaluate")
     summary = RoundSummary(
         round=rnd, val_loss=val_loss, members=sorted(received.reports, key=lambda r: r.member),
         rejected=received.rejected, seconds=time.perf_counter() - started,
-        scores=scores, shares=shares, contribution=how, timing=laps.seconds,
+        scores=scores, shares=shares, contribution=how, timing=laps.seconds, specialization=specialization,
     )
-    run.checkpoints.commit(rnd, run.state, _manifest(summary, run.base, config), view=run.view, optimizer=run.opt_state)
+    manifest = {**_manifest(summary, run.base, config), "expert_load": load_json(run.expert_load), "load_weight": run.load_weight}
+    run.checkpoints.commit(rnd, run.state, manifest, view=run.view, optimizer=run.opt_state)
     record_in_ledger(run.ledger, run.checkpoints, config)  # after the commit: a crash between re-syncs
     reporter.round_finished(summary)
     return summary
@@ -140,6 +147,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
     committed = checkpoints.load()
     view: dict[str, torch.Tensor] | None = None
     opt_state: dict[str, torch.Tensor] = {}
+    expert_load, load_weight = None, 1.0
     if committed is None:
         state = lora.get_state()
         summary = RoundSummary(round=0, val_loss=evaluate(lora, val_sets, config))
@@ -156,6 +164,9 @@ def open_run(config: RunConfig, run_name: str) -> Run:
                 "resume with the same server optimizer or start a new run"
             )
         check_state(opt_state, shapes, str(checkpoints.round_dir(committed.round)))
+        if committed.manifest.get("expert_load"):
+            expert_load = torch.tensor(committed.manifest["expert_load"], dtype=torch.float32)
+            load_weight = float(committed.manifest.get("load_weight", 1.0))
         record_in_ledger(ledger, checkpoints, config)  # rounds committed before a crash
         for manifest in checkpoints.manifests()[1:]:  # the score book is rebuilt from committed rounds
             how = manifest.get("contribution", {})
@@ -168,7 +179,8 @@ def open_run(config: RunConfig, run_name: str) -> Run:
         config=config, name=run_name, ws=ws, base=base, lora=lora, shapes=shapes, val_sets=val_sets,
         contribution_sets={d: blocks[: config.contribution_batches * config.batch_size] for d, blocks in val_sets.items()},
         precision=precision, checkpoints=checkpoints, ledger=ledger, identities=identities, state=state, view=view,
-        optimizer=config.server_optimizer(), opt_state=opt_state, book=book, estimator=estimator, first=first, resumed=committed is not None,
+        optimizer=config.server_optimizer(), opt_state=opt_state,
+        expert_load=expert_load, load_weight=load_weight, book=book, estimator=estimator, first=first, resumed=committed is not None,
     )
 
 
@@ -184,6 +196,7 @@ def broadcast(run: Run, roster: Roster, rnd: int, codec_seed: int) -> tuple[list
     digest = view_digest(run.view)
     full_payload = tensors_to_bytes(run.view)
     patch_payload = tensors_to_bytes(patch) if patch is not None else b""
+    load_payload = tensors_to_bytes({"load": run.expert_load}) if run.expert_load is not None else b""
     messages, bytes_down = [], {}
     for node in roster.nodes:
         if patch is not None and run.held_views.get(run.node_member.get(node, "")) == previous_digest:
@@ -198,6 +211,7 @@ def broadcast(run: Run, roster: Roster, rnd: int, codec_seed: int) -> tuple[list
             lr=config.lr, seed=config.seed, min_expert_tokens=config.min_expert_tokens,
             codec=str(config.codec_config()), codec_clip=config.codec_clip, codec_seed=codec_seed,
             precision=config.precision, secure=config.secagg == "on",
+            balance=config.expert_balance, expert_load=load_payload, balance_weight=run.load_weight,
         )
         content = ins.to_record()
         bytes_down[node] = recorddict_to_proto(content).ByteSize()  # what goes on the wire
@@ -345,6 +359,7 @@ def _manifest(summary: RoundSummary, base: Base, config: RunConfig) -> dict[str,
         "scores": summary.scores,
         "shares": summary.shares,
         "contribution": summary.contribution,
+        "specialization": summary.specialization,
         "timing": summary.timing,  # the commit and the ledger append after it are not in it
         "members_train_seconds": sum(m.seconds for m in summary.members),
         "run_config": config.as_user_config(),

@@ -36,6 +36,7 @@ class RoundSummary:
     shares: dict[str, float] = field(default_factory=dict)  # cumulative contribution shares
     contribution: dict[str, object] = field(default_factory=dict)  # how scores were computed
     timing: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds (Laps)
+    specialization: dict[str, object] = field(default_factory=dict)  # how members share experts
 
     @property
     def bytes_up(self) -> int:

@@ -31,7 +31,9 @@ def _run(run_dir: Path, *, shares: bool = True) -> Checkpoints:
             "seconds": 30.0 if rnd else 0.0,
             "shares": {"acme": 0.5, "globex": 0.3, "initech": 0.2} if rnd and shares else {},
             **({"timing": {"sample": 0.5, "broadcast": 1.0, "train": 22.0, "secure": 4.0, "evaluate": 2.5},
-                "members_train_seconds": sum(m["seconds"] for m in members)} if rnd else {}),
+                "members_train_seconds": sum(m["seconds"] for m in members),
+                "specialization": {"expert_top_member_share": 0.4 + 0.1 * rnd,
+                                   "routing_entropy": {"acme": 0.9, "globex": 0.8, "initech": 0.7}}} if rnd else {}),
         })
     return checkpoints
 
@@ -65,6 +67,7 @@ def test_report_writes_four_nontrivial_plots_and_a_summary(tmp_path: Path) -> No
     # where each round's time went: its stages, and the members' training against the wall time
     assert "## Where the round time went" in text
     assert "| 2 | 30.0 | 0.50 | 1.00 | 22.00 | 0.00 | 4.00 | 0.00 | 0.00 | 2.50 | 36.0 | 120% |" in text
+    assert "| 3 | 70% | 0.90 | 0.80 | 0.70 |" in text
 
 
 def test_report_skips_shares_with_a_note_when_contribution_was_off(tmp_path: Path) -> None:

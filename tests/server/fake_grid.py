@@ -14,6 +14,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from protos.messages import TRAIN, TrainInstruction
+
 
 @contextmanager
 def task_identity() -> Iterator[None]:
@@ -66,3 +68,15 @@ class FakeGrid:
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
+
+
+class SentTrain:
+    """The TRAIN instructions the members received, by round."""
+
+    def __init__(self) -> None:
+        self.by_round: dict[int, list[TrainInstruction]] = {}
+
+    def __call__(self, node: int, message) -> None:  # noqa: ANN001
+        if message.metadata.message_type == TRAIN:
+            ins = TrainInstruction.from_record(message.content)
+            self.by_round.setdefault(ins.round, []).append(ins)
