@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.codec_config import CodecConfig
+from aggregation.schedule import Schedule
 from aggregation.server_opt import ServerOptError, ServerOptimizer
 from model.precision import CHOICES as PRECISIONS
 
@@ -49,6 +50,11 @@ class RunConfig:
     secagg_ring_bits: int = 0  # ring width; 0: what the sum of the group needs (12 bits for 10 int8 members)
     secagg_timeout: float = 120.0  # seconds per secure-aggregation stage
     expert_balance: str = "consortium"  # members balance expert load against the consortium's, or their own
+    schedule: str = "fixed"  # "adaptive": local steps and members per round from the loss slope (aggregation/schedule.py)
+    schedule_min_steps: int = 2
+    schedule_max_steps: int = 64
+    round_seconds_budget: float = 0.0  # adaptive: a member's training seconds per round at most; 0: none
+    round_bytes_budget: int = 0  # adaptive: a round's bytes up and down, all members, at most; 0: none
     server_opt: str = "fedavg"  # the server's step on the aggregated update (aggregation/server_opt.py)
     server_lr: float = 1.0  # server learning rate
     server_momentum: float = 0.9  # fedavgm
@@ -110,6 +116,7 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"run config: {message}")
         self.server_optimizer()
+        self.schedule_config()
         codec = self.codec_config()
         if self.secagg == "on" and not codec.secure_compatible:
             raise ConfigError(
@@ -138,6 +145,15 @@ class RunConfig:
         try:
             return CodecConfig.parse(self.codec, clip=self.codec_clip or None)
         except (ValueError, TypeError) as exc:
+            raise ConfigError(f"run config: {exc}") from None
+
+    def schedule_config(self) -> Schedule:
+        try:
+            return Schedule(
+                mode=self.schedule, min_steps=self.schedule_min_steps, max_steps=self.schedule_max_steps,
+                round_seconds=self.round_seconds_budget, round_bytes=self.round_bytes_budget,
+            )
+        except ValueError as exc:
             raise ConfigError(f"run config: {exc}") from None
 
     def server_optimizer(self) -> ServerOptimizer:

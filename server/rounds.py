@@ -26,6 +26,7 @@ from aggregation.contribution import ScoreBook, contribution_shares
 from aggregation.group_estimator import GroupValueEstimator
 from aggregation.fedavg import aggregate
 from aggregation.secure import TOKENS, SecureLayout
+from aggregation.schedule import update_drift
 from aggregation.server_opt import ServerOptimizer, check_state
 from model.base import Base, load_base
 from model.io import tensors_to_bytes
@@ -39,7 +40,7 @@ from server.evaluation import evaluate, validation_sets
 from server.grid import exchange
 from server.identities import Identities
 from server.ledger import Ledger, OperatorKey, Record, utc_now
-from server.sampling import Roster, sample_members
+from server.sampling import Roster, plan_round, sample_members
 from server.scoring import CoalitionValue, combine_group_sums, open_value, score_groups, score_open
 from server.secure import SecureSettings, Sums, secure_aggregate
 from server.summary import Laps, Reporter, RoundSummary
@@ -55,7 +56,8 @@ class RoundAborted(RuntimeError):
 class Run:
     """The operator's state across the rounds of one run: what a restart rebuilds from disk."""
 
-    config: RunConfig
+    config: RunConfig  # the run's
+    round: RunConfig  # this round's: local steps and members per round as the schedule set them
     name: str
     ws: Workspace
     base: Base
@@ -90,7 +92,8 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
 
 def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummary:
     started, laps = time.perf_counter(), Laps()
-    config = run.config
+    run.round, decision = plan_round(run.config, run.checkpoints.manifests(), rnd, reporter.note)
+    config = run.round
     codec_seed = config.seed * 1_000_003 + rnd  # the round's shared seed (randk coordinates)
     roster = sample_members(grid, config, run.ws, run.node_member, rnd, reporter.note)
     reporter.round_started(rnd, len(roster.nodes))
@@ -103,6 +106,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
         replies, roster, rnd=rnd, config=config, shapes=run.shapes, codec_seed=codec_seed, bytes_down=bytes_down,
         identities=run.identities, node_member=run.node_member, held_views=run.held_views, note=reporter.note,
     )
+    drift = update_drift([u.delta for u in received.updates]) if config.secagg == "off" else None
     laps("validate")
     group_sums = secure_stages(grid, run, roster, received, rnd, codec_seed, reporter.note) if config.secagg == "on" else {}
     laps("secure")
@@ -122,7 +126,8 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
         rejected=received.rejected, seconds=time.perf_counter() - started,
         scores=scores, shares=shares, contribution=how, timing=laps.seconds, specialization=specialization,
     )
-    manifest = {**_manifest(summary, run.base, config), "expert_load": load_json(run.expert_load), "load_weight": run.load_weight}
+    manifest = {**_manifest(summary, run.base, config), "expert_load": load_json(run.expert_load),
+                "load_weight": run.load_weight, "drift": drift, "schedule": decision}
     run.checkpoints.commit(rnd, run.state, manifest, view=run.view, optimizer=run.opt_state)
     record_in_ledger(run.ledger, run.checkpoints, config)  # after the commit: a crash between re-syncs
     reporter.round_finished(summary)
@@ -176,7 +181,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
                 book = book.add(manifest["round"], manifest.get("scores", {}))
         first = committed.round + 1
     return Run(
-        config=config, name=run_name, ws=ws, base=base, lora=lora, shapes=shapes, val_sets=val_sets,
+        config=config, round=config, name=run_name, ws=ws, base=base, lora=lora, shapes=shapes, val_sets=val_sets,
         contribution_sets={d: blocks[: config.contribution_batches * config.batch_size] for d, blocks in val_sets.items()},
         precision=precision, checkpoints=checkpoints, ledger=ledger, identities=identities, state=state, view=view,
         optimizer=config.server_optimizer(), opt_state=opt_state,
@@ -190,7 +195,7 @@ def broadcast(run: Run, roster: Roster, rnd: int, codec_seed: int) -> tuple[list
     The round's view of the global state: a member that holds the previous view gets only the
     int8 patch to it, any other member the full view.
     """
-    config, ws = run.config, run.ws
+    config, ws = run.round, run.ws
     previous_digest = view_digest(run.view) if run.view is not None else ""
     run.view, patch = advance(run.view if config.broadcast == "delta" else None, run.state)
     digest = view_digest(run.view)
@@ -227,7 +232,7 @@ def secure_stages(
     `received` keeps the reports of the members that survived, with their secure-aggregation
     bytes and time added; those that dropped out are among its rejections.
     """
-    config = run.config
+    config = run.round
     reported = {r.member: r.node_id for r in received.reports}
     node_member = run.node_member
     groups = [{node_member[n]: n for n in group if reported.get(node_member.get(n, "")) == n} for group in roster.groups]
@@ -333,12 +338,14 @@ def record_in_ledger(ledger: Ledger, checkpoints: Checkpoints, config: RunConfig
     for manifest in checkpoints.manifests():
         if manifest["round"] <= last or not manifest["members"]:
             continue
+        steps = int(manifest.get("run_config", {}).get("local-steps", config.local_steps))  # the round's own
+        budget = steps * config.batch_size * config.seq_len
         ledger.append_round([
             Record(
                 round=manifest["round"], member=m["member"],
                 score=float(manifest.get("scores", {}).get(m["member"], 0.0)),
                 share=float(manifest.get("shares", {}).get(m["member"], 0.0)),
-                tokens=min(int(m["num_tokens"]), config.token_budget),  # self-reported: informational only
+                tokens=min(int(m["num_tokens"]), budget),  # self-reported: informational only
                 bytes_up=int(m["bytes_up"]), bytes_down=int(m["bytes_down"]), dp_epsilon=None,
                 release_sha256=manifest["state_sha256"], time=manifest["time"],
             )

@@ -11,13 +11,15 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 from typing import TypeVar
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from aggregation.groups import random_groups, rotating_subsets
+from aggregation.schedule import RoundRecord, decide
 from protos.messages import HELLO, Hello, ProtocolError
 from server.config import RunConfig
 from server.grid import exchange
@@ -32,6 +34,33 @@ class Roster:
     nodes: list[int]  # the nodes sent TRAIN this round
     groups: list[list[int]]  # secure-aggregation groups of those nodes (one group when not planned)
     planned: dict[int, str]  # secure contribution: node -> the member it said it is (else empty)
+
+
+def plan_round(config: RunConfig, manifests: Sequence[dict[str, Any]], rnd: int, note: Callable[[str], None]) -> tuple[RunConfig, str]:
+    """The round's config: local steps and members per round as the schedule decides from the
+    committed rounds (aggregation/schedule.py); a fixed schedule keeps the run's config as it is."""
+    decision = decide(
+        [record_of(m, config) for m in manifests], config.schedule_config(),
+        local_steps=config.local_steps, members_per_round=config.members_per_round, min_members=config.min_members,
+    )
+    if config.schedule == "fixed":
+        return config, decision.reason
+    note(f"round {rnd}: {decision.reason}")
+    return replace(config, local_steps=decision.local_steps, members_per_round=decision.members_per_round), decision.reason
+
+
+def record_of(manifest: dict[str, Any], config: RunConfig) -> RoundRecord:
+    """What the schedule needs of a committed round, from its manifest (resumes decide the same)."""
+    members = manifest.get("members", [])
+    steps = int(manifest.get("run_config", {}).get("local-steps", config.local_steps)) if members else 0
+    losses = list(manifest["val_loss"].values())
+    return RoundRecord(
+        round=int(manifest["round"]), local_steps=steps, members=len(members),
+        val_loss=sum(losses) / len(losses),
+        bytes_per_member=(manifest.get("bytes_up", 0) + manifest.get("bytes_down", 0)) / max(len(members), 1),
+        seconds_per_step=max((float(m["seconds"]) for m in members), default=0.0) / max(steps, 1),
+        drift=manifest.get("drift"),
+    )
 
 
 def sample_members(
