@@ -99,7 +99,7 @@ def run(
 
 
 def _simulate(cfg: RunConfig, members: int | None, run_name: str):  # type: ignore[no-untyped-def]
-    from fedmoe.console import RichReporter, round_table
+    from fedmoe.console import RichReporter, round_tables
     from fedmoe.simulation import SimulationFailed, simulate
     from server.checkpoint import Checkpoints
     from server.summary import RoundSummary
@@ -114,7 +114,8 @@ def _simulate(cfg: RunConfig, members: int | None, run_name: str):  # type: igno
         reporter.stop()
     manifests = Checkpoints(Workspace(cfg.workspace_path).run_dir(run_name)).manifests()
     summaries = [_summary_from_manifest(m) for m in manifests]
-    console.print(round_table(summaries))
+    for table in round_tables(summaries):
+        console.print(table)
     return summaries
 
 

@@ -19,25 +19,28 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def round_table(summaries: list[RoundSummary], title: str = "fedmoe rounds") -> Table:
+def round_tables(summaries: list[RoundSummary]) -> tuple[Table, Table]:
+    """(validation perplexity per domain by round, members and traffic by round): two tables so
+    that each reads whole in an 80-column terminal."""
     domains = sorted({d for s in summaries for d in s.val_loss})
-    table = Table(title=f"{title} (validation perplexity per domain)")
-    table.add_column("round", justify="right")
+    quality = Table(title="validation perplexity per domain (lower is better)")
+    quality.add_column("round", justify="right")
     for d in domains:
-        table.add_column(d, justify="right")
-    for col in ("members", "up/member", "down/member", "s"):
-        table.add_column(col, justify="right")
+        quality.add_column(d, justify="right", no_wrap=True)
+    traffic = Table(title="members and traffic per round")
+    for col in ("round", "members", "sent per member", "received per member", "seconds"):
+        traffic.add_column(col, justify="right", no_wrap=True)
     for s in summaries:
         n = max(len(s.members), 1)
-        table.add_row(
+        quality.add_row(str(s.round), *(f"{math.exp(s.val_loss[d]):.1f}" if d in s.val_loss else "-" for d in domains))
+        traffic.add_row(
             str(s.round),
-            *(f"{math.exp(s.val_loss[d]):.1f}" if d in s.val_loss else "-" for d in domains),
             str(len(s.members)) if s.round else "-",
             human_bytes(s.bytes_up / n) if s.members else "-",
             human_bytes(s.bytes_down / n) if s.members else "-",
             f"{s.seconds:.1f}" if s.round else "-",
         )
-    return table
+    return quality, traffic
 
 
 class RichReporter:
