@@ -99,8 +99,8 @@ def decide(
         else:
             why.append(f"validation loss fell {drop:.2%}: keep")
     steps = _clamp(steps, schedule)
-    if schedule.round_seconds > 0 and last.seconds_per_step > 0:
-        fits = max(schedule.min_steps, int(schedule.round_seconds / last.seconds_per_step))
+    if schedule.round_seconds > 0 and math.isfinite(last.seconds_per_step) and last.seconds_per_step > 0:
+        fits = max(schedule.min_steps, int(min(schedule.round_seconds / last.seconds_per_step, schedule.max_steps)))
         if steps > fits:
             steps = fits
             why.append(f"capped at {fits} steps by the {schedule.round_seconds:g}s training budget")

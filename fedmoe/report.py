@@ -217,14 +217,14 @@ def _specialization_table(manifests: Sequence[dict[str, Any]]) -> list[str]:
         return []
     members = sorted({k for m in rows for k in m["specialization"].get("routing_entropy", {})})
     lines = ["", "## Expert specialization", "",
-             "| round | top member's share of an expert | " + " | ".join(f"entropy {m}" for m in members) + " |",
+             "| round | top member's share of an expert |" + "".join(f" entropy {m} |" for m in members),
              "|---:|---:|" + "---:|" * len(members)]
     for m in rows:
         spec = m["specialization"]
         top = spec.get("expert_top_member_share")
         cells = [f"{spec['routing_entropy'][k]:.2f}" if spec.get("routing_entropy", {}).get(k) is not None else "–"
                  for k in members]
-        lines.append(f"| {m['round']} | {'not known (secure)' if top is None else f'{top:.0%}'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m['round']} | {'not known (secure)' if top is None else f'{top:.0%}'} |" + "".join(f" {c} |" for c in cells))
     lines += ["", ("An expert's top-member share is the part of its routed tokens that came from the member that "
                    "routed most to it (1/members: shared evenly; 100%: owned); entropy is a member's routing "
                    "entropy over the experts, normalized (1: uniform).")]

@@ -79,10 +79,12 @@ def balance_loss(
     reference: torch.Tensor | None = None,  # (L, E) the consortium's routed-token fractions
     weight: float = 1.0,  # this member's part of the consortium's tokens
 ) -> torch.Tensor:
-    """Switch-style load balancing, E * sum_e f_e * P_e per layer, averaged over layers.
+    """Switch-style load balancing, k * E * sum_e f_e * P_e per layer, averaged over layers.
 
     P_e is the mean router probability of expert e over the batch (it carries the gradient),
-    f_e the fraction of top-k assignments that went to e (a constant). With a `reference`,
+    f_e the fraction of top-k assignments that went to e (a constant); the factor k puts it on
+    the scale of transformers' `load_balancing_loss_func` (equal to it for one layer), so the
+    model's `router_aux_loss_coef` means the same in either balance. With a `reference`,
     f_e is the consortium's load, (1 - weight) * reference_e + weight * f_e: the member is pushed
     off the experts the consortium overloads, not off the ones it alone uses most, so members
     with different data can each own experts while no expert starves consortium-wide.
@@ -94,7 +96,7 @@ def balance_loss(
         routed = torch.bincount(chosen, minlength=logits.shape[-1]).to(probs.dtype) / chosen.numel()  # (E,)
         if reference is not None:
             routed = (1 - weight) * reference[layer].to(probs.device, probs.dtype) + weight * routed
-        losses.append(logits.shape[-1] * (routed.detach() * probs.mean(dim=0)).sum())
+        losses.append(top_k * logits.shape[-1] * (routed.detach() * probs.mean(dim=0)).sum())
     return torch.stack(losses).mean()
 
 

@@ -106,7 +106,8 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
         replies, roster, rnd=rnd, config=config, shapes=run.shapes, codec_seed=codec_seed, bytes_down=bytes_down,
         identities=run.identities, node_member=run.node_member, held_views=run.held_views, note=reporter.note,
     )
-    drift = update_drift([u.delta for u in received.updates]) if config.secagg == "off" else None
+    adaptive_open = config.schedule == "adaptive" and config.secagg == "off"
+    drift = update_drift([u.delta for u in received.updates]) if adaptive_open else None  # what the schedule reads
     laps("validate")
     group_sums = secure_stages(grid, run, roster, received, rnd, codec_seed, reporter.note) if config.secagg == "on" else {}
     laps("secure")
@@ -162,11 +163,12 @@ def open_run(config: RunConfig, run_name: str) -> Run:
         if set(committed.state) != set(shapes):
             raise RuntimeError(f"{checkpoints.run_dir}: committed state does not match the base's trainable state")
         state, view, opt_state = committed.state, committed.view, committed.optimizer
-        was = committed.manifest.get("run_config", {}).get("server-opt", "fedavg")
-        if opt_state and was != config.server_opt:
+        was, now = committed.manifest.get("run_config", {}), config.as_user_config()
+        changed = [k for k in sorted(now) if k.startswith("server-") and k in was and was[k] != now[k]]
+        if opt_state and changed:
             raise RuntimeError(
-                f"{checkpoints.run_dir}: committed with server-opt {was!r}, resumed with {config.server_opt!r}; "
-                "resume with the same server optimizer or start a new run"
+                f"{checkpoints.run_dir}: committed with {changed[0]} {was[changed[0]]!r}, resumed with "
+                f"{now[changed[0]]!r}; resume with the same server optimizer settings or start a new run"
             )
         check_state(opt_state, shapes, str(checkpoints.round_dir(committed.round)))
         if committed.manifest.get("expert_load"):
@@ -287,10 +289,13 @@ def score_round(
     config = run.config
     scores: dict[str, float] = {}
     how: dict[str, object] = {}
+    plain = run.optimizer.name == "fedavg" and run.optimizer.lr == 1.0
+    step = None if plain else (lambda state, delta: run.optimizer.step(state, delta, run.opt_state)[0])
     if config.contribution_mode == "secure" and group_sums:
         scored = score_groups(
             group_sums,
-            lambda combine: CoalitionValue(run.lora, run.state, combine, run.contribution_sets, config.batch_size, run.precision),
+            lambda combine: CoalitionValue(run.lora, run.state, combine, run.contribution_sets, config.batch_size,
+                                           run.precision, step),
             seed=config.seed * 100_003 + rnd,
         )
         values = {frozenset(key.split("+")): v for key, v in scored.group_values.items()}
@@ -309,7 +314,8 @@ def score_round(
                 f"({len(run.estimator.observations)} group sum(s) for {len(errors)} members and the drift); shares stay 0 until one is"
             )
     elif config.contribution_mode == "open":
-        value = open_value(run.lora, run.state, received.updates, run.contribution_sets, config.batch_size, run.precision)
+        value = open_value(run.lora, run.state, received.updates, run.contribution_sets, config.batch_size,
+                           run.precision, step)
         scored_open = score_open(received.updates, value, seed=config.seed * 100_003 + rnd,
                                  max_permutations=config.contribution_permutations)
         scores = scored_open.scores

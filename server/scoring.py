@@ -33,11 +33,17 @@ class CoalitionValue:
     val_sets: Mapping[str, torch.Tensor]
     batch_size: int
     precision: Precision
+    # the server optimizer's step (state, delta) -> state, so that a coalition is valued on the
+    # model the round would commit; None: plain FedAvg, state + delta
+    step: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None
     evaluations: int = 0
     _base: float | None = field(default=None, repr=False)
 
     def loss(self, delta: Mapping[str, torch.Tensor]) -> float:
-        self.lora.set_state({k: v + delta[k] if k in delta else v for k, v in self.state.items()})
+        if self.step is not None:
+            self.lora.set_state(dict(self.step(self.state, delta)))
+        else:
+            self.lora.set_state({k: v + delta[k] if k in delta else v for k, v in self.state.items()})
         model = self.lora.model.to(self.precision.device)
         losses = [
             evaluate_loss(model, blocks, batch_size=self.batch_size, device=self.precision.device,
@@ -82,7 +88,9 @@ def score_open(
 
 
 def open_value(lora: LoraMoE, state: Mapping[str, torch.Tensor], updates: Sequence[Update],
-               val_sets: Mapping[str, torch.Tensor], batch_size: int, precision: Precision) -> CoalitionValue:
+               val_sets: Mapping[str, torch.Tensor], batch_size: int, precision: Precision,
+               step: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
+               ) -> CoalitionValue:
     """v(S) for individual updates: S's part of the round's aggregate.
 
     The round applies sum_i w_i delta_i / W (per tensor; W = every member's weight, as in
@@ -95,7 +103,7 @@ def open_value(lora: LoraMoE, state: Mapping[str, torch.Tensor], updates: Sequen
     return CoalitionValue(
         lora, state,
         lambda s: combine_group_sums([sums[m] for m in sorted(s)], reference=round_weights),
-        val_sets, batch_size, precision,
+        val_sets, batch_size, precision, step,
     )
 
 

@@ -8,6 +8,8 @@ fails is one rejection naming the node and why; the round goes on without it.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,11 +19,15 @@ from flwr.common.serde import recorddict_to_proto
 
 from aggregation.codec import UpdateRejected, decode
 from aggregation.fedavg import Update
+from model.lora import expert_of
 from protos.messages import ProtocolError, TrainReply
 from server.config import RunConfig
 from server.identities import Identities
 from server.sampling import Roster
 from server.summary import MemberReport
+
+
+EXPERT_GROUP = re.compile(r"(0|[1-9][0-9]{0,5}):(0|[1-9][0-9]{0,5})")  # 'layer:expert', as model/lora.py names them
 
 
 @dataclass
@@ -112,6 +118,10 @@ def validate_update(
         if not torch.isfinite(tensor).all():
             raise UpdateRejected(f"member {reply.member!r}: tensor {name!r} has NaN or Inf")
     check_counts(reply, config)
+    sent = {g for name in delta if (g := expert_of(name)) is not None}
+    for group in reply.expert_tokens:
+        if group not in sent:  # the counts weight the expert's average and the consortium's load
+            raise UpdateRejected(f"member {reply.member!r}: expert-tokens[{group}] counts tokens for an expert it sent no update for")
     return Update(
         member=reply.member,
         delta={k: v.float() for k, v in delta.items()},
@@ -121,11 +131,19 @@ def validate_update(
 
 
 def check_counts(reply: TrainReply, config: RunConfig) -> None:
-    """Self-reported counts are bounded by the round's token budget and never exceed it."""
+    """Self-reported numbers, checked where they arrive: tokens within the round's budget, each
+    expert's tokens within the member's (a token reaches an expert at most once per layer), the
+    loss and seconds finite and non-negative."""
     budget = config.token_budget
-    top_k_budget = budget * 8  # a token is routed to k experts per layer; k <= 8 in practice
     if not 0 < reply.num_tokens <= budget:
         raise UpdateRejected(f"member {reply.member!r}: num-tokens {reply.num_tokens} outside (0, {budget}]")
     for group, count in reply.expert_tokens.items():
-        if not 0 <= count <= top_k_budget:
-            raise UpdateRejected(f"member {reply.member!r}: expert-tokens[{group}] = {count} out of range")
+        if not EXPERT_GROUP.fullmatch(group):
+            raise UpdateRejected(f"member {reply.member!r}: expert-tokens names {group!r}, not an expert ('layer:expert')")
+        if not 0 <= count <= reply.num_tokens:
+            raise UpdateRejected(
+                f"member {reply.member!r}: expert-tokens[{group}] = {count} outside [0, num-tokens {reply.num_tokens}]"
+            )
+    for field, value in (("seconds", reply.seconds), ("train-loss", reply.train_loss)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UpdateRejected(f"member {reply.member!r}: {field} {value} is not a finite number >= 0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,11 @@ def tiny_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 @pytest.fixture(scope="session")
 def tiny_base_path(tiny_workspace: Workspace) -> Path:
     return tiny_workspace.base
+
+
+@pytest.fixture()
+def ws(tiny_workspace: Workspace, tmp_path: Path) -> Workspace:
+    """A private copy of the tiny consortium (runs, nodes and identities start empty)."""
+    root = tmp_path / "ws"
+    shutil.copytree(tiny_workspace.root, root, ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
+    return Workspace(root)

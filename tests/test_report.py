@@ -18,7 +18,7 @@ def _member(name: str, seconds: float, tokens: int) -> dict:
             "train_loss": 3.0, "seconds": seconds, "experts_sent": 4, "precision": "bf16 on cpu"}
 
 
-def _run(run_dir: Path, *, shares: bool = True) -> Checkpoints:
+def _run(run_dir: Path, *, shares: bool = True, secure: bool = False) -> Checkpoints:
     checkpoints = Checkpoints(run_dir)
     state = {"w": torch.zeros(4)}
     for rnd in range(4):
@@ -32,7 +32,8 @@ def _run(run_dir: Path, *, shares: bool = True) -> Checkpoints:
             "shares": {"acme": 0.5, "globex": 0.3, "initech": 0.2} if rnd and shares else {},
             **({"timing": {"sample": 0.5, "broadcast": 1.0, "train": 22.0, "secure": 4.0, "evaluate": 2.5},
                 "members_train_seconds": sum(m["seconds"] for m in members),
-                "specialization": {"expert_top_member_share": 0.4 + 0.1 * rnd,
+                "specialization": {"expert_top_member_share": None, "routing_entropy": {}} if secure else
+                                  {"expert_top_member_share": 0.4 + 0.1 * rnd,
                                    "routing_entropy": {"acme": 0.9, "globex": 0.8, "initech": 0.7}}} if rnd else {}),
         })
     return checkpoints
@@ -76,6 +77,14 @@ def test_report_skips_shares_with_a_note_when_contribution_was_off(tmp_path: Pat
     assert "shares" not in report.plots and not (tmp_path / "out" / "shares.png").exists()
     assert any("shares.png skipped" in n for n in report.notes)
     assert any("no prices given" in n for n in report.notes)
+
+
+def test_a_secure_run_reports_specialization_as_not_known_in_a_well_formed_table(tmp_path: Path) -> None:
+    _run(tmp_path / "run", secure=True)
+    text = write_report(tmp_path / "run", tmp_path / "out").summary.read_text()
+    table = text.split("## Expert specialization")[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| round | top member's share of an expert |" and table[1] == "|---:|---:|"
+    assert table[2:] == [f"| {r} | not known (secure) |" for r in (1, 2, 3)]
 
 
 def test_report_of_a_run_with_nothing_committed_is_a_clear_error(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
 from model.moe import balance_loss
 
 
@@ -20,8 +22,10 @@ def test_member_balance_is_the_switch_loss_on_the_batch() -> None:
     probs = logits.softmax(-1)
     chosen = logits.topk(2, dim=-1).indices.flatten()
     f = torch.bincount(chosen, minlength=4).float() / chosen.numel()
-    expected = 4 * (f * probs.mean(0)).sum()
+    expected = 2 * 4 * (f * probs.mean(0)).sum()
     assert torch.allclose(balance_loss((logits, logits), 2), expected)
+    # on transformers' scale: one layer gives exactly its Mixtral auxiliary loss
+    assert torch.allclose(balance_loss((logits,), 2), load_balancing_loss_func((logits,), 4, 2))
     # a consortium load equal to the member's own, at any weight, is the same loss
     assert torch.allclose(balance_loss((logits,), 2, f[None], weight=0.3), expected)
 

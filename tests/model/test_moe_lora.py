@@ -133,3 +133,26 @@ def test_base_directory_is_checked_against_its_sha256(tiny_base_path, tmp_path) 
     with pytest.raises(BaseModelError, match=r"model.safetensors: sha256 mismatch"):
         load_base(copy)
     assert base.spec.rank == 4
+
+
+def test_consortium_balance_replaces_the_members_own_in_the_trainer(tiny_base_path) -> None:
+    """The router trains against the consortium's load when one is given, deterministically."""
+    base = load_base(tiny_base_path)
+    lora = base.with_lora()
+    start = lora.get_state()
+    blocks = torch.randint(0, base.model.config.vocab_size, (16, 32))
+    layers, experts = base.model.config.num_hidden_layers, base.model.config.num_local_experts
+    overloaded = torch.zeros(layers, experts)
+    overloaded[:, :2] = 0.5  # the consortium sends everything to experts 0 and 1
+    precision = select_precision("fp32", "cpu")
+
+    def router_delta(load) -> dict[str, torch.Tensor]:  # noqa: ANN001
+        cfg = TrainConfig(local_steps=2, batch_size=4, lr=1e-2, seed=0, min_expert_tokens=1,
+                          expert_load=load, balance_weight=0.25)
+        delta = train_local(lora, start, blocks, cfg, precision).delta
+        return {k: v for k, v in delta.items() if k.endswith("gate.weight") or ".gate." in k}
+
+    own, consortium, again = router_delta(None), router_delta(overloaded), router_delta(overloaded)
+    assert own and set(own) == set(consortium)
+    assert all(torch.equal(consortium[k], again[k]) for k in consortium)
+    assert any(not torch.equal(own[k], consortium[k]) for k in own)

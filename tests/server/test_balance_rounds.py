@@ -4,7 +4,6 @@ TRAIN, checked by the member; and how members share experts, in the manifest."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,6 @@ def config(ws: Workspace, **overrides: object) -> RunConfig:
         min_expert_tokens=8, min_members=2, round_timeout=30.0, codec="fp16", contribution="off",
     )
     return base.with_overrides(**overrides)
-
-
-@pytest.fixture()
-def ws(tiny_workspace: Workspace, tmp_path: Path) -> Workspace:
-    root = tmp_path / "ws"
-    shutil.copytree(tiny_workspace.root, root, ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
-    return Workspace(root)
 
 
 @pytest.mark.parametrize("secure", [False, True])

@@ -16,8 +16,12 @@ SHAPES = {"a.lora_B": (4, 2), "layers.0.mlp.experts.down_proj.lora_B.e1": (3, 2)
 CONFIG = RunConfig(local_steps=2, batch_size=2, seq_len=16, codec="fp32")  # token budget 64
 
 
-def reply(delta: dict[str, torch.Tensor], num_tokens: int = 64, experts: dict[str, int] | None = None) -> TrainReply:
-    return TrainReply("acme", 1, encode(delta, CodecConfig("fp32"), seed=0), "", experts or {}, num_tokens, 4, 1.0, 1.0, "bf16")
+EXPERT = "layers.0.mlp.experts.down_proj.lora_B.e1"  # expert '0:1'
+
+
+def reply(delta: dict[str, torch.Tensor], num_tokens: int = 64, experts: dict[str, int] | None = None,
+          loss: float = 1.0, seconds: float = 1.0) -> TrainReply:
+    return TrainReply("acme", 1, encode(delta, CodecConfig("fp32"), seed=0), "", experts or {}, num_tokens, 4, loss, seconds, "bf16")
 
 
 def test_commit_and_load_round_trip_and_pointer_moves_last(tmp_path) -> None:
@@ -47,8 +51,28 @@ def test_tampered_committed_state_is_detected(tmp_path) -> None:
 
 
 def test_valid_update_passes() -> None:
-    update = validate_update(reply({"a.lora_B": torch.ones(4, 2)}, experts={"0:1": 10}), SHAPES, CONFIG)
-    assert update.member == "acme" and update.num_tokens == 64
+    delta = {"a.lora_B": torch.ones(4, 2), EXPERT: torch.ones(3, 2)}
+    update = validate_update(reply(delta, experts={"0:1": 64}), SHAPES, CONFIG)
+    assert update.member == "acme" and update.num_tokens == 64 and update.expert_tokens == {"0:1": 64}
+
+
+@pytest.mark.parametrize(
+    ("experts", "sent", "loss", "seconds", "message"),
+    [
+        # an inflated claim: a token reaches an expert at most once per layer (the old bound was 8x the budget)
+        ({"0:1": 65}, True, 1.0, 1.0, r"expert-tokens\[0:1\] = 65 outside \[0, num-tokens 64\]"),
+        ({"0:1": 10}, False, 1.0, 1.0, r"expert-tokens\[0:1\] counts tokens for an expert it sent no update for"),
+        ({"junk": 1}, True, 1.0, 1.0, "expert-tokens names 'junk', not an expert"),
+        ({"0:1:2": 1}, True, 1.0, 1.0, "expert-tokens names '0:1:2', not an expert"),
+        ({}, True, 1.0, float("inf"), "seconds inf is not a finite number >= 0"),
+        ({}, True, 1.0, -2.0, "seconds -2.0 is not a finite number >= 0"),
+        ({}, True, float("nan"), 1.0, "train-loss nan is not a finite number >= 0"),
+    ],
+)
+def test_self_reported_numbers_are_checked_where_they_arrive(experts, sent, loss, seconds, message) -> None:
+    delta = {"a.lora_B": torch.ones(4, 2), **({EXPERT: torch.ones(3, 2)} if sent else {})}
+    with pytest.raises(UpdateRejected, match=message):
+        validate_update(reply(delta, experts=experts, loss=loss, seconds=seconds), SHAPES, CONFIG)
 
 
 @pytest.mark.parametrize(

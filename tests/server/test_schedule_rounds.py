@@ -3,8 +3,6 @@ committed rounds, reach the members with TRAIN, and are recorded with the round.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -18,13 +16,6 @@ from server.summary import LogReporter
 from server.workspace import Workspace
 
 from fake_grid import FakeGrid, SentTrain, task_identity
-
-
-@pytest.fixture()
-def ws(tiny_workspace: Workspace, tmp_path: Path) -> Workspace:
-    root = tmp_path / "ws"
-    shutil.copytree(tiny_workspace.root, root, ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
-    return Workspace(root)
 
 
 def test_adaptive_rounds_train_the_steps_the_schedule_decided(ws: Workspace, caplog: pytest.LogCaptureFixture) -> None:

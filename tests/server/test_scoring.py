@@ -90,3 +90,16 @@ def test_secure_mode_recovers_the_ranking_from_group_sums_only(planted) -> None:
     print({m: round(shares[m], 4) for m in ROLES}, estimator.estimate())
     assert shares["free_rider"] <= 0.02
     assert min(shares["rich"], shares["duplicate"]) > max(shares["small"], shares["noisy"], shares["free_rider"])
+
+
+def test_coalitions_are_valued_on_the_step_the_server_optimizer_takes(planted) -> None:
+    from aggregation.server_opt import ServerOptimizer
+
+    lora, state, updates, val, precision = planted
+    momentum = ServerOptimizer("fedavgm", lr=2.0, momentum=0.9)  # from fresh state: x + 2 * mean delta
+    stepped = open_value(lora, state, updates, val, 8, precision, step=lambda s, d: momentum.step(s, d, {})[0])
+    doubled = [Update(u.member, {k: 2 * v for k, v in u.delta.items()}, u.num_tokens, dict(u.expert_tokens)) for u in updates]
+    plain = open_value(lora, state, updates, val, 8, precision)
+    coalition = frozenset({"rich", "noisy"})
+    assert stepped(coalition) == pytest.approx(open_value(lora, state, doubled, val, 8, precision)(coalition), abs=1e-5)
+    assert abs(stepped(coalition) - plain(coalition)) > 1e-4

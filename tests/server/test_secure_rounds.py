@@ -8,7 +8,6 @@ refuse stage messages they should not answer.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -42,14 +41,6 @@ def config(ws: Path, **overrides: object) -> RunConfig:
         secagg="on", secagg_timeout=0.3, contribution="off", contribution_batches=1,
     )
     return base.with_overrides(**overrides)
-
-
-@pytest.fixture()
-def ws(tiny_workspace: Workspace, tmp_path: Path) -> Workspace:
-    """A private copy of the tiny consortium (runs, nodes and identities start empty)."""
-    root = tmp_path / "ws"
-    shutil.copytree(tiny_workspace.root, root, ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
-    return Workspace(root)
 
 
 class Inputs:

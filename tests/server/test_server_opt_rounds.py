@@ -3,8 +3,6 @@ continues it bit-identically, and a run cannot silently switch optimizers halfwa
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,13 +24,6 @@ def config(ws: Workspace, **overrides: object) -> RunConfig:
         server_opt="fedadam", server_lr=0.01,
     )
     return base.with_overrides(**overrides)
-
-
-@pytest.fixture()
-def ws(tiny_workspace: Workspace, tmp_path: Path) -> Workspace:
-    root = tmp_path / "ws"
-    shutil.copytree(tiny_workspace.root, root, ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
-    return Workspace(root)
 
 
 def test_adaptive_server_state_is_committed_and_a_resumed_run_matches_an_uninterrupted_one(ws: Workspace) -> None:
@@ -58,6 +49,8 @@ def test_a_run_resumed_with_another_server_optimizer_is_refused(ws: Workspace) -
         run_rounds(FakeGrid(app, 3), config(ws, num_rounds=1), LogReporter(), run_name="switch")
         with pytest.raises(RuntimeError, match="committed with server-opt 'fedadam', resumed with 'fedyogi'"):
             run_rounds(FakeGrid(app, 3), config(ws, server_opt="fedyogi"), LogReporter(), run_name="switch")
+        with pytest.raises(RuntimeError, match="committed with server-beta2 0.99, resumed with 0.999"):
+            run_rounds(FakeGrid(app, 3), config(ws, server_beta2=0.999), LogReporter(), run_name="switch")
     checkpoints = Checkpoints(ws.run_dir("switch"))
     assert checkpoints.latest_round() == 1  # nothing lost
     path = checkpoints.round_dir(1) / "optimizer.safetensors"
