@@ -76,7 +76,8 @@ def decide(
     if not trained:
         return Decision(_clamp(local_steps, schedule), members_per_round, "no round trained yet: configured local steps")
     last = trained[-1]
-    before = history[history.index(last) - 1] if history.index(last) > 0 else None
+    at = history.index(last)
+    before = history[at - 1] if at > 0 else None
     steps, why = last.local_steps, []
     if before is None:
         why.append("no loss slope yet: keep")

@@ -44,7 +44,3 @@ def observe_expert_load(
         "routing_entropy": {m: routing_entropy(c, layers, experts) for m, c in sorted(by_member.items())},
     }
 
-
-def load_json(load: torch.Tensor | None) -> list[list[float]] | None:
-    """The load as the manifest keeps it (a resumed run sends the same load again)."""
-    return None if load is None else [[float(v) for v in row] for row in load]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -35,7 +35,7 @@ from model.precision import Precision, select_precision
 from protos.messages import TRAIN, TrainInstruction
 from server.checkpoint import Checkpoints
 from server.config import RunConfig
-from server.balance import load_json, observe_expert_load
+from server.balance import observe_expert_load
 from server.evaluation import evaluate, validation_sets
 from server.grid import exchange
 from server.identities import Identities
@@ -92,7 +92,7 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
 
 def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummary:
     started, laps = time.perf_counter(), Laps()
-    run.round, decision = plan_round(run.config, run.checkpoints.manifests(), rnd, reporter.note)
+    run.round, decision = plan_round(run.config, run.checkpoints.manifests, rnd, reporter.note)
     config = run.round
     codec_seed = config.seed * 1_000_003 + rnd  # the round's shared seed (randk coordinates)
     roster = sample_members(grid, config, run.ws, run.node_member, rnd, reporter.note)
@@ -127,7 +127,8 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
         rejected=received.rejected, seconds=time.perf_counter() - started,
         scores=scores, shares=shares, contribution=how, timing=laps.seconds, specialization=specialization,
     )
-    manifest = {**_manifest(summary, run.base, config), "expert_load": load_json(run.expert_load),
+    load_list = run.expert_load.tolist() if run.expert_load is not None else None  # a resume sends it again
+    manifest = {**_manifest(summary, run.base, config), "expert_load": load_list,
                 "load_weight": run.load_weight, "drift": drift, "schedule": decision}
     run.checkpoints.commit(rnd, run.state, manifest, view=run.view, optimizer=run.opt_state)
     record_in_ledger(run.ledger, run.checkpoints, config)  # after the commit: a crash between re-syncs
@@ -204,6 +205,7 @@ def broadcast(run: Run, roster: Roster, rnd: int, codec_seed: int) -> tuple[list
     full_payload = tensors_to_bytes(run.view)
     patch_payload = tensors_to_bytes(patch) if patch is not None else b""
     load_payload = tensors_to_bytes({"load": run.expert_load}) if run.expert_load is not None else b""
+    codec = str(config.codec_config())
     messages, bytes_down = [], {}
     for node in roster.nodes:
         if patch is not None and run.held_views.get(run.node_member.get(node, "")) == previous_digest:
@@ -216,7 +218,7 @@ def broadcast(run: Run, roster: Roster, rnd: int, codec_seed: int) -> tuple[list
             members_dir=str(ws.members_dir), nodes_dir=str(ws.root / "nodes"),
             local_steps=config.local_steps, batch_size=config.batch_size, seq_len=config.seq_len,
             lr=config.lr, seed=config.seed, min_expert_tokens=config.min_expert_tokens,
-            codec=str(config.codec_config()), codec_clip=config.codec_clip, codec_seed=codec_seed,
+            codec=codec, codec_clip=config.codec_clip, codec_seed=codec_seed,
             precision=config.precision, secure=config.secagg == "on",
             balance=config.expert_balance, expert_load=load_payload, balance_weight=run.load_weight,
         )
@@ -289,8 +291,11 @@ def score_round(
     config = run.config
     scores: dict[str, float] = {}
     how: dict[str, object] = {}
-    plain = run.optimizer.name == "fedavg" and run.optimizer.lr == 1.0
-    step = None if plain else (lambda state, delta: run.optimizer.step(state, delta, run.opt_state)[0])
+
+    def step(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Coalitions are valued on the model the round's own optimizer step would give them."""
+        return run.optimizer.step(state, delta, run.opt_state)[0]
+
     if config.contribution_mode == "secure" and group_sums:
         scored = score_groups(
             group_sums,
@@ -345,7 +350,7 @@ def record_in_ledger(ledger: Ledger, checkpoints: Checkpoints, config: RunConfig
         if manifest["round"] <= last or not manifest["members"]:
             continue
         steps = int(manifest.get("run_config", {}).get("local-steps", config.local_steps))  # the round's own
-        budget = steps * config.batch_size * config.seq_len
+        budget = replace(config, local_steps=steps).token_budget
         ledger.append_round([
             Record(
                 round=manifest["round"], member=m["member"],

@@ -36,11 +36,15 @@ class Roster:
     planned: dict[int, str]  # secure contribution: node -> the member it said it is (else empty)
 
 
-def plan_round(config: RunConfig, manifests: Sequence[dict[str, Any]], rnd: int, note: Callable[[str], None]) -> tuple[RunConfig, str]:
+def plan_round(
+    config: RunConfig, manifests: Callable[[], Sequence[dict[str, Any]]], rnd: int, note: Callable[[str], None]
+) -> tuple[RunConfig, str]:
     """The round's config: local steps and members per round as the schedule decides from the
-    committed rounds (aggregation/schedule.py); a fixed schedule keeps the run's config as it is."""
+    committed rounds (aggregation/schedule.py); a fixed schedule keeps the run's config as it is
+    and reads no manifest."""
+    history = [record_of(m, config) for m in manifests()] if config.schedule == "adaptive" else []
     decision = decide(
-        [record_of(m, config) for m in manifests], config.schedule_config(),
+        history, config.schedule_config(),
         local_steps=config.local_steps, members_per_round=config.members_per_round, min_members=config.min_members,
     )
     if config.schedule == "fixed":
