@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
@@ -13,7 +15,7 @@ from model.chatter import silence_library_chatter
 from model.corpus import DataError
 from model.precision import PrecisionError
 from privacy.secagg import SecAggError
-from protos.messages import SECAGG_STAGES, Hello, ProtocolError, SecAggMessage, TrainInstruction
+from protos.messages import SECAGG_STAGES, Hello, ProtocolError, SecAggMessage, TrainInstruction, TrainReply
 
 silence_library_chatter()  # this module is a process's entry point (SuperNode, simulation actor)
 
@@ -25,13 +27,18 @@ DATA_ERROR, BASE_ERROR, CONFIG_ERROR, STALE_VIEW, SECAGG_ERROR = 101, 102, 103, 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    return serve_train(msg, context, run_round)
+
+
+def serve_train(msg: Message, context: Context, play: Callable[[TrainInstruction, Node], TrainReply]) -> Message:
+    """One TRAIN: parse, `play` the round (client/node.py run_round for a member), reply or refuse."""
     try:
         ins = TrainInstruction.from_record(msg.content)
         node = Node.from_node_config(context.node_config, ins)
     except (ProtocolError, DataError, KeyError, ValueError) as exc:
         return Message(error=Error(CONFIG_ERROR, f"node {context.node_id}: {exc}"), reply_to=msg)
     try:
-        reply = run_round(ins, node)
+        reply = play(ins, node)
     except DataError as exc:
         return Message(error=Error(DATA_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
     except BaseModelError as exc:
@@ -62,7 +69,7 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(content=Hello(node.member, "", "", "").to_record(), reply_to=msg)
 
 
-def _secagg_stage(stage: str):  # type: ignore[no-untyped-def]
+def secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
     def serve(msg: Message, context: Context) -> Message:
         """One secure-aggregation stage: refusals go back as errors (the server drops the node)."""
         try:
@@ -77,4 +84,4 @@ def _secagg_stage(stage: str):  # type: ignore[no-untyped-def]
 
 
 for _stage in SECAGG_STAGES:
-    app.train(f"secagg_{_stage}")(_secagg_stage(_stage))
+    app.train(f"secagg_{_stage}")(secagg_handler(_stage))

@@ -17,7 +17,7 @@ from aggregation.codec_config import CodecConfig
 from aggregation.feedback import ErrorFeedback
 from client import secure
 from model.precision import select_precision
-from client.trainer import TrainConfig, train_local
+from client.trainer import LOCAL_OPTIMIZERS, TrainConfig, TrainResult, train_local
 from protos.messages import ProtocolError, TrainInstruction, TrainReply
 from model.base import Base, load_base
 from model.corpus import DataError, read_texts
@@ -64,7 +64,8 @@ class Node:
 _LOADED: dict[tuple[str, str], tuple[Base, LoraMoE]] = {}
 
 
-def _load(base_path: Path, sha256: str) -> tuple[Base, LoraMoE]:
+def load_member_model(base_path: Path, sha256: str) -> tuple[Base, LoraMoE]:
+    """The round's base (checked against its sha256) with the LoRA attached, cached per process."""
     key = (str(base_path), sha256)
     if key not in _LOADED:
         base = load_base(base_path, expected_sha256=sha256)
@@ -172,7 +173,9 @@ def expert_load_of(ins: TrainInstruction, lora: LoraMoE) -> torch.Tensor | None:
 
 
 def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
-    base, lora = _load(node.base_path, ins.base_sha256)
+    if ins.local_opt not in LOCAL_OPTIMIZERS:
+        raise ProtocolError(f"TRAIN local_opt {ins.local_opt!r} is not one of {', '.join(LOCAL_OPTIMIZERS)}")
+    base, lora = load_member_model(node.base_path, ins.base_sha256)
     blocks = member_blocks(node, base, ins.seq_len)
     state = receive_state(ins, node)
     precision = select_precision(ins.precision, node.device)
@@ -184,6 +187,7 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
             local_steps=ins.local_steps,
             batch_size=ins.batch_size,
             lr=ins.lr,
+            optimizer=ins.local_opt,
             seed=member_seed(ins.seed, ins.round, node.member),
             min_expert_tokens=ins.min_expert_tokens,
             expert_load=expert_load_of(ins, lora),
@@ -191,6 +195,11 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         ),
         precision,
     )
+    return reply_for(result, ins, node, lora, precision.name)
+
+
+def reply_for(result: TrainResult, ins: TrainInstruction, node: Node, lora: LoraMoE, precision: str) -> TrainReply:
+    """The round's reply for a training result: the update encoded (or kept for the SecAgg stages)."""
     update_seed = member_seed(ins.seed, ins.round, node.member) + 1
     identity = b""
     if ins.secure:
@@ -214,5 +223,5 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         num_examples=result.num_examples,
         train_loss=result.train_loss,
         seconds=result.seconds,
-        precision=precision.name,
+        precision=precision,
     )

@@ -27,6 +27,7 @@ class TrainConfig:
     seed: int
     min_expert_tokens: int  # experts this member routed fewer tokens to are not sent
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # LOCAL_OPTIMIZERS
     expert_load: torch.Tensor | None = None  # (L, E) consortium load to balance against; None: own batch
     balance_weight: float = 1.0  # this member's part of the consortium's tokens
 
@@ -43,6 +44,26 @@ class TrainResult:
     experts_skipped: int
 
 
+LOCAL_OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The member's local optimizer. No weight decay: it would move experts this member never routed to.
+
+    "sgd" (plain, no momentum) is the local half of adaptive federated optimization (Reddi et al.):
+    the round's delta is then a sum of the member's gradients, and a server optimizer
+    (server-opt = fedadam/fedyogi) does the per-coordinate scaling once, on the consortium's
+    pseudo-gradient. Local AdamW scales each member's own domain-specific directions up to a
+    full step before they are averaged; on the demo's one-domain-per-member consortium that
+    conflict cost most of the gain (see the README's "Training that pays" notes).
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"local-opt must be one of {', '.join(LOCAL_OPTIMIZERS)}, not {name!r}")
+
+
 def train_local(
     lora: LoraMoE,
     global_state: Mapping[str, torch.Tensor],
@@ -57,8 +78,7 @@ def train_local(
     model = lora.model.to(precision.device)
     model.train()
     params = lora.trainable_parameters()
-    # No weight decay: it would move experts this member never routed to.
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    optimizer = make_optimizer(config.optimizer, params, config.lr)
     scaler = precision.make_scaler()
     top_k = int(model.config.num_experts_per_tok)
     aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))

@@ -98,7 +98,7 @@ def run(
     _simulate(cfg, members, run_name)
 
 
-def _simulate(cfg: RunConfig, members: int | None, run_name: str):  # type: ignore[no-untyped-def]
+def _simulate(cfg: RunConfig, members: int | None, run_name: str, free_rider: bool = False):  # type: ignore[no-untyped-def]
     from fedmoe.console import RichReporter, round_tables
     from fedmoe.simulation import SimulationFailed, simulate
     from server.checkpoint import Checkpoints
@@ -107,7 +107,7 @@ def _simulate(cfg: RunConfig, members: int | None, run_name: str):  # type: igno
 
     reporter = RichReporter(console)
     try:
-        simulate(cfg, reporter, num_members=members, run_name=run_name)
+        simulate(cfg, reporter, num_members=members, run_name=run_name, free_rider=free_rider)
     except SimulationFailed as exc:
         raise _fail(str(exc)) from None
     finally:
@@ -153,16 +153,21 @@ def _export(root: Path, run_name: str, out: Path | None) -> Path:
     return release.path
 
 
-DEMO_SECURE_CODEC, DEMO_SECURE_CLIP = "randk0.05+int8", 0.05
+DEMO_SECURE_CODEC, DEMO_SECURE_CLIP = "int8", 0.05
+# Local SGD with a server FedYogi (adaptive federated optimization): on the demo's one-domain-per-
+# member consortium, averaging members' local-AdamW updates cancels most of their gains (README).
+DEMO_TRAINING = {"local-opt": "sgd", "lr": 1.0, "server-opt": "fedyogi", "server-lr": 0.03, "local-steps": 6}
+DEMO_ROUNDS = 10
 
 
 @app.command()
 def demo(
     workspace: Workspace_ = Path(".fedmoe/demo"),
-    rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 4,
+    rounds: Annotated[int, typer.Option(help="Rounds to run.")] = DEMO_ROUNDS,
     members: Annotated[int | None, typer.Option(help="Members (default: one per demo domain).")] = None,
     fresh: Annotated[bool, typer.Option(help="Start the run over instead of resuming it.")] = False,
     secure: Annotated[bool, typer.Option(help="Secure aggregation (the operator sees only sums; contribution from group sums). --no-secure: plain updates, open-mode contribution (run 'demo-open').")] = True,
+    free_rider: Annotated[bool, typer.Option(help="Add the labelled free rider: a member that claims tokens and sends noise.")] = True,
 ) -> None:
     """The whole consortium on this machine: build what is missing, train, export a release."""
     import shutil
@@ -178,7 +183,7 @@ def demo(
     if fresh:
         shutil.rmtree(ws.run_dir(run_name), ignore_errors=True)
     mode = {"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP} if secure else {}
-    cfg = _run_config(ws.root, [], **{"num-rounds": rounds}, **mode)
+    cfg = _run_config(ws.root, [], **{"num-rounds": rounds}, **DEMO_TRAINING, **mode)
     console.print(f"consortium: {', '.join(ws.members()[: members or None])} ({os.cpu_count()} CPU cores)")
     console.print(
         f"secure aggregation on: updates leave as {DEMO_SECURE_CODEC} (clip {DEMO_SECURE_CLIP}) masked integers, the "
@@ -187,12 +192,38 @@ def demo(
         f"may not reach (--no-secure: open mode, each update scored)"
         if secure else "secure aggregation off: the operator sees each member's update (open-mode contribution)"
     )
-    summaries = _simulate(cfg, members, run_name)
+    summaries = _simulate(cfg, members, run_name, free_rider=free_rider)
     path = _export(ws.root, run_name, None)
-    first, last = summaries[0], summaries[-1]
-    for d in sorted(last.val_loss):
-        console.print(f"  {d:>12}: val ppl {math.exp(first.val_loss[d]):8.1f} -> {math.exp(last.val_loss[d]):8.1f}")
+    _demo_verdict(ws, run_name, summaries, free_rider)
     console.print(f"done in {time.perf_counter() - started:.0f}s; release: [bold]{path}[/bold]")
+
+
+def _demo_verdict(ws, run_name: str, summaries: list, free_rider: bool) -> None:  # type: ignore[no-untyped-def]
+    """The demo's outcome in words: what the model learned, and what each member gets for it."""
+    from fedmoe.console import rights_table
+    from fedmoe.free_rider import FREE_RIDER
+    from server.ledger import Ledger
+    from server.rights import entitlements, load_policy
+
+    first, last = summaries[0], summaries[-1]
+    start = first.val_loss  # round 0: the base model
+    drops = {d: 1 - math.exp(last.val_loss[d] - start[d]) for d in sorted(last.val_loss)}
+    console.print("validation perplexity of the consortium model, before training -> now:")
+    for d, drop in drops.items():
+        console.print(f"  {d:>12}: {math.exp(start[d]):8.1f} -> {math.exp(last.val_loss[d]):8.1f}  ({drop:+.1%} better)")
+    with Ledger(ws.ledger(run_name), create=False) as book:
+        rights = entitlements(load_policy(ws.policy), book.records(), book.latest_round())
+    console.print(rights_table(rights, {FREE_RIDER: "free rider"} if free_rider else {}))
+    honest = [m for m in rights if m != FREE_RIDER]
+    credited = [m for m in honest if rights[m].share > 0]
+    console.print(f"{len(credited)} of {len(honest)} honest members credited with a share > 0.")
+    if free_rider and FREE_RIDER in rights:
+        ent = rights[FREE_RIDER]
+        caught = ent.share == 0 and ent.tier == "base-only"
+        console.print(
+            f"the free rider claimed an honest member's tokens and sent noise: share {ent.share:.1%}, "
+            + ("base model only, no quota (caught)." if caught else f"rights '{ent.tier}' (NOT caught).")
+        )
 
 
 def _mount() -> None:

@@ -86,3 +86,20 @@ class RichReporter:
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+TIER_WORDS = {"latest": "every release", "delayed": "older releases", "base-only": "base model only"}
+
+
+def rights_table(entitlements: dict[str, "object"], roles: dict[str, str]) -> Table:
+    """What each member's credited contribution share entitles it to (fits 80 columns)."""
+    table = Table(title="what each member gets (contribution share -> rights)")
+    for column, justify in (("member", "left"), ("role", "left"), ("share", "right"), ("may use", "left"), ("token quota", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for member in sorted(entitlements):
+        ent = entitlements[member]
+        table.add_row(
+            member, roles.get(member, "honest"), f"{ent.share:.1%}", TIER_WORDS[ent.tier],  # type: ignore[attr-defined]
+            f"{ent.quota_tokens:,}",  # type: ignore[attr-defined]
+        )
+    return table

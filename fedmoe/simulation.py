@@ -62,11 +62,14 @@ def simulate(
     num_members: int | None = None,
     run_name: str = "default",
     cpus_per_member: int = 2,
+    free_rider: bool = False,
 ) -> _Collecting:
-    """Run the configured rounds with one simulated SuperNode per member of the workspace."""
+    """Run the configured rounds with one simulated SuperNode per member of the workspace, and
+    with `free_rider` one more that plays the labelled free rider (fedmoe/free_rider.py)."""
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
+    from fedmoe.free_rider import demo_client_app
     from server.app import make_app
 
     ws = Workspace(config.workspace_path)
@@ -74,6 +77,8 @@ def simulate(
     if not members:
         raise SimulationFailed(f"{ws.members_dir}: no members (run `fedmoe init`)")
     n = min(num_members or len(members), len(members))
+    if free_rider:
+        client_app = demo_client_app(ws.root, partition=n)
     flower_environment(ws.root)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     collecting = _Collecting(reporter)
@@ -84,7 +89,7 @@ def simulate(
         run_simulation(
             server_app=server_app,
             client_app=client_app,
-            num_supernodes=n,
+            num_supernodes=n + int(free_rider),
             backend_config={
                 "client_resources": {"num_cpus": cpus_per_member, "num_gpus": 0.0},
                 "init_args": {"num_cpus": max(cpus_per_member, os.cpu_count() or 1), "include_dashboard": False},

@@ -60,6 +60,15 @@ def save_base(
     )
 
 
+def _spec(fields: dict[str, object]) -> LoraSpec:
+    """The base's LoRA spec; bases made before the output-head adapter have no `train_head`."""
+    known = set(LoraSpec.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise BaseModelError(f"{MANIFEST}: unknown LoRA setting {unknown[0]!r}")
+    return LoraSpec(**{"train_head": False, **fields})  # type: ignore[arg-type]
+
+
 def load_base(path: Path, *, expected_sha256: str | None = None) -> Base:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -80,7 +89,7 @@ def load_base(path: Path, *, expected_sha256: str | None = None) -> Base:
         path=path,
         model=model,
         tokenizer=tokenizer,
-        spec=LoraSpec(**manifest["lora"]),
+        spec=_spec(manifest["lora"]),
         lora_init=load_tensors(path / LORA_INIT),
         sha256=manifest_sha,
     )

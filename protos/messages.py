@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 3  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
+PROTOCOL_VERSION = 4  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
 # 3: TRAIN carries the expert balance (`balance`, the consortium's `expert_load`, `balance_weight`)
+# 4: TRAIN carries the members' local optimizer (`local_opt`)
 
 
 class ProtocolError(ValueError):
@@ -37,6 +38,7 @@ class TrainInstruction:
     batch_size: int
     seq_len: int
     lr: float
+    local_opt: str  # "adamw" | "sgd": the members' optimizer for their local steps
     seed: int
     min_expert_tokens: int
     codec: str  # aggregation/codec.py spec

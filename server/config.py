@@ -49,6 +49,7 @@ class RunConfig:
     secagg_neighbours: int = 0  # neighbours per member (SecAgg+); 0: about 2*log2(members)
     secagg_ring_bits: int = 0  # ring width; 0: what the sum of the group needs (12 bits for 10 int8 members)
     secagg_timeout: float = 120.0  # seconds per secure-aggregation stage
+    local_opt: str = "adamw"  # the members' local optimizer: "adamw" or "sgd" (client/trainer.py)
     expert_balance: str = "consortium"  # members balance expert load against the consortium's, or their own
     schedule: str = "fixed"  # "adaptive": local steps and members per round from the loss slope (aggregation/schedule.py)
     schedule_min_steps: int = 2
@@ -88,6 +89,7 @@ class RunConfig:
             (self.batch_size >= 1, "batch-size must be >= 1"),
             (self.seq_len >= 8, "seq-len must be >= 8"),
             (self.lr > 0, "lr must be > 0"),
+            (self.local_opt in ("adamw", "sgd"), "local-opt must be 'adamw' or 'sgd'"),
             (self.min_expert_tokens >= 0, "min-expert-tokens must be >= 0"),
             (self.broadcast in ("delta", "full"), "broadcast must be 'delta' or 'full'"),
             (self.codec_clip >= 0, "codec-clip must be >= 0"),

@@ -28,7 +28,7 @@ from server.rights import DEFAULT_POLICY_TOML
 @dataclass(frozen=True)
 class InitConfig:
     model: MoEConfig = field(default_factory=MoEConfig)
-    lora: LoraSpec = field(default_factory=LoraSpec)
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(train_head=True))
     bytes_per_domain: int = 1_500_000
     general_bytes: int = 1_500_000
     val_bytes: int = 120_000

@@ -22,6 +22,19 @@ from model.base import LORA_INIT, MANIFEST, load_base
 from model.io import atomic_write_json, sha256_file
 
 
+def _merge(model: torch.nn.Module) -> torch.nn.Module:
+    """The adapter merged into the base; an adapted output head is untied from the embedding first
+    (its LoRA changes only the output side, model/lora.py)."""
+    peft_head = model.get_output_embeddings()
+    head = getattr(peft_head, "base_layer", None)
+    if head is not None and model.config.tie_word_embeddings:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    merged = model.merge_and_unload()
+    merged.config.tie_word_embeddings = False if head is not None else merged.config.tie_word_embeddings
+    return merged
+
+
 @dataclass(frozen=True)
 class Release:
     path: Path
@@ -46,13 +59,14 @@ def export_release(
     shutil.copytree(base_path, staging / "base", ignore=shutil.ignore_patterns(LORA_INIT, MANIFEST, ".*"))
     lora = base.with_lora()
     lora.set_state(state)
-    lora.model.save_pretrained(staging / "adapter")
+    # the release ships its base, so the adapter need not carry the (tied) head weight again
+    lora.model.save_pretrained(staging / "adapter", save_embedding_layers=False)
     # Point the adapter at the release's own base, relative, so the release folder can move.
     adapter_config = staging / "adapter" / "adapter_config.json"
     config = json.loads(adapter_config.read_text())
     config["base_model_name_or_path"] = "../base"
     adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    merged = lora.model.merge_and_unload()
+    merged = _merge(lora.model)
     merged.save_pretrained(staging / "merged")
     base.tokenizer.save_pretrained(staging / "merged")
 

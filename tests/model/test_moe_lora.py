@@ -156,3 +156,37 @@ def test_consortium_balance_replaces_the_members_own_in_the_trainer(tiny_base_pa
     assert own and set(own) == set(consortium)
     assert all(torch.equal(consortium[k], again[k]) for k in consortium)
     assert any(not torch.equal(own[k], consortium[k]) for k in own)
+
+
+def test_local_sgd_is_a_gradient_step_and_adamw_is_not() -> None:
+    """sgd: one step's delta is -lr x the (clipped) gradient, so it scales with lr; AdamW's first
+    step is about lr x sign(gradient) per coordinate and does not."""
+    lora = small_lora()
+    blocks = torch.randint(0, SMALL.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    start = lora.get_state()
+    fp32 = select_precision("fp32", "cpu")
+
+    def delta(optimizer: str, lr: float) -> torch.Tensor:
+        cfg = TrainConfig(local_steps=1, batch_size=2, lr=lr, seed=0, min_expert_tokens=0, optimizer=optimizer)
+        result = train_local(lora, start, blocks, cfg, fp32)
+        return torch.cat([d.flatten() for _, d in sorted(result.delta.items())])
+
+    sgd_small, sgd_big = delta("sgd", 0.01), delta("sgd", 0.04)
+    assert sgd_small.abs().sum() > 0
+    torch.testing.assert_close(sgd_big, 4 * sgd_small, rtol=1e-3, atol=1e-7)
+    # AdamW's first step is lr x g / (|g| + eps): every coordinate with a real gradient moves by ~lr
+    adam = delta("adamw", 0.01)
+    moved = adam.abs() > 1e-4
+    assert moved.float().mean() > 0.5
+    torch.testing.assert_close(adam[moved].abs().median(), torch.tensor(0.01), rtol=0.02, atol=0.0)
+    # sgd's coordinates move by their own gradient's size, which differs by orders of magnitude
+    sizes = sgd_small[sgd_small != 0].abs()
+    assert sizes.max() / sizes.min() > 100
+
+
+def test_an_unknown_local_optimizer_is_refused() -> None:
+    lora = small_lora()
+    blocks = torch.randint(0, SMALL.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(local_steps=1, batch_size=2, lr=0.01, seed=0, min_expert_tokens=0, optimizer="lion")
+    with pytest.raises(ValueError, match="local-opt must be one of adamw, sgd, not 'lion'"):
+        train_local(lora, lora.get_state(), blocks, cfg, select_precision("fp32", "cpu"))

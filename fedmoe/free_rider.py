@@ -1,0 +1,90 @@
+"""The demo's labelled free rider: a member that claims an honest round's tokens and trains nothing.
+
+`fedmoe demo` adds it as one more simulated SuperNode, named "free-rider", so a newcomer sees
+what the consortium does to a member that takes without giving. It speaks the protocol exactly
+as an honest member does (HELLO, TRAIN, every secure-aggregation stage, through the member's own
+reply path in client/node.py), and it tries to pass:
+- it claims the tokens an honest member reports for the round (local steps x batch x sequence)
+  and a top-k share of them on every expert, so it is weighted like an honest member;
+- its update is small Gaussian noise, not zeros, so a null-update check alone does not catch it;
+- it reports a plausible training loss.
+What should happen to it: its contribution share ends at 0 and its entitlement is the base
+model only (server/rights.py, `min_share`). The demo's final table says whether it did.
+
+It owns no member data folder: its node state lives in the workspace's nodes/ like any
+simulated member's, so `fedmoe run` on the same workspace never sees it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client import app as member_app
+from client.node import Node, load_member_model, member_seed, receive_state, reply_for
+from client.trainer import TrainResult
+from protos.messages import SECAGG_STAGES, TrainInstruction, TrainReply
+from server.workspace import Workspace
+
+FREE_RIDER = "free-rider"
+NOISE_STD = 1e-4  # per coordinate; an honest round moves LoRA B by ~1e-3..1e-2
+CLAIMED_LOSS = 4.0  # nats: about what the demo's members report in their first rounds
+
+
+def free_ride(ins: TrainInstruction, node: Node) -> TrainReply:
+    """The free rider's round: no training; noise sent under an honest member's token claims."""
+    started = time.perf_counter()
+    _, lora = load_member_model(node.base_path, ins.base_sha256)
+    state = receive_state(ins, node)  # keeps its view of the consortium model current, as honest members do
+    config = lora.model.config
+    layers, experts, top_k = int(config.num_hidden_layers), int(config.num_local_experts), int(config.num_experts_per_tok)
+    num_examples = ins.local_steps * ins.batch_size
+    num_tokens = num_examples * ins.seq_len
+    claimed = {f"{layer}:{e}": num_tokens * top_k // experts for layer in range(layers) for e in range(experts)}
+    generator = torch.Generator().manual_seed(member_seed(ins.seed, ins.round, node.member))
+    noise = {name: torch.randn(value.shape, generator=generator) * NOISE_STD for name, value in state.items()}
+    result = TrainResult(
+        delta=noise, expert_tokens=claimed, num_tokens=num_tokens, num_examples=num_examples,
+        train_loss=CLAIMED_LOSS, seconds=time.perf_counter() - started,
+        experts_sent=layers * experts, experts_skipped=0,
+    )
+    return reply_for(result, ins, node, lora, "fp32")
+
+
+def demo_client_app(workspace: Path, partition: int) -> ClientApp:
+    """The members' ClientApp, with simulated node `partition` playing the free rider."""
+    ws = Workspace(workspace)
+    rider_config = {
+        "data-path": str(ws.node_dir(FREE_RIDER) / "no-data"),  # never read: it trains nothing
+        "member": FREE_RIDER,
+        "state-dir": str(ws.node_dir(FREE_RIDER)),
+        "base-path": str(ws.base),
+    }
+
+    def as_rider(context: Context) -> Context | None:
+        if int(context.node_config.get("partition-id", -1)) != partition:  # type: ignore[arg-type]
+            return None
+        return Context(
+            run_id=context.run_id, node_id=context.node_id, node_config=dict(rider_config),
+            state=context.state, run_config=context.run_config,
+        )
+
+    def route(handler: Callable[[Message, Context], Message], rider: Callable[[Message, Context], Message]):  # type: ignore[no-untyped-def]
+        def serve(msg: Message, context: Context) -> Message:
+            rider_context = as_rider(context)
+            return handler(msg, context) if rider_context is None else rider(msg, rider_context)
+
+        return serve
+
+    app = ClientApp()
+    app.train()(route(member_app.train, lambda msg, ctx: member_app.serve_train(msg, ctx, free_ride)))
+    app.train("hello")(route(member_app.hello, member_app.hello))
+    for stage in SECAGG_STAGES:
+        handler = member_app.secagg_handler(stage)
+        app.train(f"secagg_{stage}")(route(handler, handler))
+    return app
