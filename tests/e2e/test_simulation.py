@@ -185,3 +185,23 @@ def test_secure_aggregation_trains_like_the_plain_run(two_rounds) -> None:
     # no member's update was stored by the operator, and every member cleaned up its secrets
     for member in (m.member for m in last_secure.members):
         assert not any((ws.node_dir(member) / "secagg" / "secure-sum").iterdir())
+
+
+def test_the_labelled_free_rider_is_caught_and_honest_members_are_credited(tiny_workspace: Workspace, tmp_path) -> None:
+    """Open mode, 3 honest members and the demo's free rider (claims tokens, sends noise): it must
+    end below min_share with the base model only, while every honest member earns a share."""
+    from fedmoe.free_rider import FREE_RIDER
+    from server.ledger import Ledger
+    from server.rights import DEFAULT_POLICY_TOML, entitlements, parse_policy
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_workspace.root, ws.root, ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
+    result = simulate(config(ws), LogReporter(), num_members=3, run_name="free-ride", free_rider=True)
+    last = result.summaries[-1]
+    assert FREE_RIDER in {m.member for m in last.members} and not last.rejected  # it passed every check
+    with Ledger(ws.ledger("free-ride"), create=False) as book:
+        rights = entitlements(parse_policy(DEFAULT_POLICY_TOML), book.records(), book.latest_round())
+    assert rights[FREE_RIDER].tier == "base-only" and rights[FREE_RIDER].quota_tokens == 0
+    assert rights[FREE_RIDER].share < 0.02
+    honest = [m for m in rights if m != FREE_RIDER]
+    assert len(honest) == 3 and all(rights[m].share > 0.02 for m in honest), {m: rights[m].share for m in rights}
