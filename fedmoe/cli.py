@@ -184,10 +184,11 @@ def demo(
         shutil.rmtree(ws.run_dir(run_name), ignore_errors=True)
     mode = {"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP} if secure else {}
     cfg = _run_config(ws.root, [], **{"num-rounds": rounds}, **DEMO_TRAINING, **mode)
-    console.print(f"consortium: {', '.join(ws.members()[: members or None])} ({os.cpu_count()} CPU cores)")
+    rider = " + free-rider (labelled: claims tokens, sends noise)" if free_rider else ""
+    console.print(f"consortium: {', '.join(ws.members()[: members or None])}{rider} ({os.cpu_count()} CPU cores)")
     console.print(
         f"secure aggregation on: updates leave as {DEMO_SECURE_CODEC} (clip {DEMO_SECURE_CLIP}) masked integers, the "
-        f"operator sees only sums; each round trains a group of 3 and contribution is estimated across rounds "
+        f"operator sees only sums; each round trains groups of 3 and contribution is estimated across rounds "
         f"from group sums: members are credited once their value stands out from the noise, which a short demo "
         f"may not reach (--no-secure: open mode, each update scored)"
         if secure else "secure aggregation off: the operator sees each member's update (open-mode contribution)"
