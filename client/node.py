@@ -17,8 +17,8 @@ from aggregation.codec_config import CodecConfig
 from aggregation.feedback import ErrorFeedback
 from client import secure
 from model.precision import select_precision
-from client.trainer import LOCAL_OPTIMIZERS, TrainConfig, TrainResult, train_local
-from protos.messages import ProtocolError, TrainInstruction, TrainReply
+from client.trainer import TrainConfig, TrainResult, train_local
+from protos.messages import LOCAL_OPTIMIZERS, ProtocolError, TrainInstruction, TrainReply
 from model.base import Base, load_base
 from model.corpus import DataError, read_texts
 from model.io import load_tensors, save_tensors, tensors_from_bytes

@@ -17,6 +17,7 @@ from model.precision import Precision
 from model.lora import LoraMoE, expert_of
 from model.moe import balance_loss, routed_token_counts
 from model.tokenizer import batches
+from protos.messages import LOCAL_OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,6 @@ class TrainResult:
     experts_skipped: int
 
 
-LOCAL_OPTIMIZERS = ("adamw", "sgd")
-
-
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """The member's local optimizer. No weight decay: it would move experts this member never routed to.
 
@@ -55,7 +53,7 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
     (server-opt = fedadam/fedyogi) does the per-coordinate scaling once, on the consortium's
     pseudo-gradient. Local AdamW scales each member's own domain-specific directions up to a
     full step before they are averaged; on the demo's one-domain-per-member consortium that
-    conflict cost most of the gain (see the README's "Training that pays" notes).
+    conflict cost most of the gain (the README's demo training recipe).
     """
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -14,8 +14,8 @@ The output head can get a LoRA too (`train_head`; on in the bases `fedmoe init` 
 worth about twice the perplexity drop of attention and experts alone at equal steps (centralized,
 240 steps: the weakest domain 3.1% -> 7.5%), since a domain's vocabulary is what a general base
 knows least. The head's weight is tied to the input embedding; the adapter changes only the
-output side, so a release is loaded unmerged (PeftModel.from_pretrained); merging it into the
-tied weight would change the embedding as well.
+output side, so a release's merged model unties the head first (server/release.py): merged
+into the tied weight, it would change the embedding as well.
 
 Canonical trainable-state names (no peft prefixes):
     model.layers.{l}.self_attn.{q,k,v,o}_proj.lora_B              (out, r)   shared adapter
@@ -99,7 +99,7 @@ class _Slot:
 def _attach(base: PreTrainedModel, spec: LoraSpec) -> PeftModel:
     with warnings.catch_warnings():
         # peft warns whenever a tied layer is adapted; the head's adapter is deliberately untied
-        # (module docstring) and releases are never merged.
+        # (module docstring) and a release unties the head before merging (server/release.py).
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*", category=UserWarning)
         return get_peft_model(base, spec.to_peft())
 

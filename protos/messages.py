@@ -18,6 +18,9 @@ PROTOCOL_VERSION = 4  # 2: TRAIN carries `secure`, replies the member's identity
 # 4: TRAIN carries the members' local optimizer (`local_opt`)
 
 
+LOCAL_OPTIMIZERS = ("adamw", "sgd")  # TRAIN `local_opt`: the members' optimizer for their local steps
+
+
 class ProtocolError(ValueError):
     """A message lacks a field or carries one of the wrong type."""
 

@@ -15,6 +15,7 @@ from aggregation.codec_config import CodecConfig
 from aggregation.schedule import Schedule
 from aggregation.server_opt import ServerOptError, ServerOptimizer
 from model.precision import CHOICES as PRECISIONS
+from protos.messages import LOCAL_OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -89,7 +90,7 @@ class RunConfig:
             (self.batch_size >= 1, "batch-size must be >= 1"),
             (self.seq_len >= 8, "seq-len must be >= 8"),
             (self.lr > 0, "lr must be > 0"),
-            (self.local_opt in ("adamw", "sgd"), "local-opt must be 'adamw' or 'sgd'"),
+            (self.local_opt in LOCAL_OPTIMIZERS, f"local-opt must be one of {', '.join(LOCAL_OPTIMIZERS)}"),
             (self.min_expert_tokens >= 0, "min-expert-tokens must be >= 0"),
             (self.broadcast in ("delta", "full"), "broadcast must be 'delta' or 'full'"),
             (self.codec_clip >= 0, "codec-clip must be >= 0"),

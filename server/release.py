@@ -30,9 +30,7 @@ def _merge(model: torch.nn.Module) -> torch.nn.Module:
     if head is not None and model.config.tie_word_embeddings:
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
-    merged = model.merge_and_unload()
-    merged.config.tie_word_embeddings = False if head is not None else merged.config.tie_word_embeddings
-    return merged
+    return model.merge_and_unload()
 
 
 @dataclass(frozen=True)
