@@ -7,8 +7,9 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from client.free_rider import free_ride, plays_free_rider, rider_node
 from client.metrics import gpu_memory, record_round
-from client.node import Node, StaleView, run_round
+from client.node import Node, NodeHints, StaleView, run_round
 from client.secure import handle_stage
 from model.base import BaseModelError
 from model.chatter import silence_library_chatter
@@ -25,16 +26,25 @@ app = ClientApp()
 DATA_ERROR, BASE_ERROR, CONFIG_ERROR, STALE_VIEW, SECAGG_ERROR = 101, 102, 103, 104, 105
 
 
+def node_of(context: Context, hints: NodeHints) -> Node:
+    """This node's member: named by a SuperNode's node config, or a simulated partition (the last
+    one plays the demo's free rider when the run config asks for it: client/free_rider.py)."""
+    if plays_free_rider(context.node_config, context.run_config):
+        return rider_node(hints)
+    return Node.from_node_config(context.node_config, hints)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return serve_train(msg, context, run_round)
+    rider = plays_free_rider(context.node_config, context.run_config)
+    return serve_train(msg, context, free_ride if rider else run_round)
 
 
 def serve_train(msg: Message, context: Context, play: Callable[[TrainInstruction, Node], TrainReply]) -> Message:
     """One TRAIN: parse, `play` the round (client/node.py run_round for a member), reply or refuse."""
     try:
         ins = TrainInstruction.from_record(msg.content)
-        node = Node.from_node_config(context.node_config, ins)
+        node = node_of(context, ins)
     except (ProtocolError, DataError, KeyError, ValueError) as exc:
         return Message(error=Error(CONFIG_ERROR, f"node {context.node_id}: {exc}"), reply_to=msg)
     try:
@@ -63,7 +73,7 @@ def hello(msg: Message, context: Context) -> Message:
     """Which member this node is (the operator plans secure-contribution groups by member)."""
     try:
         ask = Hello.from_record(msg.content)
-        node = Node.from_node_config(context.node_config, ask)
+        node = node_of(context, ask)
     except (ProtocolError, DataError, KeyError, ValueError, OSError) as exc:
         return Message(error=Error(CONFIG_ERROR, f"node {context.node_id}: hello: {exc}"), reply_to=msg)
     return Message(content=Hello(node.member, "", "", "").to_record(), reply_to=msg)
@@ -74,7 +84,7 @@ def secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
         """One secure-aggregation stage: refusals go back as errors (the server drops the node)."""
         try:
             parsed = SecAggMessage.from_record(msg.content, stage=stage, reply=False)
-            node = Node.from_node_config(context.node_config, parsed)  # type: ignore[arg-type]
+            node = node_of(context, parsed)  # type: ignore[arg-type]
             reply = handle_stage(parsed, node.state_dir, node.member)
         except (ProtocolError, SecAggError, DataError, KeyError, ValueError, OSError) as exc:
             return Message(error=Error(SECAGG_ERROR, f"node {context.node_id}: secagg {stage}: {exc}"), reply_to=msg)

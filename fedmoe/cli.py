@@ -202,7 +202,7 @@ def demo(
 def _demo_verdict(ws, run_name: str, summaries: list, free_rider: bool) -> None:  # type: ignore[no-untyped-def]
     """The demo's outcome in words: what the model learned, and what each member gets for it."""
     from fedmoe.console import rights_table
-    from fedmoe.free_rider import FREE_RIDER
+    from client.free_rider import FREE_RIDER
     from server.ledger import Ledger
     from server.rights import entitlements, load_policy
 
@@ -211,7 +211,7 @@ def _demo_verdict(ws, run_name: str, summaries: list, free_rider: bool) -> None:
     drops = {d: 1 - math.exp(last.val_loss[d] - start[d]) for d in sorted(last.val_loss)}
     console.print("validation perplexity of the consortium model, before training -> now:")
     for d, drop in drops.items():
-        console.print(f"  {d:>12}: {math.exp(start[d]):8.1f} -> {math.exp(last.val_loss[d]):8.1f}  ({drop:+.1%} better)")
+        console.print(f"  {d:>12}: {math.exp(start[d]):8.1f} -> {math.exp(last.val_loss[d]):8.1f}  ({abs(drop):.1%} {'better' if drop >= 0 else 'worse'})")
     with Ledger(ws.ledger(run_name), create=False) as book:
         rights = entitlements(load_policy(ws.policy), book.records(), book.latest_round())
     console.print(rights_table(rights, {FREE_RIDER: "free rider"} if free_rider else {}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -9,35 +11,29 @@ from model.chatter import silence_library_chatter
 from server.config import RunConfig
 from server.metrics import with_metrics
 from server.rounds import run_rounds
-from server.summary import Reporter
+from server.summary import EventReporter, Reporter
+
+PROGRESS_ENV = "FEDMOE_PROGRESS"  # "events": progress as JSON lines for fedmoe/simulation.py
 
 silence_library_chatter()  # this module is a process's entry point (SuperLink, simulation)
 
 
-def make_app(
-    config: RunConfig | None = None,
-    reporter: Reporter | None = None,
-    run_name: str = "default",
-    errors: list[BaseException] | None = None,
-) -> ServerApp:
-    """A ServerApp; `config` set: an embedded run (fedmoe CLI), else Flower's run config.
-
-    `errors` collects what the round loop raised (Flower's simulation only logs it).
-    """
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            run_config = config if config is not None else RunConfig.from_user_config(context.run_config)
-            # FEDMOE_METRICS_PORT set (fedmoe serve): the reporter also serves Prometheus metrics
-            run_rounds(grid, run_config, with_metrics(reporter), run_name=run_name)
-        except BaseException as exc:
-            if errors is not None:
-                errors.append(exc)
-            raise
-
-    return app
+app = ServerApp()
 
 
-app = make_app()
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Read Flower's run config and run its rounds; progress through the log, or as events when
+    the caller streams them (FEDMOE_PROGRESS=events, set by fedmoe/simulation.py)."""
+    events = EventReporter() if os.environ.get(PROGRESS_ENV) == "events" else None
+    reporter: Reporter | None = events
+    try:
+        config = RunConfig.from_user_config(context.run_config)
+        # FEDMOE_METRICS_PORT set (fedmoe serve): the reporter also serves Prometheus metrics
+        run_rounds(grid, config, with_metrics(reporter), run_name=config.run_name)
+    except Exception as exc:
+        if events is not None:
+            events.failed(str(exc) or type(exc).__name__)
+        raise
+    if events is not None:
+        events.finished()

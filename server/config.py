@@ -6,6 +6,7 @@ embedded run needs no pyproject; a test keeps the two equal. Every key is docume
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -18,6 +19,9 @@ from model.precision import CHOICES as PRECISIONS
 from protos.messages import LOCAL_OPTIMIZERS
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a folder name, never a path
+
+
 class ConfigError(ValueError):
     """A run-config key is unknown or has a bad value."""
 
@@ -25,6 +29,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     workspace: str = ".fedmoe/demo"
+    run_name: str = "default"  # runs/<run-name>/ in the workspace: the committed rounds and ledger
+    free_rider: bool = False  # simulation only: the last simulated node plays the demo's free rider
     num_rounds: int = 4
     members_per_round: int = 0  # 0: every connected member
     min_members: int = 2
@@ -83,6 +89,8 @@ class RunConfig:
 
     def validated(self) -> RunConfig:
         checks = [
+            (RUN_NAME.fullmatch(self.run_name) is not None,
+             "run-name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"),
             (self.num_rounds >= 1, "num-rounds must be >= 1"),
             (self.members_per_round >= 0, "members-per-round must be >= 0"),
             (self.min_members >= 1, "min-members must be >= 1"),

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 log = logging.getLogger("fedmoe.server")
 
@@ -87,3 +88,43 @@ class LogReporter:
     def note(self, text: str) -> None:
         log.warning("%s", text)
 
+
+
+EVENT = "fedmoe-event "  # prefix of EventReporter's lines in the run's log stream
+
+
+class EventReporter:
+    """Progress as one JSON line per event on stdout, for a caller that streams the run's log
+    (`flwr run --stream`: fedmoe/simulation.py replays them into its own reporter)."""
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        print(EVENT + json.dumps({"event": event, **fields}, default=str), flush=True)
+
+    def start(self, first_round: int, num_rounds: int, resumed: bool) -> None:
+        self._emit("start", first_round=first_round, num_rounds=num_rounds, resumed=resumed)
+
+    def round_started(self, rnd: int, num_members: int) -> None:
+        self._emit("round_started", rnd=rnd, num_members=num_members)
+
+    def member_done(self, rnd: int, done: int, total: int) -> None:
+        self._emit("member_done", rnd=rnd, done=done, total=total)
+
+    def round_finished(self, summary: RoundSummary) -> None:
+        self._emit("round_finished", summary=asdict(summary))
+
+    def note(self, text: str) -> None:
+        self._emit("note", text=text)
+
+    def failed(self, reason: str) -> None:
+        self._emit("failed", reason=reason)
+
+    def finished(self) -> None:
+        self._emit("finished")
+
+
+def summary_from_dict(data: dict[str, Any]) -> RoundSummary:
+    """A RoundSummary from `asdict` (an EventReporter line, a round's manifest)."""
+    known = {f for f in RoundSummary.__dataclass_fields__}
+    values = {k: v for k, v in data.items() if k in known}
+    values["members"] = [MemberReport(**m) for m in data.get("members", [])]
+    return RoundSummary(**values)

@@ -9,7 +9,7 @@ import torch
 from aggregation.broadcast import view_digest
 from aggregation.codec import decode
 from client.node import Node
-from fedmoe.free_rider import FREE_RIDER, NOISE_STD, free_ride
+from client.free_rider import FREE_RIDER, NOISE_STD, free_ride
 from model.base import load_base
 from model.io import tensors_to_bytes
 from protos.messages import TrainInstruction, TrainReply

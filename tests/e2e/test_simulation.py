@@ -47,6 +47,9 @@ def test_simulation_lowers_validation_loss_on_every_domain_and_commits(two_round
     assert all(v >= 0 for v in shares.values()) and abs(sum(shares.values()) - 1) < 1e-9 or not any(shares.values())
     last = result.summaries[-1]
     assert len(last.members) == 3 and not last.rejected
+    # the run went through a local SuperLink in simulation mode, not Flower's deprecated in-process API
+    assert result.flower_lines and not any("deprecated" in line.lower() for line in result.flower_lines)
+    assert (ws.root / "flwr-home" / "superlink.log").is_file()
     assert all(m.bytes_up > 0 and m.bytes_down > 0 for m in last.members)
     assert all(m.precision.startswith("bf16") for m in last.members)
     # round 1 sends each member the full fp32 state, round 2 an int8 patch of what changed
@@ -190,7 +193,7 @@ def test_secure_aggregation_trains_like_the_plain_run(two_rounds) -> None:
 def test_the_labelled_free_rider_is_caught_and_honest_members_are_credited(tiny_workspace: Workspace, tmp_path) -> None:
     """Open mode, 3 honest members and the demo's free rider (claims tokens, sends noise): it must
     end below min_share with the base model only, while every honest member earns a share."""
-    from fedmoe.free_rider import FREE_RIDER
+    from client.free_rider import FREE_RIDER
     from server.ledger import Ledger
     from server.rights import DEFAULT_POLICY_TOML, entitlements, parse_policy
 

@@ -1,7 +1,9 @@
 """The demo's labelled free rider: a member that claims an honest round's tokens and trains nothing.
 
 `fedmoe demo` adds it as one more simulated SuperNode, named "free-rider", so a newcomer sees
-what the consortium does to a member that takes without giving. It speaks the protocol exactly
+what the consortium does to a member that takes without giving. Only a simulated node plays it:
+the last partition of the federation, when the run config says `free-rider = true`
+(client/app.py). A SuperNode names its member data in its node config and never plays it. It speaks the protocol exactly
 as an honest member does (HELLO, TRAIN, every secure-aggregation stage, through the member's own
 reply path in client/node.py), and it tries to pass:
 - it claims the tokens an honest member reports for the round (local steps x batch x sequence)
@@ -18,18 +20,14 @@ simulated member's, so `fedmoe run` on the same workspace never sees it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 
-from client import app as member_app
-from client.node import Node, load_member_model, member_seed, receive_state, reply_for
+from client.node import Node, NodeHints, load_member_model, member_seed, receive_state, reply_for
 from client.trainer import TrainResult
-from protos.messages import SECAGG_STAGES, TrainInstruction, TrainReply
-from server.workspace import Workspace
+from protos.messages import TrainInstruction, TrainReply
 
 FREE_RIDER = "free-rider"
 NOISE_STD = 1e-4  # per coordinate; an honest round moves LoRA B by ~1e-3..1e-2
@@ -56,35 +54,15 @@ def free_ride(ins: TrainInstruction, node: Node) -> TrainReply:
     return reply_for(result, ins, node, lora, "fp32")
 
 
-def demo_client_app(workspace: Path, partition: int) -> ClientApp:
-    """The members' ClientApp, with simulated node `partition` playing the free rider."""
-    ws = Workspace(workspace)
-    rider_config = {
-        "data-path": str(ws.node_dir(FREE_RIDER) / "no-data"),  # never read: it trains nothing
-        "member": FREE_RIDER,
-        "state-dir": str(ws.node_dir(FREE_RIDER)),
-        "base-path": str(ws.base),
-    }
+def plays_free_rider(node_config: Mapping[str, object], run_config: Mapping[str, object]) -> bool:
+    """Whether this node is the demo's free rider: the last simulated partition of a run whose
+    config asks for one. A SuperNode (node config without `partition-id`) never is."""
+    if run_config.get("free-rider") is not True or "partition-id" not in node_config:
+        return False
+    return int(node_config["partition-id"]) == int(node_config["num-partitions"]) - 1  # type: ignore[arg-type]
 
-    def as_rider(context: Context) -> Context | None:
-        if int(context.node_config.get("partition-id", -1)) != partition:  # type: ignore[arg-type]
-            return None
-        return Context(
-            run_id=context.run_id, node_id=context.node_id, node_config=dict(rider_config),
-            state=context.state, run_config=context.run_config,
-        )
 
-    def route(handler: Callable[[Message, Context], Message], rider: Callable[[Message, Context], Message]):  # type: ignore[no-untyped-def]
-        def serve(msg: Message, context: Context) -> Message:
-            rider_context = as_rider(context)
-            return handler(msg, context) if rider_context is None else rider(msg, rider_context)
-
-        return serve
-
-    app = ClientApp()
-    app.train()(route(member_app.train, lambda msg, ctx: member_app.serve_train(msg, ctx, free_ride)))
-    app.train("hello")(route(member_app.hello, member_app.hello))
-    for stage in SECAGG_STAGES:
-        handler = member_app.secagg_handler(stage)
-        app.train(f"secagg_{stage}")(route(handler, handler))
-    return app
+def rider_node(hints: NodeHints) -> Node:
+    """The free rider's node: no data folder (it trains nothing), state beside the members'."""
+    state = Path(hints.nodes_dir) / FREE_RIDER
+    return Node(FREE_RIDER, state / "no-data", state, Path(hints.base_path))
