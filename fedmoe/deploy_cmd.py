@@ -43,6 +43,7 @@ from fedmoe.flower_deploy import (
     write_connection,
 )
 from fedmoe.processes import Child, sigterm_interrupts, supervise, wait_for_port
+from server.binding import REGISTRY_ENV, load_registry, record_registration
 from privacy.certs import CertError, CertLayout, check_ca, check_member_key, check_readable, issue
 
 console = Console(stderr=True)
@@ -120,7 +121,8 @@ def serve_command(
         flwr_home = state / "flwr-home"
         address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         write_connection(flwr_home, address, layout.operator_ca)
-        extra = {**prices.as_env(), "FEDMOE_METRICS_ADDR": metrics_addr}
+        registry = state / "members.json"  # member -> node id, as registered (server/binding.py)
+        extra = {**prices.as_env(), "FEDMOE_METRICS_ADDR": metrics_addr, REGISTRY_ENV: str(registry)}
         if metrics_port:
             extra["FEDMOE_METRICS_PORT"] = str(metrics_port)
         env = flower_env(flwr_home, extra)
@@ -130,9 +132,18 @@ def serve_command(
         raise _fail(str(exc)) from None
     try:
         wait_for_port(address.rsplit(":", 1)[0], port, 60, child)
+        known = load_registry(registry) if registry.is_file() else {}
         for name, path in keys.items():
-            console.print(f"member {name}: {register_member(flwr_home, path, name)}")
-    except DeployError as exc:
+            node = register_member(flwr_home, path, name)
+            if node is not None:
+                record_registration(registry, name, node)
+                console.print(f"member {name}: registered (node {node})")
+            elif name in known:
+                console.print(f"member {name}: already registered (node {known[name]})")
+            else:
+                console.print(f"member {name}: its key was registered before {registry} recorded node ids, so "
+                              f"its replies will be refused; unregister it (`flwr supernode unregister`) and serve again")
+    except (DeployError, RuntimeError) as exc:
         child.stop()
         raise _fail(str(exc), code=1) from None
     except KeyboardInterrupt:

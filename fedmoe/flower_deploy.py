@@ -116,18 +116,18 @@ def supernode_argv(superlink: str, ca: Path, key: Path, config: Mapping[str, str
     ]
 
 
-def register_member(flwr_home: Path, public_key: Path, name: str, connection: str = CONNECTION) -> str:
-    """Register one member's public key with the SuperLink (Control API); idempotent."""
+def register_member(flwr_home: Path, public_key: Path, name: str, connection: str = CONNECTION) -> int | None:
+    """Register one member's public key with the SuperLink (Control API); idempotent. Returns the
+    node id the key authenticates as, or None when it was registered before (Flower says no id)."""
     result = subprocess.run(
         [flower_bin("flwr"), "supernode", "register", str(public_key), connection, "--name", name, "--format", "json"],
         env=flower_env(flwr_home), capture_output=True, text=True, timeout=60, check=False,
     )
     text = result.stdout + result.stderr
     if result.returncode == 0 and '"success": true' in text:
-        node = json.loads(text[text.index("{"): text.rindex("}") + 1]).get("node-id")
-        return f"registered (node {node})"
+        return int(json.loads(text[text.index("{"): text.rindex("}") + 1])["node-id"])
     if "already" in text.lower() or "in use" in text.lower():
-        return "already registered"
+        return None
     last = [line for line in text.strip().splitlines() if line.strip()][-3:]
     raise DeployError(f"registering {public_key} failed: {' '.join(last)}")
 

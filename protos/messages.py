@@ -8,6 +8,7 @@ bytes inside a ConfigRecord (never pickle); the codec issue replaces the payload
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
@@ -21,8 +22,20 @@ PROTOCOL_VERSION = 4  # 2: TRAIN carries `secure`, replies the member's identity
 LOCAL_OPTIMIZERS = ("adamw", "sgd")  # TRAIN `local_opt`: the members' optimizer for their local steps
 
 
+# A member's name: a folder, a ledger key, a certificate name (privacy/certs.py has the same rule)
+MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 class ProtocolError(ValueError):
     """A message lacks a field or carries one of the wrong type."""
+
+
+def member_name(value: object, *, empty: bool = False) -> str:
+    """`value` if it is a member name (or, with `empty`, the empty string), else ProtocolError."""
+    name = _typed("member", value, str)
+    if not (empty and name == "") and not MEMBER_NAME.fullmatch(name):
+        raise ProtocolError(f"member {name[:80]!r} is not a member name (1-64 letters, digits, '.', '_', '-')")
+    return name
 
 
 @dataclass(frozen=True)
@@ -124,7 +137,7 @@ class TrainReply:
             if info["version"] != PROTOCOL_VERSION:
                 raise ProtocolError(f"reply has protocol version {info['version']!r}")
             return cls(
-                member=_typed("member", info["member"], str),
+                member=member_name(info["member"]),
                 round=_typed("round", info["round"], int),
                 precision=_typed("precision", info["precision"], str),
                 view_sha256=_typed("view-sha256", info["view-sha256"], str),
@@ -183,7 +196,9 @@ class Hello:
             raise ProtocolError("hello message lacks 'hello'") from None
         if values.pop("version", None) != PROTOCOL_VERSION:
             raise ProtocolError(f"hello message has protocol version other than {PROTOCOL_VERSION}")
-        return cls(**_typed_fields(cls, values, skip=set()))
+        hello = cls(**_typed_fields(cls, values, skip=set()))
+        member_name(hello.member, empty=True)  # empty: the operator's question
+        return hello
 
 
 # ---------------------------------------------------------------- secure aggregation stages
@@ -270,7 +285,7 @@ class SecAggMessage:
             run=_typed("run", head.get("run"), str),  # type: ignore[arg-type]
             round=_typed("round", head.get("round"), int),  # type: ignore[arg-type]
             group=_typed("group", head.get("group"), int),  # type: ignore[arg-type]
-            member=_typed("member", head.get("member"), str),  # type: ignore[arg-type]
+            member=member_name(head.get("member"), empty=True),
             base_path=_typed("base_path", head.get("base_path"), str),  # type: ignore[arg-type]
             members_dir=_typed("members_dir", head.get("members_dir"), str),  # type: ignore[arg-type]
             nodes_dir=_typed("nodes_dir", head.get("nodes_dir"), str),  # type: ignore[arg-type]

@@ -38,7 +38,8 @@ negative_rule = "clip"                # a negative per-round score counts as zer
 
 Tier = Literal["latest", "delayed", "base-only"]
 NEGATIVE_RULES = ("clip",)
-CONTRIBUTION = "contribution"
+CONTRIBUTION = "contribution"  # one member's line for a round it took part in
+SHARE = "share"  # one member's credited cumulative share as of a round (every member known)
 
 
 class PolicyError(ValueError):
@@ -106,15 +107,23 @@ def load_policy(path: Path) -> Policy:
 
 
 def shares_from_ledger(records: Iterable[Record], negative_rule: str = "clip") -> dict[str, float]:
-    """Cumulative contribution share per member, summing to 1 (or all 0 when nobody scored > 0).
+    """Each member's credited contribution share, exactly as the rounds recorded it.
 
-    Only records of kind "contribution" count. "clip": each per-round score below zero counts as
-    zero, so a member's bad round never takes away credit earned in other rounds, and a member
-    whose every round was negative ends at share 0. Sums are exact (math.fsum) and members sorted,
-    so the result does not depend on record order.
+    Every committed round records, as records of kind "share", the credited cumulative share of
+    every member known so far (server/rounds.py, record_in_ledger): the latest round's are the
+    answer, so rights follow the credit rule (in secure mode, only estimates that stand out from
+    the noise), never a re-sum of raw per-round estimates. A ledger written before share records
+    existed falls back to summing its "contribution" scores: "clip" counts each per-round score
+    below zero as zero. Sums are exact (math.fsum) and members sorted, so the result does not
+    depend on record order.
     """
     if negative_rule not in NEGATIVE_RULES:
         raise PolicyError(f"negative_rule {negative_rule!r} is not one of {list(NEGATIVE_RULES)}")
+    records = list(records)
+    recorded = [r for r in records if r.kind == SHARE]
+    if recorded:
+        last = max(r.round for r in recorded)
+        return {r.member: r.share for r in sorted(recorded, key=lambda r: r.member) if r.round == last}
     clipped: dict[str, list[float]] = {}
     for record in records:
         if record.kind == CONTRIBUTION:

@@ -39,8 +39,10 @@ from server.balance import observe_expert_load
 from server.evaluation import evaluate, validation_sets
 from server.grid import exchange
 from server.identities import Identities
-from server.ledger import Ledger, OperatorKey, Record, utc_now
+from server.ledger import Ledger, OperatorKey, utc_now
 from server.sampling import Roster, plan_round, sample_members
+from server.binding import MemberBinding
+from server.ledger_sync import record_in_ledger
 from server.scoring import CoalitionValue, combine_group_sums, open_value, score_groups, score_open
 from server.secure import SecureSettings, Sums, secure_aggregate
 from server.summary import Laps, Reporter, RoundSummary
@@ -81,6 +83,7 @@ class Run:
     resumed: bool
     held_views: dict[str, str] = field(default_factory=dict)  # member -> digest of the view it holds
     node_member: dict[int, str] = field(default_factory=dict)
+    binding: MemberBinding = field(default_factory=MemberBinding.from_env)  # names bound to their nodes
 
 
 def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: str = "default") -> list[RoundSummary]:
@@ -95,7 +98,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     run.round, decision = plan_round(run.config, run.checkpoints.manifests, rnd, reporter.note)
     config = run.round
     codec_seed = config.seed * 1_000_003 + rnd  # the round's shared seed (randk coordinates)
-    roster = sample_members(grid, config, run.ws, run.node_member, rnd, reporter.note)
+    roster = sample_members(grid, config, run.ws, run.node_member, rnd, reporter.note, run.binding)
     reporter.round_started(rnd, len(roster.nodes))
     laps("sample")
     messages, bytes_down = broadcast(run, roster, rnd, codec_seed)
@@ -105,6 +108,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     received = validate_replies(
         replies, roster, rnd=rnd, config=config, shapes=run.shapes, codec_seed=codec_seed, bytes_down=bytes_down,
         identities=run.identities, node_member=run.node_member, held_views=run.held_views, note=reporter.note,
+        binding=run.binding,
     )
     adaptive_open = config.schedule == "adaptive" and config.secagg == "off"
     drift = update_drift([u.delta for u in received.updates]) if adaptive_open else None  # what the schedule reads
@@ -341,27 +345,6 @@ def aggregate_round(
     else:
         mean_delta = aggregate(received.updates, expert_of)
     return run.optimizer.step(run.state, mean_delta, run.opt_state)
-
-
-def record_in_ledger(ledger: Ledger, checkpoints: Checkpoints, config: RunConfig) -> None:
-    """Append every committed round the ledger lacks, rebuilt from its manifest (idempotent)."""
-    last = ledger.latest_round() or 0
-    for manifest in checkpoints.manifests():
-        if manifest["round"] <= last or not manifest["members"]:
-            continue
-        steps = int(manifest.get("run_config", {}).get("local-steps", config.local_steps))  # the round's own
-        budget = replace(config, local_steps=steps).token_budget
-        ledger.append_round([
-            Record(
-                round=manifest["round"], member=m["member"],
-                score=float(manifest.get("scores", {}).get(m["member"], 0.0)),
-                share=float(manifest.get("shares", {}).get(m["member"], 0.0)),
-                tokens=min(int(m["num_tokens"]), budget),  # self-reported: informational only
-                bytes_up=int(m["bytes_up"]), bytes_down=int(m["bytes_down"]), dp_epsilon=None,
-                release_sha256=manifest["state_sha256"], time=manifest["time"],
-            )
-            for m in manifest["members"]
-        ])
 
 
 def _manifest(summary: RoundSummary, base: Base, config: RunConfig) -> dict[str, object]:

@@ -8,7 +8,6 @@ re-run round must train the same group again (client/secure.py).
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -20,12 +19,13 @@ from flwr.serverapp import Grid
 
 from aggregation.groups import random_groups, rotating_subsets
 from aggregation.schedule import RoundRecord, decide
-from protos.messages import HELLO, Hello, ProtocolError
+from aggregation.codec import UpdateRejected
+from protos.messages import HELLO, MEMBER_NAME, Hello, ProtocolError
+from server.binding import MemberBinding
 from server.config import RunConfig
 from server.grid import exchange
 from server.workspace import Workspace
 
-MEMBER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 T = TypeVar("T", int, str)  # a node id or a member name
 
 
@@ -68,9 +68,11 @@ def record_of(manifest: dict[str, Any], config: RunConfig) -> RoundRecord:
 
 
 def sample_members(
-    grid: Grid, config: RunConfig, ws: Workspace, node_member: dict[int, str], rnd: int, note: Callable[[str], None]
+    grid: Grid, config: RunConfig, ws: Workspace, node_member: dict[int, str], rnd: int, note: Callable[[str], None],
+    binding: MemberBinding,
 ) -> Roster:
-    """The round's roster; `node_member` learns the members of nodes it did not know."""
+    """The round's roster; `node_member` learns the members of nodes it did not know (each name
+    checked against `binding`: a node cannot take another's name)."""
     nodes = wait_for_nodes(grid, config.min_members, config.round_timeout)
     if not (config.secagg == "on" and config.contribution_mode == "secure"):
         nodes = members_of_round(nodes, config, rnd)
@@ -80,7 +82,7 @@ def sample_members(
     unknown = [n for n in nodes if n not in node_member]
     if unknown:
         hints = Hello("", str(ws.base), str(ws.members_dir), str(ws.root / "nodes"))
-        node_member.update(ask_members(grid, unknown, hints, config.secagg_timeout, note))
+        node_member.update(ask_members(grid, unknown, hints, config.secagg_timeout, note, binding))
     member_node: dict[str, int] = {}
     for node in nodes:
         member = node_member.get(node)
@@ -130,8 +132,10 @@ def plan_groups(members: Sequence[str], min_group: int, *, seed: int, rnd: int, 
     return [sorted(rotating_subsets(members, size, rnd - 1, seed=f"fedmoe-groups|{seed}"))]
 
 
-def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, note: Callable[[str], None]) -> dict[int, str]:
-    """node -> member, from a HELLO exchange; nodes that do not answer are left out."""
+def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, note: Callable[[str], None],
+                binding: MemberBinding) -> dict[int, str]:
+    """node -> member, from a HELLO exchange; nodes that do not answer, or answer with a name
+    that is not theirs to use (`binding`), are left out."""
     messages = [Message(content=hints.to_record(), message_type=HELLO, dst_node_id=n, group_id="hello") for n in nodes]
     found: dict[int, str] = {}
     for reply in exchange(grid, messages, timeout):
@@ -146,6 +150,11 @@ def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, 
             continue
         if not MEMBER_NAME.fullmatch(member):
             note(f"node {node} said it is {member!r}, not a member name (letters, digits, '.', '_', '-')")
+            continue
+        try:
+            binding.claim(member, node)
+        except UpdateRejected as exc:
+            note(f"hello refused: {exc}")
             continue
         found[node] = member
     return found

@@ -21,6 +21,7 @@ from aggregation.codec import UpdateRejected, decode
 from aggregation.fedavg import Update
 from model.lora import expert_of
 from protos.messages import ProtocolError, TrainReply
+from server.binding import MemberBinding
 from server.config import RunConfig
 from server.identities import Identities
 from server.sampling import Roster
@@ -52,10 +53,14 @@ def validate_replies(
     node_member: dict[int, str],
     held_views: dict[str, str],
     note: Callable[[str], None],
+    binding: MemberBinding,
 ) -> Received:
-    """Check every reply; `node_member` and `held_views` learn what the valid ones say."""
+    """Check every reply; `node_member` and `held_views` learn what the valid ones say. A reply
+    speaks for the member its node is bound to (`binding`), and for one member once a round."""
     secure = config.secagg == "on"
     received = Received()
+    replied: dict[str, int] = {}  # member -> the node whose reply counted this round
+    contested = binding.contested({r.metadata.src_node_id: m for r in replies if (m := claimed_member(r))})
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -66,6 +71,11 @@ def validate_replies(
             continue
         try:
             parsed = TrainReply.from_record(reply.content)
+            if node in contested:
+                raise UpdateRejected(contested[node])
+            binding.claim(parsed.member, node)
+            if parsed.member in replied:
+                raise UpdateRejected(f"member {parsed.member!r}: a second reply this round (nodes {replied[parsed.member]} and {node})")
             if parsed.round != rnd:
                 raise UpdateRejected(f"member {parsed.member!r}: reply for round {parsed.round}, expected {rnd}")
             if roster.planned and roster.planned.get(node) != parsed.member:
@@ -87,6 +97,7 @@ def validate_replies(
             node_member.pop(node, None)
             continue
         node_member[node] = parsed.member
+        replied[parsed.member] = node
         held_views[parsed.member] = parsed.view_sha256
         received.reports.append(MemberReport(
             member=parsed.member, node_id=node, bytes_down=bytes_down[node],
@@ -98,6 +109,16 @@ def validate_replies(
     if missing:
         note(f"round {rnd}: {missing} member(s) did not reply within {config.round_timeout:.0f}s")
     return received
+
+
+def claimed_member(reply: Message) -> str:
+    """The member a reply says it is from, or '' (an error, or no readable reply)."""
+    if reply.has_error():
+        return ""
+    try:
+        return TrainReply.from_record(reply.content).member
+    except ProtocolError:
+        return ""
 
 
 def validate_update(

@@ -103,6 +103,24 @@ def test_shares_clip_negative_rounds_and_normalize() -> None:
     assert list(shares) == ["a", "b", "c"]
 
 
+def shared(rnd: int, member: str, share: float) -> Record:
+    return Record(rnd, member, 0.0, share, 0, 0, 0, None, "cd" * 32, "2025-01-01T00:00:00Z", "share")
+
+
+def test_rights_use_the_credited_shares_the_last_round_recorded_not_a_re_sum_of_raw_scores() -> None:
+    """Secure mode after a short run: raw per-round estimates are positive, nobody is credited
+    yet (every recorded share 0), so nobody may use more than the base."""
+    raw = [rec(1, "a", 0.3), rec(1, "b", 0.1), rec(2, "a", 0.2), rec(2, "c", 0.4)]
+    uncredited = [shared(1, m, 0.0) for m in "ab"] + [shared(2, m, 0.0) for m in "abc"]
+    assert shares_from_ledger(raw) == {"a": 0.5, "b": 0.1, "c": 0.4}  # what rights used to say
+    assert shares_from_ledger(raw + uncredited) == {"a": 0.0, "b": 0.0, "c": 0.0}
+    rights = entitlements(parse_policy(EXAMPLE), raw + uncredited, 2)
+    assert {e.tier for e in rights.values()} == {"base-only"} and not any(e.quota_tokens for e in rights.values())
+    # once credited, the latest round's shares are the answer, whatever earlier rounds said
+    credited = uncredited + [shared(3, "a", 0.75), shared(3, "b", 0.0), shared(3, "c", 0.25)]
+    assert shares_from_ledger(raw + credited) == {"a": 0.75, "b": 0.0, "c": 0.25}
+
+
 def test_all_zero_scores_give_all_zero_shares() -> None:
     assert shares_from_ledger([rec(1, "a", 0.0), rec(1, "b", -1.0)]) == {"a": 0.0, "b": 0.0}
     assert shares_from_ledger([]) == {}

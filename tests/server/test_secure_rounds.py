@@ -339,6 +339,7 @@ def test_a_node_that_replies_as_another_member_than_it_said_is_refused(ws: Works
     cfg = config(ws.root, num_rounds=5, contribution="secure", min_members=3)
     with task_identity(), pytest.raises(RoundAborted):
         run_rounds(FakeGrid(impostor, 5), cfg, LogReporter(), run_name="impostor")
-    assert "replied as 'mallory'; its group was planned for the former" in caplog.text
+    # its HELLO bound node 1000 to its own name: a reply under another is refused where it arrives
+    assert "node 1000 spoke as 'mallory' after speaking as" in caplog.text
     manifests = Checkpoints(ws.run_dir("impostor")).manifests()
     assert all("mallory" not in {r["member"] for r in m.get("members", [])} for m in manifests)
