@@ -57,9 +57,12 @@ def free_ride(ins: TrainInstruction, node: Node) -> TrainReply:
 def plays_free_rider(node_config: Mapping[str, object], run_config: Mapping[str, object]) -> bool:
     """Whether this node is the demo's free rider: the last simulated partition of a run whose
     config asks for one. A SuperNode (node config without `partition-id`) never is."""
-    if run_config.get("free-rider") is not True or "partition-id" not in node_config:
+    if run_config.get("free-rider") is not True or "data-path" in node_config:
         return False
-    return int(node_config["partition-id"]) == int(node_config["num-partitions"]) - 1  # type: ignore[arg-type]
+    partition, partitions = node_config.get("partition-id"), node_config.get("num-partitions")
+    if not isinstance(partition, int) or not isinstance(partitions, int):
+        return False
+    return partition == partitions - 1
 
 
 def rider_node(hints: NodeHints) -> Node:

@@ -105,7 +105,10 @@ def _simulate(cfg: RunConfig, members: int | None, run_name: str, free_rider: bo
     from server.summary import RoundSummary
     from server.workspace import Workspace
 
+    from fedmoe.processes import sigterm_interrupts
+
     reporter = RichReporter(console)
+    sigterm_interrupts()  # SIGTERM stops the local SuperLink and its simulation too, as Ctrl-C does
     try:
         simulate(cfg, reporter, num_members=members, run_name=run_name, free_rider=free_rider)
     except SimulationFailed as exc:

@@ -44,7 +44,8 @@ def round_tables(summaries: list[RoundSummary]) -> tuple[Table, Table]:
 
 
 class RichReporter:
-    """Reporter for the embedded consortium (the ServerApp runs in this process)."""
+    """Reporter for the embedded consortium: the ServerApp's progress events, replayed here by
+    fedmoe/simulation.py, move the bars."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console()

@@ -125,7 +125,10 @@ def register_member(flwr_home: Path, public_key: Path, name: str, connection: st
     )
     text = result.stdout + result.stderr
     if result.returncode == 0 and '"success": true' in text:
-        return int(json.loads(text[text.index("{"): text.rindex("}") + 1])["node-id"])
+        try:
+            return int(json.loads(text[text.index("{"): text.rindex("}") + 1])["node-id"])
+        except (ValueError, KeyError, TypeError):
+            raise DeployError(f"registering {public_key}: Flower's answer names no node id: {text.strip()[-200:]}") from None
     if "already" in text.lower() or "in use" in text.lower():
         return None
     last = [line for line in text.strip().splitlines() if line.strip()][-3:]

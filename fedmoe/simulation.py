@@ -22,8 +22,9 @@ from typing import Any
 import tomli_w
 
 from fedmoe.flower_deploy import DeployError, flower_bin, flower_env, run_config_string
-from fedmoe.processes import Child, free_port, wait_for_port
+from fedmoe.processes import Child, free_port, stop_tree, wait_for_port
 from server.app import PROGRESS_ENV
+from server.binding import LOCAL_ENV, REGISTRY_ENV
 from server.config import RunConfig
 from server.summary import EVENT, Reporter, RoundSummary, summary_from_dict
 from server.workspace import Workspace
@@ -84,32 +85,40 @@ def write_local_connection(flwr_home: Path, port: int) -> None:
 
 
 def replay(line: str, reporter: Reporter, result: SimulationResult) -> bool:
-    """Pass one EventReporter line on to `reporter`; False when `line` is not an event."""
-    if not line.startswith(EVENT):
+    """Pass one EventReporter line on to `reporter`; False when `line` holds no well-formed event
+    (anything else in the log, a torn line, a line that only looks like one)."""
+    at = line.find(EVENT)
+    if at < 0:
         return False
     try:
-        event: dict[str, Any] = json.loads(line[len(EVENT):])
+        event = json.loads(line[at + len(EVENT):])
         kind = event.pop("event")
-    except (ValueError, KeyError, AttributeError):
+        _dispatch(kind, event, reporter, result)
+    except Exception:  # noqa: BLE001 - a malformed event is log noise, never a crash of the caller
         return False
+    return True
+
+
+def _dispatch(kind: str, event: dict[str, Any], reporter: Reporter, result: SimulationResult) -> None:
     if kind == "start":
-        reporter.start(event["first_round"], event["num_rounds"], event["resumed"])
+        reporter.start(int(event["first_round"]), int(event["num_rounds"]), bool(event["resumed"]))
     elif kind == "round_started":
-        reporter.round_started(event["rnd"], event["num_members"])
+        reporter.round_started(int(event["rnd"]), int(event["num_members"]))
     elif kind == "member_done":
-        reporter.member_done(event["rnd"], event["done"], event["total"])
+        reporter.member_done(int(event["rnd"]), int(event["done"]), int(event["total"]))
     elif kind == "round_finished":
         summary = summary_from_dict(event["summary"])
         result.summaries.append(summary)
         reporter.round_finished(summary)
     elif kind == "note":
-        result.notes.append(event["text"])
-        reporter.note(event["text"])
+        result.notes.append(str(event["text"]))
+        reporter.note(str(event["text"]))
     elif kind == "failed":
-        result.failure = event["reason"]
+        result.failure = str(event["reason"])
     elif kind == "finished":
         result.finished = True
-    return True
+    else:
+        raise ValueError(f"unknown event {kind!r}")
 
 
 def simulate(
@@ -130,7 +139,9 @@ def simulate(
     n = min(num_members or len(members), len(members))
     config = config.with_overrides(run_name=run_name or config.run_name, free_rider=free_rider)
     flwr_home = ws.root / "flwr-home"
-    env = flower_env(flwr_home, {PROGRESS_ENV: "events", "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+    env = flower_env(flwr_home, {PROGRESS_ENV: "events", LOCAL_ENV: "1", "RAY_DEDUP_LOGS": "0",
+                                 "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+    env.pop(REGISTRY_ENV, None)  # simulated nodes are not the deployment's registered ones
     try:
         run_argv = [
             flower_bin("flwr"), "run", str(app_dir()), CONNECTION, "--stream",
@@ -158,13 +169,17 @@ def _run(argv: list[str], env: dict[str, str], reporter: Reporter) -> Simulation
     """`flwr run --stream`: replay its events; a run that did not finish raises SimulationFailed."""
     result = SimulationResult()
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as flwr:
+    flwr = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
         assert flwr.stdout is not None
         for raw in flwr.stdout:
             line = raw.rstrip("\n")
             if not replay(line, reporter, result) and line.strip():
                 tail.append(line)
         code = flwr.wait()
+    except BaseException:  # Ctrl-C or SIGTERM: stop streaming; the caller stops the SuperLink and its run
+        stop_tree(flwr.pid, timeout=10)
+        raise
     result.flower_lines = list(tail)
     if result.failure is not None:
         raise SimulationFailed(result.failure)

@@ -25,27 +25,37 @@ from pathlib import Path
 from aggregation.codec import UpdateRejected
 
 REGISTRY_ENV = "FEDMOE_MEMBER_REGISTRY"
+LOCAL_ENV = "FEDMOE_LOCAL_SIMULATION"  # "1": the embedded simulation, where first claim is expected
+UNBOUND_WARNING = (
+    "no member registry (FEDMOE_MEMBER_REGISTRY): a member's name is bound to the first node that says it "
+    "in this run; start the SuperLink with `fedmoe serve` so that names are bound to registered node keys"
+)
 
 
 class MemberBinding:
     def __init__(self, registry: Mapping[str, int] | None = None, source: str = "the registry") -> None:
-        self.registry = dict(registry or {})
+        self.registry = None if registry is None else dict(registry)  # {}: a registry nobody is in
         self.source = source
         self.node_of: dict[str, int] = {}
         self.member_of: dict[int, str] = {}
+        self.warn = False  # no registry outside the embedded simulation: the run says so
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MemberBinding:
-        """The registry named by FEDMOE_MEMBER_REGISTRY, if set (an unreadable one is fatal: a
-        deployment must not fall back to trusting names)."""
-        path = (os.environ if env is None else env).get(REGISTRY_ENV, "")
+        """The registry named by FEDMOE_MEMBER_REGISTRY, if set: a missing file is a registry
+        nobody is in yet, an unreadable one is fatal (a deployment never falls back to trusting
+        names). Unset: first claim per run (the simulation's case; a warning says so)."""
+        env = os.environ if env is None else env
+        path = env.get(REGISTRY_ENV, "")
         if not path:
-            return cls()
-        return cls(load_registry(Path(path)), source=path)
+            binding = cls()
+            binding.warn = env.get(LOCAL_ENV) != "1"
+            return binding
+        return cls(load_registry(Path(path)) if Path(path).exists() else {}, source=path)
 
     def claim(self, member: str, node: int) -> None:
         """Accept that `node` speaks for `member`, or raise UpdateRejected."""
-        if self.registry:
+        if self.registry is not None:
             expected = self.registry.get(member)
             if expected is None:
                 raise UpdateRejected(f"node {node}: member {member!r} is not registered in {self.source}")
@@ -64,11 +74,12 @@ class MemberBinding:
         """Of one round's claims (node -> name), those that cannot be settled: a name that two or
         more nodes say, that no registry and no earlier round binds. None of them counts (the
         order replies arrive in must not decide whose the name is)."""
-        if self.registry:
+        if self.registry is not None:
             return {}
         by_name: dict[str, list[int]] = {}
         for node, member in claims.items():
-            by_name.setdefault(member, []).append(node)
+            if self.member_of.get(node, member) == member:  # a node bound to another name is refused anyway
+                by_name.setdefault(member, []).append(node)
         return {
             node: f"node {node}: {member!r} is claimed by nodes {sorted(nodes)} this round and bound to none of them"
             for member, nodes in by_name.items() if len(nodes) > 1 and member not in self.node_of

@@ -1,7 +1,8 @@
 """Run config: the `[tool.flwr.app.config]` keys as one validated, typed object.
 
-Defaults live in pyproject.toml (Flower's place for them) and are mirrored here so that an
-embedded run needs no pyproject; a test keeps the two equal. Every key is documented in README.
+Defaults live in pyproject.toml (Flower's place for them) and are mirrored here so that code
+that runs rounds in-process (tests, benchmarks) needs no pyproject; a test keeps the two equal.
+Every key is documented in README.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.codec_config import CodecConfig
+from aggregation.robust import AGGREGATORS
 from aggregation.schedule import Schedule
 from aggregation.server_opt import ServerOptError, ServerOptimizer
 from model.precision import CHOICES as PRECISIONS
@@ -58,6 +60,9 @@ class RunConfig:
     secagg_timeout: float = 120.0  # seconds per secure-aggregation stage
     local_opt: str = "adamw"  # the members' local optimizer: "adamw" or "sgd" (client/trainer.py)
     expert_balance: str = "consortium"  # members balance expert load against the consortium's, or their own
+    update_norm_bound: float = 3.0  # open mode: an update's L2 norm is scaled down to this x the round's median (0: off)
+    aggregator: str = "mean"  # open mode: "mean" (token-weighted), "median" or "trimmed-mean" per coordinate
+    aggregator_trim: float = 0.2  # trimmed-mean: the fraction dropped at each end of every coordinate
     schedule: str = "fixed"  # "adaptive": local steps and members per round from the loss slope (aggregation/schedule.py)
     schedule_min_steps: int = 2
     schedule_max_steps: int = 64
@@ -122,6 +127,12 @@ class RunConfig:
             (self.contribution_batches >= 1, "contribution-batches must be >= 1"),
             (self.contribution_permutations >= 1, "contribution-permutations must be >= 1"),
             (self.expert_balance in ("consortium", "member"), "expert-balance must be 'consortium' or 'member'"),
+            (self.update_norm_bound == 0 or self.update_norm_bound >= 1,
+             "update-norm-bound must be 0 (off) or >= 1 (a multiple of the round's median update norm)"),
+            (self.aggregator in AGGREGATORS, f"aggregator must be one of {', '.join(AGGREGATORS)}"),
+            (0 <= self.aggregator_trim < 0.5, "aggregator-trim must be in [0, 0.5)"),
+            (self.secagg == "off" or self.aggregator == "mean",
+             "secagg = 'on' shows the operator only sums, which a robust aggregator cannot use: set aggregator = 'mean'"),
         ]
         for ok, message in checks:
             if not ok:

@@ -22,9 +22,9 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from aggregation.broadcast import advance, view_digest
-from aggregation.contribution import ScoreBook, contribution_shares
+from aggregation.contribution import ContributionError, ScoreBook, contribution_shares
+from aggregation.fedavg import Update
 from aggregation.group_estimator import GroupValueEstimator
-from aggregation.fedavg import aggregate
 from aggregation.secure import TOKENS, SecureLayout
 from aggregation.schedule import update_drift
 from aggregation.server_opt import ServerOptimizer, check_state
@@ -41,12 +41,13 @@ from server.grid import exchange
 from server.identities import Identities
 from server.ledger import Ledger, OperatorKey, utc_now
 from server.sampling import Roster, plan_round, sample_members
-from server.binding import MemberBinding
+from server.binding import UNBOUND_WARNING, MemberBinding
 from server.ledger_sync import record_in_ledger
+from aggregation.robust import robust_aggregate
 from server.scoring import CoalitionValue, combine_group_sums, open_value, score_groups, score_open
 from server.secure import SecureSettings, Sums, secure_aggregate
 from server.summary import Laps, Reporter, RoundSummary
-from server.validate import Received, validate_replies
+from server.validate import Received, reject_members, validate_replies
 from server.workspace import Workspace
 
 
@@ -90,6 +91,8 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
     """Run (or resume) the configured rounds; each committed round is in the ledger."""
     run = open_run(config, run_name)
     reporter.start(run.first, config.num_rounds, resumed=run.resumed)
+    if run.binding.warn:
+        reporter.note(UNBOUND_WARNING)
     return [run_round(grid, run, rnd, reporter) for rnd in range(run.first, config.num_rounds + 1)]
 
 
@@ -118,6 +121,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     require_enough(received, config, rnd, reporter.note)
     scores, how, shares = score_round(run, received, group_sums, rnd, reporter.note)
     laps("score")
+    previous = run.state, run.opt_state
     run.state, run.opt_state = aggregate_round(run, received, group_sums)
     run.lora.set_state(run.state)
     load, weight, specialization = observe_expert_load(run.lora, config.secagg == "on", received, group_sums)
@@ -126,6 +130,12 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     laps("aggregate")
     val_loss = evaluate(run.lora, run.val_sets, config)
     laps("evaluate")
+    if not all(math.isfinite(v) for v in val_loss.values()):  # a poisoned aggregate: never committed
+        run.state, run.opt_state = previous
+        run.lora.set_state(run.state)
+        bad = sorted(d for d, v in val_loss.items() if not math.isfinite(v))
+        raise RoundAborted(f"round {rnd} aborted: its aggregate makes validation loss non-finite on {', '.join(bad)}; "
+                           f"state stays at round {rnd - 1}")
     summary = RoundSummary(
         round=rnd, val_loss=val_loss, members=sorted(received.reports, key=lambda r: r.member),
         rejected=received.rejected, seconds=time.perf_counter() - started,
@@ -323,10 +333,18 @@ def score_round(
                 f"({len(run.estimator.observations)} group sum(s) for {len(errors)} members and the drift); shares stay 0 until one is"
             )
     elif config.contribution_mode == "open":
-        value = open_value(run.lora, run.state, received.updates, run.contribution_sets, config.batch_size,
-                           run.precision, step)
-        scored_open = score_open(received.updates, value, seed=config.seed * 100_003 + rnd,
-                                 max_permutations=config.contribution_permutations)
+        def value_of(updates: list[Update]) -> CoalitionValue:
+            return open_value(run.lora, run.state, updates, run.contribution_sets, config.batch_size, run.precision, step)
+
+        try:
+            scored_open = score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,
+                                     max_permutations=config.contribution_permutations)
+        except ContributionError:  # some update makes validation loss non-finite: find and reject it
+            value = value_of(received.updates)
+            reject_members(received, {u.member for u in received.updates if not math.isfinite(value(frozenset({u.member})))},
+                           "its update makes validation loss non-finite", rnd, note)
+            scored_open = score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,
+                                     max_permutations=config.contribution_permutations)
         scores = scored_open.scores
         run.book = run.book.add(rnd, scores)
         how = {"mode": "open", "evaluations": scored_open.evaluations, "null_members": scored_open.null_members,
@@ -343,7 +361,7 @@ def aggregate_round(
     if run.config.secagg == "on":
         mean_delta = combine_group_sums(list(group_sums.values()))
     else:
-        mean_delta = aggregate(received.updates, expert_of)
+        mean_delta = robust_aggregate(received.updates, expert_of, run.config.aggregator, run.config.aggregator_trim)
     return run.optimizer.step(run.state, mean_delta, run.opt_state)
 
 

@@ -137,7 +137,7 @@ def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, 
     """node -> member, from a HELLO exchange; nodes that do not answer, or answer with a name
     that is not theirs to use (`binding`), are left out."""
     messages = [Message(content=hints.to_record(), message_type=HELLO, dst_node_id=n, group_id="hello") for n in nodes]
-    found: dict[int, str] = {}
+    said: dict[int, str] = {}
     for reply in exchange(grid, messages, timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -151,7 +151,13 @@ def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, 
         if not MEMBER_NAME.fullmatch(member):
             note(f"node {node} said it is {member!r}, not a member name (letters, digits, '.', '_', '-')")
             continue
+        said[node] = member
+    contested = binding.contested(said)  # all answers first: arrival order must not decide a name
+    found: dict[int, str] = {}
+    for node, member in sorted(said.items()):
         try:
+            if node in contested:
+                raise UpdateRejected(contested[node])
             binding.claim(member, node)
         except UpdateRejected as exc:
             note(f"hello refused: {exc}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -98,7 +99,9 @@ class EventReporter:
     (`flwr run --stream`: fedmoe/simulation.py replays them into its own reporter)."""
 
     def _emit(self, event: str, **fields: Any) -> None:
-        print(EVENT + json.dumps({"event": event, **fields}, default=str), flush=True)
+        # one write, starting on a fresh line: another thread's output cannot land inside it
+        sys.stdout.write("\n" + EVENT + json.dumps({"event": event, **fields}, default=str) + "\n")
+        sys.stdout.flush()
 
     def start(self, first_round: int, num_rounds: int, resumed: bool) -> None:
         self._emit("start", first_round=first_round, num_rounds=num_rounds, resumed=resumed)

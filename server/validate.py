@@ -19,6 +19,7 @@ from flwr.common.serde import recorddict_to_proto
 
 from aggregation.codec import UpdateRejected, decode
 from aggregation.fedavg import Update
+from aggregation.robust import bound_norms
 from model.lora import expert_of
 from protos.messages import ProtocolError, TrainReply
 from server.binding import MemberBinding
@@ -105,10 +106,25 @@ def validate_replies(
             num_tokens=parsed.num_tokens, train_loss=parsed.train_loss, seconds=parsed.seconds,
             experts_sent=len(parsed.expert_tokens), precision=parsed.precision,
         ))
+    if not secure and config.update_norm_bound > 0:
+        bounded = bound_norms(received.updates, config.update_norm_bound)
+        for member, ratio in sorted(bounded.clipped.items()):
+            note(f"round {rnd}: member {member!r}: update L2 norm {ratio:.1f}x the round's median, "
+                 f"scaled down to {config.update_norm_bound:g}x")
+        received.updates = bounded.updates
     missing = len(roster.nodes) - len(replies)
     if missing:
         note(f"round {rnd}: {missing} member(s) did not reply within {config.round_timeout:.0f}s")
     return received
+
+
+def reject_members(received: Received, members: set[str], why: str, rnd: int, note: Callable[[str], None]) -> None:
+    """Take `members` out of the round after validation (their updates and reports), one line each."""
+    for member in sorted(members):
+        received.rejected[member] = f"member {member!r}: {why}"
+        note(f"round {rnd}: rejected: member {member!r}: {why}")
+    received.updates = [u for u in received.updates if u.member not in members]
+    received.reports = [r for r in received.reports if r.member not in members]
 
 
 def claimed_member(reply: Message) -> str:

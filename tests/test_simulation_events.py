@@ -45,7 +45,7 @@ def test_every_event_reaches_the_callers_reporter_unchanged(capsys) -> None:
     events.round_finished(summary)
     events.note("legal: broken.jsonl: line 2")
     events.finished()
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
     assert all(line.startswith(EVENT) for line in lines) and len(lines) == 6
     recording, result = Recording(), SimulationResult()
     flower_noise = "INFO :      Starting Flower Simulation"
@@ -65,6 +65,11 @@ def test_a_failure_event_carries_the_reason_and_a_torn_line_is_not_an_event(caps
     assert replay(line, Recording(), result) and result.failure == "round 1 aborted: 0 valid updates"
     assert not replay(line[:-5], Recording(), SimulationResult())  # cut mid-JSON
     assert not result.finished
+    # lines that only look like events are log noise, never a crash of the caller
+    for fake in ('[]', '{"event": "start"}', '{"event": "round_finished", "summary": 3}', '{"event": "bogus"}', '"x"'):
+        assert not replay(EVENT + fake, Recording(), SimulationResult()), fake
+    # an event after other output on the same line (a torn write) still counts
+    assert replay("INFO: something" + line, Recording(), SimulationResult())
 
 
 def test_only_the_last_simulated_node_of_a_free_rider_run_plays_it(tmp_path) -> None:
@@ -75,6 +80,8 @@ def test_only_the_last_simulated_node_of_a_free_rider_run_plays_it(tmp_path) -> 
     assert not plays_free_rider({"partition-id": 2, "num-partitions": 4}, {"free-rider": True})
     # a SuperNode names its member's data: it never plays the free rider, whatever the run config says
     assert not plays_free_rider({"data-path": str(tmp_path), "member": "acme"}, {"free-rider": True})
+    assert not plays_free_rider({"data-path": str(tmp_path), **last}, {"free-rider": True})
+    assert not plays_free_rider({"partition-id": 3}, {"free-rider": True})  # malformed: no, and no crash
 
     class Hints:
         base_path, members_dir, nodes_dir = str(tmp_path / "base"), str(tmp_path / "members"), str(tmp_path / "nodes")

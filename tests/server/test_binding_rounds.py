@@ -10,7 +10,7 @@ import json
 import pytest
 
 from client.app import app
-from protos.messages import HELLO, TRAIN, Hello, TrainReply
+from protos.messages import HELLO, TRAIN, Hello, TrainInstruction, TrainReply
 from server.binding import REGISTRY_ENV, MemberBinding, record_registration
 from server.checkpoint import Checkpoints
 from server.config import RunConfig
@@ -131,12 +131,37 @@ def test_the_registry_refuses_unregistered_names_and_a_corrupt_registry_is_fatal
         MemberBinding.from_env({REGISTRY_ENV: str(path)})
 
 
-def test_secure_mode_hello_under_a_taken_name_sits_the_node_out(ws: Workspace) -> None:
+def test_secure_mode_a_name_two_nodes_say_at_hello_sits_both_out_whatever_the_arrival_order(ws: Workspace) -> None:
     victim = member_at(ws, 1000)
     cfg = config(ws, secagg="on", codec="int8", codec_clip=0.05, contribution="secure", contribution_min_group=2)
     with task_identity():
         [summary] = run_rounds(FakeGrid(speaking_as({1003: victim}), 4), cfg, LogReporter(), run_name="hello")
-    assert victim in {m.member for m in summary.members}
-    assert {m.member: m.node_id for m in summary.members}[victim] == 1000
-    assert 1003 not in {m.node_id for m in summary.members}
+    assert {m.node_id for m in summary.members} == {1001, 1002}
     assert Checkpoints(ws.run_dir("hello")).latest_round() == 1
+
+
+def test_a_bound_node_cannot_block_a_newcomers_name(ws: Workspace) -> None:
+    """Node 1002 (bound to its own name in round 1) says node 1003's name when 1003 first
+    speaks in round 2: 1003 keeps its name, 1002's reply is refused."""
+    from flwr.app import Error, Message
+
+    newcomer = member_at(ws, 1003)
+    spoofing = speaking_as({1002: newcomer}, from_round=2)
+
+    def grid_app(message, context):  # noqa: ANN001, ANN202 - node 1003's first round fails (it is not set up yet)
+        if context.node_id == 1003 and message.metadata.message_type == TRAIN:
+            if TrainInstruction.from_record(message.content).round == 1:
+                return Message(error=Error(103, "not set up yet"), reply_to=message)
+        return spoofing(message, context)
+
+    with task_identity():
+        _, second = run_rounds(FakeGrid(grid_app, 4), config(ws, num_rounds=2), LogReporter(), run_name="late")
+    assert {m.member: m.node_id for m in second.members}[newcomer] == 1003
+    assert "node 1002 spoke as" in second.rejected["node 1002"]
+
+
+def test_an_empty_or_missing_registry_refuses_everyone_rather_than_trusting_names(tmp_path) -> None:
+    missing = MemberBinding.from_env({REGISTRY_ENV: str(tmp_path / "members.json")})
+    with pytest.raises(Exception, match="'acme' is not registered"):
+        missing.claim("acme", 7)
+    assert not missing.warn and MemberBinding.from_env({}).warn
