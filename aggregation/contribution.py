@@ -49,7 +49,10 @@ def contribution_shares(totals: Mapping[str, float]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class ScoreBook:
-    """Per-member value delivered, accumulated over rounds (negative round scores count as 0)."""
+    """Per-member value delivered, accumulated over rounds; the cumulative total is clipped at 0
+    when it becomes a share, not each round's estimate: E[max(0, noise)] > 0, so clipping every
+    round would let an update of pure noise build up share round after round, while its raw
+    estimates sum to about zero."""
 
     totals: Mapping[str, float] = field(default_factory=dict)
     rounds: tuple[int, ...] = ()
@@ -65,7 +68,7 @@ class ScoreBook:
                 raise ContributionError(
                     f"round {server_round}: member {member!r} has non-finite score {score}"
                 )
-            totals[member] = totals.get(member, 0.0) + max(0.0, float(score))
+            totals[member] = totals.get(member, 0.0) + float(score)
         return ScoreBook(dict(sorted(totals.items())), self.rounds + (server_round,))
 
     def shares(self) -> dict[str, float]:

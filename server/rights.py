@@ -7,7 +7,7 @@ entitlement (which releases it may pull, and its metered token quota), determini
     delay_rounds = 2                      # in between: only releases >= this many rounds old
     quota_tokens_per_period = 1_000_000   # split among entitled members by share
     period_days = 30
-    negative_rule = "clip"                # a negative per-round score counts as zero
+    negative_rule = "clip"                # old ledgers (no share records): a negative round counts as 0
 
 Every key is optional (the values above are the defaults); unknown keys are refused, so a typo
 never silently falls back to a default. The hub enforces `Entitlement.may_pull` on every call.
@@ -33,7 +33,7 @@ latest_share = 0.10                   # at/above: may pull the latest release
 delay_rounds = 2                      # in between: only releases >= this many rounds old
 quota_tokens_per_period = 1_000_000   # split among entitled members by share
 period_days = 30
-negative_rule = "clip"                # a negative per-round score counts as zero
+negative_rule = "clip"                # old ledgers (no share records): a negative round counts as 0
 """
 
 Tier = Literal["latest", "delayed", "base-only"]

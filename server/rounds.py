@@ -85,6 +85,7 @@ class Run:
     held_views: dict[str, str] = field(default_factory=dict)  # member -> digest of the view it holds
     node_member: dict[int, str] = field(default_factory=dict)
     binding: MemberBinding = field(default_factory=MemberBinding.from_env)  # names bound to their nodes
+    last_change: dict[str, torch.Tensor] | None = None  # the last round's change of the state (free-rider check)
 
 
 def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: str = "default") -> list[RoundSummary]:
@@ -124,6 +125,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     previous = run.state, run.opt_state
     run.state, run.opt_state = aggregate_round(run, received, group_sums)
     run.lora.set_state(run.state)
+    run.last_change = {k: v - previous[0][k] for k, v in run.state.items()}  # what a replayer would send next
     load, weight, specialization = observe_expert_load(run.lora, config.secagg == "on", received, group_sums)
     if load is not None:
         run.expert_load, run.load_weight = load, weight
@@ -338,13 +340,13 @@ def score_round(
 
         try:
             scored_open = score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,
-                                     max_permutations=config.contribution_permutations)
+                                     max_permutations=config.contribution_permutations, last_change=run.last_change)
         except ContributionError:  # some update makes validation loss non-finite: find and reject it
             value = value_of(received.updates)
             reject_members(received, {u.member for u in received.updates if not math.isfinite(value(frozenset({u.member})))},
                            "its update makes validation loss non-finite", rnd, note)
             scored_open = score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,
-                                     max_permutations=config.contribution_permutations)
+                                     max_permutations=config.contribution_permutations, last_change=run.last_change)
         scores = scored_open.scores
         run.book = run.book.add(rnd, scores)
         how = {"mode": "open", "evaluations": scored_open.evaluations, "null_members": scored_open.null_members,

@@ -9,18 +9,24 @@ aggregation/ as pure code (shapley.py, groups.py, group_estimator.py, contributi
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from aggregation.free_riders import duplicate_members, is_null_update
+from aggregation.robust import update_norm
 from aggregation.groups import group_shapley
 from aggregation.shapley import Coalition, ShapleyEstimate, gtg_shapley
 from aggregation.fedavg import Update
 from model.precision import Precision
 from model.lora import LoraMoE, expert_of
 from model.moe import evaluate_loss
+
+TINY = 1e-3  # an update this small next to the round's median norm moves nothing: a free rider's
+COPY_COSINE = 0.95  # a copy with noise up to ~1/3 of the update's size still points this way
+LAST = "(the consortium's last change)"  # not a member name: it cannot collide with one
 
 
 @dataclass
@@ -71,20 +77,34 @@ class RoundScores:
 
 
 def score_open(
-    updates: Sequence[Update], value: CoalitionValue, *, seed: int, max_permutations: int = 60
+    updates: Sequence[Update], value: CoalitionValue, *, seed: int, max_permutations: int = 60,
+    last_change: Mapping[str, torch.Tensor] | None = None,
 ) -> RoundScores:
-    """Per-member Shapley values from individual updates; null updates and copies get no credit."""
-    null = sorted(u.member for u in updates if is_null_update(u.delta))
+    """Per-member Shapley values from individual updates; free riders get no credit:
+    - a null update (zeros), or one far smaller than the round's others (< TINY x the median
+      norm: it moves nothing), or a replay of the consortium's last change (`last_change`, the
+      difference of the two views a member holds: cosine >= COPY_COSINE) scores 0;
+    - copies of each other (cosine >= COPY_COSINE: a copy with noise up to about a third of the
+      update's size) share one value (aggregation/free_riders.py).
+    Noise needs no rule: its estimates scatter around zero, and the score book sums them before
+    it clips (aggregation/contribution.py)."""
+    norms = {u.member: update_norm(u) for u in updates}
+    median = statistics.median(norms.values()) if norms else 0.0
+    null = {u.member for u in updates if is_null_update(u.delta) or norms[u.member] < TINY * median}
+    if last_change:
+        replayed = duplicate_members({**{u.member: u.delta for u in updates if u.member not in null}, LAST: last_change},
+                                     threshold=COPY_COSINE)
+        null |= {a if b == LAST else b for a, b in replayed if LAST in (a, b)}
     scored = [u for u in updates if u.member not in null]
-    pairs = duplicate_members({u.member: u.delta for u in scored})
-    scores = {m: 0.0 for m in null}
+    pairs = duplicate_members({u.member: u.delta for u in scored}, threshold=COPY_COSINE)
+    scores = dict.fromkeys(sorted(null), 0.0)
     if scored:
         estimate: ShapleyEstimate = gtg_shapley(
             [u.member for u in scored], value, rng=random.Random(seed),
             max_permutations=max_permutations, duplicates=pairs,
         )
         scores.update({m: float(v) for m, v in estimate.values.items()})
-    return RoundScores(scores, value.evaluations, null, pairs)
+    return RoundScores(scores, value.evaluations, sorted(null), pairs)
 
 
 def open_value(lora: LoraMoE, state: Mapping[str, torch.Tensor], updates: Sequence[Update],

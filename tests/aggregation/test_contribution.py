@@ -460,13 +460,22 @@ def test_duplicates_count_once_in_a_coalition_and_split_the_value() -> None:
 # ------------------------------------------------------------------------------ score book
 
 
-def test_score_book_clips_negative_scores_and_normalizes() -> None:
+def test_score_book_clips_the_cumulative_total_not_each_round_and_normalizes() -> None:
     book = ScoreBook().add(1, {"a": 0.3, "b": -0.5, "c": 0.1}).add(2, {"a": 0.1, "b": 0.2})
-    assert book.totals == pytest.approx({"a": 0.4, "b": 0.2, "c": 0.1})
+    assert book.totals == pytest.approx({"a": 0.4, "b": -0.3, "c": 0.1})
     shares = book.shares()
-    assert shares == pytest.approx({"a": 4 / 7, "b": 2 / 7, "c": 1 / 7})
+    assert shares == pytest.approx({"a": 0.8, "b": 0.0, "c": 0.2})
     assert math.fsum(shares.values()) == pytest.approx(1.0, abs=1e-15)
     assert book.rounds == (1, 2)
+
+
+def test_pure_noise_does_not_build_up_share_over_rounds() -> None:
+    """A noise update's estimates scatter around zero: clipped per round they would add up
+    (here to 0.02 per round, as much as the honest member's), summed they cancel."""
+    book = ScoreBook()
+    for rnd in range(1, 21):
+        book = book.add(rnd, {"honest": 0.02, "noise": 0.04 if rnd % 2 else -0.04})
+    assert book.shares() == {"honest": 1.0, "noise": 0.0}
 
 
 def test_score_book_all_zero_or_negative_gives_zero_shares() -> None:

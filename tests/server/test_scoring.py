@@ -103,3 +103,37 @@ def test_coalitions_are_valued_on_the_step_the_server_optimizer_takes(planted) -
     coalition = frozenset({"rich", "noisy"})
     assert stepped(coalition) == pytest.approx(open_value(lora, state, doubled, val, 8, precision)(coalition), abs=1e-5)
     assert abs(stepped(coalition) - plain(coalition)) > 1e-4
+
+
+def test_free_riders_beyond_zeros_get_nothing_in_open_mode(planted) -> None:
+    """Free riders that try to pass: a replay of the consortium's last change (two views
+    apart), a copy of the rich member's update with 15% noise, a tiny non-zero update; each
+    claims the rich member's tokens."""
+    lora, state, updates, val, precision = planted
+    honest = [u for u in updates if u.member in ("rich", "small", "noisy")]
+    rich = next(u for u in honest if u.member == "rich")
+    g = torch.Generator().manual_seed(7)
+    last_change = {k: 0.5 * v + 0.5 * next(u for u in honest if u.member == "small").delta.get(k, v)
+                   for k, v in rich.delta.items()}  # what the consortium's state moved by last round
+
+    def noise_like(delta, scale):  # noqa: ANN001, ANN202
+        return {k: torch.randn(v.shape, generator=g) * v.norm() / v.numel() ** 0.5 * scale for k, v in delta.items()}
+
+    def claiming(name, delta):  # noqa: ANN001, ANN202
+        return Update(name, delta, rich.num_tokens, dict(rich.expert_tokens))
+
+    riders = [
+        claiming("replayer", {k: v.clone() for k, v in last_change.items()}),
+        claiming("copier", {k: v + n for (k, v), n in zip(rich.delta.items(), noise_like(rich.delta, 0.15).values())}),
+        claiming("whisper", {k: v * 1e-5 for k, v in noise_like(rich.delta, 1.0).items()}),
+    ]
+    everyone = honest + riders
+    scores = score_open(everyone, open_value(lora, state, everyone, val, 8, precision), seed=2, last_change=last_change)
+    assert {"replayer", "whisper"} <= set(scores.null_members)
+    assert ("copier", "rich") in scores.duplicates  # the copy shares the original's value, it adds none
+    shares = ScoreBook().add(1, scores.scores).shares()
+    assert shares["replayer"] == shares["whisper"] == 0.0
+    assert shares["rich"] > 0.1 and shares["small"] > 0
+    # without the last change as a reference the replay would pass as an honest member
+    blind = score_open(everyone, open_value(lora, state, everyone, val, 8, precision), seed=2)
+    assert "replayer" not in blind.null_members and blind.scores["replayer"] > 0
