@@ -34,6 +34,7 @@ delay_rounds = 2                      # in between: only releases >= this many r
 quota_tokens_per_period = 1_000_000   # split among entitled members by share
 period_days = 30
 negative_rule = "clip"                # old ledgers (no share records): a negative round counts as 0
+probation_rounds = 3                  # after this many rounds under min_share: no longer sampled (0: never)
 """
 
 Tier = Literal["latest", "delayed", "base-only"]
@@ -54,6 +55,7 @@ class Policy:
     quota_tokens_per_period: int = 1_000_000
     period_days: int = 30
     negative_rule: str = "clip"
+    probation_rounds: int = 3  # rounds taken part in under min_share, after which a member is not sampled
 
     def __post_init__(self) -> None:
         _check({f.name: getattr(self, f.name) for f in fields(self)}, "policy")
@@ -69,7 +71,7 @@ def _check(values: Mapping[str, Any], source: str) -> None:
             raise fail(key, "must be a number from 0 to 1")
     if values["min_share"] > values["latest_share"]:
         raise fail("min_share", f"must not exceed latest_share ({values['latest_share']!r})")
-    for key, low in (("delay_rounds", 0), ("quota_tokens_per_period", 0), ("period_days", 1)):
+    for key, low in (("delay_rounds", 0), ("quota_tokens_per_period", 0), ("period_days", 1), ("probation_rounds", 0)):
         value = values[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise fail(key, f"must be an integer >= {low}")
@@ -133,6 +135,24 @@ def shares_from_ledger(records: Iterable[Record], negative_rule: str = "clip") -
     if grand <= 0:
         return {member: 0.0 for member in totals}
     return {member: total / grand for member, total in totals.items()}
+
+
+def past_probation(policy: Policy, records: Iterable[Record]) -> set[str]:
+    """Members no longer sampled: taking part in a round is an entitlement too (it hands over the
+    newest trainable state). A member that has taken part in `probation_rounds` rounds and whose
+    credited share is still under `min_share` sits out, but only while someone else is credited:
+    before any estimate stands out (a young secure run) nobody is judged."""
+    if policy.probation_rounds == 0:
+        return set()
+    records = list(records)
+    shares = shares_from_ledger(records, policy.negative_rule)
+    if not any(s >= policy.min_share for s in shares.values()):
+        return set()
+    taken: dict[str, int] = {}
+    for record in records:
+        if record.kind == CONTRIBUTION:
+            taken[record.member] = taken.get(record.member, 0) + 1
+    return {m for m, s in shares.items() if s < policy.min_share and taken.get(m, 0) >= policy.probation_rounds}
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from server.ledger import Ledger, OperatorKey, utc_now
 from server.sampling import Roster, plan_round, sample_members
 from server.binding import UNBOUND_WARNING, MemberBinding
 from server.ledger_sync import record_in_ledger
+from server.rights import Policy, load_policy, past_probation
 from aggregation.robust import robust_aggregate
 from server.scoring import CoalitionValue, combine_group_sums, open_value, score_groups, score_open
 from server.secure import SecureSettings, Sums, secure_aggregate
@@ -86,6 +87,8 @@ class Run:
     node_member: dict[int, str] = field(default_factory=dict)
     binding: MemberBinding = field(default_factory=MemberBinding.from_env)  # names bound to their nodes
     last_change: dict[str, torch.Tensor] | None = None  # the last round's change of the state (free-rider check)
+    policy: Policy = field(default_factory=Policy)  # the workspace's usage-rights policy (probation)
+    sitting_out: set[str] = field(default_factory=set)  # members past their probation
 
 
 def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: str = "default") -> list[RoundSummary]:
@@ -102,7 +105,11 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     run.round, decision = plan_round(run.config, run.checkpoints.manifests, rnd, reporter.note)
     config = run.round
     codec_seed = config.seed * 1_000_003 + rnd  # the round's shared seed (randk coordinates)
-    roster = sample_members(grid, config, run.ws, run.node_member, rnd, reporter.note, run.binding)
+    sitting_out = past_probation(run.policy, run.ledger.records())
+    for member in sorted(sitting_out - run.sitting_out):
+        reporter.note(f"round {rnd}: member {member!r} stays under min_share after its probation: no longer sampled")
+    run.sitting_out = sitting_out
+    roster = sample_members(grid, config, run.ws, run.node_member, rnd, reporter.note, run.binding, sitting_out)
     reporter.round_started(rnd, len(roster.nodes))
     laps("sample")
     messages, bytes_down = broadcast(run, roster, rnd, codec_seed)
@@ -205,6 +212,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
         precision=precision, checkpoints=checkpoints, ledger=ledger, identities=identities, state=state, view=view,
         optimizer=config.server_optimizer(), opt_state=opt_state,
         expert_load=expert_load, load_weight=load_weight, book=book, estimator=estimator, first=first, resumed=committed is not None,
+        policy=load_policy(ws.policy) if ws.policy.is_file() else Policy(),  # a bad policy stops the run here
     )
 
 

@@ -70,12 +70,14 @@ def record_of(manifest: dict[str, Any], config: RunConfig) -> RoundRecord:
 def sample_members(
     grid: Grid, config: RunConfig, ws: Workspace, node_member: dict[int, str], rnd: int, note: Callable[[str], None],
     binding: MemberBinding,
+    sitting_out: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> Roster:
     """The round's roster; `node_member` learns the members of nodes it did not know (each name
-    checked against `binding`: a node cannot take another's name)."""
+    checked against `binding`: a node cannot take another's name). Members `sitting_out` (past
+    their probation: server/rights.py) are not sampled."""
     nodes = wait_for_nodes(grid, config.min_members, config.round_timeout)
     if not (config.secagg == "on" and config.contribution_mode == "secure"):
-        nodes = members_of_round(nodes, config, rnd)
+        nodes = members_of_round([n for n in nodes if node_member.get(n) not in sitting_out], config, rnd)
         return Roster(nodes=nodes, groups=[nodes], planned={})
     # Plan by member name, not Flower node id (ids change on restart): a re-run round must
     # train the same group, or its members refuse to unmask it (client/secure.py).
@@ -88,7 +90,7 @@ def sample_members(
         member = node_member.get(node)
         if member is not None and member in member_node:
             note(f"round {rnd}: nodes {member_node[member]} and {node} both say they are {member}; {node} sits out")
-        elif member is not None:
+        elif member is not None and member not in sitting_out:
             member_node[member] = node
     members = members_of_round(sorted(member_node), config, rnd)
     groups = plan_groups(members, config.contribution_min_group, seed=config.seed, rnd=rnd, min_members=config.min_members)

@@ -103,3 +103,37 @@ def test_a_robust_aggregator_is_refused_under_secure_aggregation(ws: Workspace) 
 
     with pytest.raises(ConfigError, match="set aggregator = 'mean'"):
         config(ws, secagg="on", codec="int8", codec_clip=0.05, contribution="secure", aggregator="median")
+
+
+def test_a_member_under_min_share_after_its_probation_is_no_longer_sampled(ws: Workspace, caplog) -> None:
+    """Taking part is an entitlement too: a zero-update free rider gets TRAIN (the newest state)
+    in its probation rounds only; honest members go on."""
+    from server.rights import DEFAULT_POLICY_TOML
+
+    ws.policy.parent.mkdir(parents=True, exist_ok=True)
+    ws.policy.write_text(DEFAULT_POLICY_TOML.replace("probation_rounds = 3", "probation_rounds = 2"))
+    grid = FakeGrid(scaling(ws, 1003, 0.0), 4)
+    with task_identity():
+        summaries = run_rounds(grid, config(ws, num_rounds=4), LogReporter(), run_name="probation")
+    rider = ws.members()[3]
+    trained = [rnd.round for rnd in summaries if rider in {m.member for m in rnd.members}]
+    assert trained == [1, 2]
+    assert sum(1 for node, kind in grid.seen if node == 1003 and kind == TRAIN) == 2
+    assert all(len(s.members) == 3 for s in summaries[2:])
+    assert f"member {rider!r} stays under min_share after its probation: no longer sampled" in caplog.text
+    assert caplog.text.count("no longer sampled") == 1  # said once, not every round
+
+
+def test_nobody_is_judged_while_nobody_is_credited() -> None:
+    from server.ledger import Record
+    from server.rights import Policy, past_probation
+
+    def line(rnd, member, share, kind):  # noqa: ANN001, ANN202
+        return Record(rnd, member, 0.0, share, 0, 0, 0, None, "cd" * 32, "2025-01-01T00:00:00Z", kind)
+
+    young = [line(r, m, 0.0, k) for r in (1, 2, 3, 4) for m in "ab" for k in ("contribution", "share")]
+    assert past_probation(Policy(), young) == set()  # a secure run before any estimate stands out
+    credited = young + [line(5, "a", 1.0, "share"), line(5, "b", 0.0, "share")]
+    assert past_probation(Policy(), credited) == {"b"}
+    assert past_probation(Policy(probation_rounds=0), credited) == set()
+    assert past_probation(Policy(probation_rounds=5), credited) == set()  # b took part in 4 rounds only
