@@ -23,7 +23,8 @@ import torch
 from aggregation.contribution import ContributionError
 
 
-def _norm(update: Mapping[str, torch.Tensor]) -> float:
+def delta_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of a delta over all its tensors (fp64 sums)."""
     return math.sqrt(
         math.fsum(float(t.detach().to(torch.float64).square().sum()) for t in update.values())
     )
@@ -45,10 +46,10 @@ def is_null_update(
     """
     if not update:
         return True
-    norm = _norm(update)
+    norm = delta_norm(update)
     if reference is None:
         return norm <= rel_tol
-    ref_norm = _norm(reference)
+    ref_norm = delta_norm(reference)
     if norm <= rel_tol * ref_norm:
         return True
     if set(update) == set(reference):
@@ -57,7 +58,7 @@ def is_null_update(
             for k in update
             if update[k].shape == reference[k].shape
         }
-        if len(replay) == len(update) and _norm(replay) <= rel_tol * ref_norm:
+        if len(replay) == len(update) and delta_norm(replay) <= rel_tol * ref_norm:
             return True
     return False
 

@@ -24,7 +24,6 @@ members, hence these few lines.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -32,6 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from aggregation.fedavg import Update, aggregate
+from aggregation.free_riders import delta_norm
 
 AGGREGATORS = ("mean", "median", "trimmed-mean")
 
@@ -44,7 +44,7 @@ class Bounded:
 
 
 def update_norm(update: Update) -> float:
-    return math.sqrt(math.fsum(float(t.double().square().sum()) for t in update.delta.values()))
+    return delta_norm(update.delta)
 
 
 def bound_norms(updates: Sequence[Update], bound: float) -> Bounded:

@@ -100,12 +100,11 @@ def run(
 
 def _simulate(cfg: RunConfig, members: int | None, run_name: str, free_rider: bool = False):  # type: ignore[no-untyped-def]
     from fedmoe.console import RichReporter, round_tables
+    from fedmoe.processes import sigterm_interrupts
     from fedmoe.simulation import SimulationFailed, simulate
     from server.checkpoint import Checkpoints
-    from server.summary import RoundSummary
+    from server.summary import summary_from_dict
     from server.workspace import Workspace
-
-    from fedmoe.processes import sigterm_interrupts
 
     reporter = RichReporter(console)
     sigterm_interrupts()  # SIGTERM stops the local SuperLink and its simulation too, as Ctrl-C does
@@ -116,19 +115,10 @@ def _simulate(cfg: RunConfig, members: int | None, run_name: str, free_rider: bo
     finally:
         reporter.stop()
     manifests = Checkpoints(Workspace(cfg.workspace_path).run_dir(run_name)).manifests()
-    summaries = [_summary_from_manifest(m) for m in manifests]
+    summaries = [summary_from_dict(m) for m in manifests]
     for table in round_tables(summaries):
         console.print(table)
     return summaries
-
-
-def _summary_from_manifest(m: dict) -> "object":  # type: ignore[type-arg]
-    from server.summary import MemberReport, RoundSummary
-
-    return RoundSummary(
-        round=m["round"], val_loss=m["val_loss"], members=[MemberReport(**r) for r in m["members"]],
-        rejected=m["rejected"], seconds=m["seconds"],
-    )
 
 
 @app.command()

@@ -59,13 +59,9 @@ def app_dir() -> Path:
 def federation_config(num_nodes: int, cpus_per_member: int) -> str:
     """`flwr run --federation-config`: simulated SuperNodes and their resources. On a machine with
     CUDA, the members share its GPUs (fractions Ray schedules); otherwise they run on CPU."""
-    gpus = 0
-    try:
-        import torch
+    import torch
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:
-        pass
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     per_member = min(1.0, gpus / num_nodes) if gpus else 0.0
     values = {
         "num-supernodes": num_nodes,

@@ -33,12 +33,12 @@ UNBOUND_WARNING = (
 
 
 class MemberBinding:
-    def __init__(self, registry: Mapping[str, int] | None = None, source: str = "the registry") -> None:
+    def __init__(self, registry: Mapping[str, int] | None = None, source: str = "the registry", *, warn: bool = False) -> None:
         self.registry = None if registry is None else dict(registry)  # {}: a registry nobody is in
         self.source = source
         self.node_of: dict[str, int] = {}
         self.member_of: dict[int, str] = {}
-        self.warn = False  # no registry outside the embedded simulation: the run says so
+        self.warn = warn  # no registry outside the embedded simulation: the run says so
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MemberBinding:
@@ -48,9 +48,7 @@ class MemberBinding:
         env = os.environ if env is None else env
         path = env.get(REGISTRY_ENV, "")
         if not path:
-            binding = cls()
-            binding.warn = env.get(LOCAL_ENV) != "1"
-            return binding
+            return cls(warn=env.get(LOCAL_ENV) != "1")
         return cls(load_registry(Path(path)) if Path(path).exists() else {}, source=path)
 
     def claim(self, member: str, node: int) -> None:
@@ -69,6 +67,19 @@ class MemberBinding:
         if spoken is not None and spoken != member:
             raise UpdateRejected(f"node {node} spoke as {member!r} after speaking as {spoken!r} in this run")
         self.node_of[member], self.member_of[node] = node, member
+
+    def settle(self, claims: Mapping[int, str]) -> dict[int, str]:
+        """One exchange's claims (node -> name) at once, so that arrival order decides nothing:
+        binds what may be bound and returns node -> why for the claims refused."""
+        refused = self.contested(claims)
+        for node, member in sorted(claims.items()):
+            if node in refused:
+                continue
+            try:
+                self.claim(member, node)
+            except UpdateRejected as exc:
+                refused[node] = str(exc)
+        return refused
 
     def contested(self, claims: Mapping[int, str]) -> dict[int, str]:
         """Of one round's claims (node -> name), those that cannot be settled: a name that two or

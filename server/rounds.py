@@ -45,7 +45,7 @@ from server.binding import UNBOUND_WARNING, MemberBinding
 from server.ledger_sync import record_in_ledger
 from server.rights import Policy, load_policy, past_probation
 from aggregation.robust import robust_aggregate
-from server.scoring import CoalitionValue, combine_group_sums, open_value, score_groups, score_open
+from server.scoring import CoalitionValue, RoundScores, combine_group_sums, open_value, score_groups, score_open
 from server.secure import SecureSettings, Sums, secure_aggregate
 from server.summary import Laps, Reporter, RoundSummary
 from server.validate import Received, reject_members, validate_replies
@@ -346,15 +346,17 @@ def score_round(
         def value_of(updates: list[Update]) -> CoalitionValue:
             return open_value(run.lora, run.state, updates, run.contribution_sets, config.batch_size, run.precision, step)
 
+        def scored() -> RoundScores:
+            return score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,
+                              max_permutations=config.contribution_permutations, last_change=run.last_change)
+
         try:
-            scored_open = score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,
-                                     max_permutations=config.contribution_permutations, last_change=run.last_change)
+            scored_open = scored()
         except ContributionError:  # some update makes validation loss non-finite: find and reject it
             value = value_of(received.updates)
             reject_members(received, {u.member for u in received.updates if not math.isfinite(value(frozenset({u.member})))},
                            "its update makes validation loss non-finite", rnd, note)
-            scored_open = score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,
-                                     max_permutations=config.contribution_permutations, last_change=run.last_change)
+            scored_open = scored()
         scores = scored_open.scores
         run.book = run.book.add(rnd, scores)
         how = {"mode": "open", "evaluations": scored_open.evaluations, "null_members": scored_open.null_members,

@@ -19,7 +19,6 @@ from flwr.serverapp import Grid
 
 from aggregation.groups import random_groups, rotating_subsets
 from aggregation.schedule import RoundRecord, decide
-from aggregation.codec import UpdateRejected
 from protos.messages import HELLO, MEMBER_NAME, Hello, ProtocolError
 from server.binding import MemberBinding
 from server.config import RunConfig
@@ -85,13 +84,8 @@ def sample_members(
     if unknown:
         hints = Hello("", str(ws.base), str(ws.members_dir), str(ws.root / "nodes"))
         node_member.update(ask_members(grid, unknown, hints, config.secagg_timeout, note, binding))
-    member_node: dict[str, int] = {}
-    for node in nodes:
-        member = node_member.get(node)
-        if member is not None and member in member_node:
-            note(f"round {rnd}: nodes {member_node[member]} and {node} both say they are {member}; {node} sits out")
-        elif member is not None and member not in sitting_out:
-            member_node[member] = node
+    # one node per member: every name in node_member was bound to its node (server/binding.py)
+    member_node = {node_member[n]: n for n in nodes if n in node_member and node_member[n] not in sitting_out}
     members = members_of_round(sorted(member_node), config, rnd)
     groups = plan_groups(members, config.contribution_min_group, seed=config.seed, rnd=rnd, min_members=config.min_members)
     planned = {member_node[m]: m for group in groups for m in group}
@@ -154,15 +148,7 @@ def ask_members(grid: Grid, nodes: Sequence[int], hints: Hello, timeout: float, 
             note(f"node {node} said it is {member!r}, not a member name (letters, digits, '.', '_', '-')")
             continue
         said[node] = member
-    contested = binding.contested(said)  # all answers first: arrival order must not decide a name
-    found: dict[int, str] = {}
-    for node, member in sorted(said.items()):
-        try:
-            if node in contested:
-                raise UpdateRejected(contested[node])
-            binding.claim(member, node)
-        except UpdateRejected as exc:
-            note(f"hello refused: {exc}")
-            continue
-        found[node] = member
-    return found
+    refused = binding.settle(said)  # all answers first: arrival order must not decide a name
+    for node in sorted(refused):
+        note(f"hello refused: {refused[node]}")
+    return {node: member for node, member in said.items() if node not in refused}

@@ -61,7 +61,9 @@ def validate_replies(
     secure = config.secagg == "on"
     received = Received()
     replied: dict[str, int] = {}  # member -> the node whose reply counted this round
-    contested = binding.contested({r.metadata.src_node_id: m for r in replies if (m := claimed_member(r))})
+    parsed_replies = {id(r): parse_reply(r) for r in replies}  # each parsed once
+    refused = binding.settle({r.metadata.src_node_id: p.member for r in replies
+                              if isinstance(p := parsed_replies[id(r)], TrainReply)})
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -71,10 +73,11 @@ def validate_replies(
             node_member.pop(node, None)  # ask it again next round
             continue
         try:
-            parsed = TrainReply.from_record(reply.content)
-            if node in contested:
-                raise UpdateRejected(contested[node])
-            binding.claim(parsed.member, node)
+            parsed = parsed_replies[id(reply)]
+            if isinstance(parsed, ProtocolError):
+                raise parsed
+            if node in refused:
+                raise UpdateRejected(refused[node])
             if parsed.member in replied:
                 raise UpdateRejected(f"member {parsed.member!r}: a second reply this round (nodes {replied[parsed.member]} and {node})")
             if parsed.round != rnd:
@@ -127,14 +130,14 @@ def reject_members(received: Received, members: set[str], why: str, rnd: int, no
     received.reports = [r for r in received.reports if r.member not in members]
 
 
-def claimed_member(reply: Message) -> str:
-    """The member a reply says it is from, or '' (an error, or no readable reply)."""
+def parse_reply(reply: Message) -> TrainReply | ProtocolError | None:
+    """A TRAIN reply parsed (strict), the ProtocolError that refuses it, or None for an error reply."""
     if reply.has_error():
-        return ""
+        return None
     try:
-        return TrainReply.from_record(reply.content).member
-    except ProtocolError:
-        return ""
+        return TrainReply.from_record(reply.content)
+    except ProtocolError as exc:
+        return exc
 
 
 def validate_update(
