@@ -12,6 +12,10 @@ the members that sent it (with a positive weight), the coordinate-wise median, o
 dropping the `trim` fraction of largest and smallest values of each coordinate. Both ignore the
 token weights: those are self-reported, and weighting would let an inflated claim move the
 statistic. Per expert the set of members differs (a member sends only experts it routed to).
+Limit: over one or two senders there is no robust statistic (the median of two is their mean),
+so an expert tensor that only the attacker and one other member sent moves with the attacker's
+scale (measured: shared tensors stay put under a x-100 member, expert tensors do not); there
+the norm bound is what limits it, so keep `update-norm-bound` on with a robust aggregator.
 
 Under secure aggregation the operator sees only sums: neither applies there. What bounds a
 member's influence then is the shared codec clip (every coordinate in [-clip, clip], so an

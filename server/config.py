@@ -74,6 +74,7 @@ class RunConfig:
     server_beta1: float = 0.9  # fedadam, fedyogi
     server_beta2: float = 0.99  # fedadam, fedyogi
     server_tau: float = 1e-3  # fedadam, fedyogi: adaptivity
+    server_warmup: int = 0  # the server lr ramps linearly over each tensor's first N steps
 
     @classmethod
     def from_user_config(cls, user: Mapping[str, Any]) -> RunConfig:
@@ -183,6 +184,7 @@ class RunConfig:
             return ServerOptimizer(
                 name=self.server_opt, lr=self.server_lr, momentum=self.server_momentum,
                 beta1=self.server_beta1, beta2=self.server_beta2, tau=self.server_tau,
+                warmup=self.server_warmup,
             )
         except ServerOptError as exc:
             raise ConfigError(f"run config: {exc}") from None

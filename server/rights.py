@@ -137,12 +137,18 @@ def shares_from_ledger(records: Iterable[Record], negative_rule: str = "clip") -
     return {member: total / grand for member, total in totals.items()}
 
 
-def past_probation(policy: Policy, records: Iterable[Record]) -> set[str]:
+def past_probation(policy: Policy, records: Iterable[Record], *, secure: bool = False) -> set[str]:
     """Members no longer sampled: taking part in a round is an entitlement too (it hands over the
     newest trainable state). A member that has taken part in `probation_rounds` rounds and whose
     credited share is still under `min_share` sits out, but only while someone else is credited:
-    before any estimate stands out (a young secure run) nobody is judged."""
-    if policy.probation_rounds == 0:
+    before any estimate stands out nobody is judged.
+
+    Not under secure contribution (`secure`): there a share of 0 says only that the group sums do
+    not yet tell the member's value from zero, which for most honest members takes far more than
+    a few rounds; the first member credited would send every other one away (measured on the demo:
+    round 9 planned a group of one and the run stopped). The credit rule already pays such a
+    member nothing."""
+    if policy.probation_rounds == 0 or secure:
         return set()
     records = list(records)
     shares = shares_from_ledger(records, policy.negative_rule)

@@ -36,7 +36,7 @@ from protos.messages import TRAIN, TrainInstruction
 from server.checkpoint import Checkpoints
 from server.config import RunConfig
 from server.balance import observe_expert_load
-from server.evaluation import evaluate, validation_sets
+from server.evaluation import evaluate, evaluate_with_head, validation_sets
 from server.grid import exchange
 from server.identities import Identities
 from server.ledger import Ledger, OperatorKey, utc_now
@@ -89,6 +89,7 @@ class Run:
     last_change: dict[str, torch.Tensor] | None = None  # the last round's change of the state (free-rider check)
     policy: Policy = field(default_factory=Policy)  # the workspace's usage-rights policy (probation)
     sitting_out: set[str] = field(default_factory=set)  # members past their probation
+    contribution_base: float | None = None  # the committed model's loss on contribution_sets, if known
 
 
 def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: str = "default") -> list[RoundSummary]:
@@ -105,7 +106,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     run.round, decision = plan_round(run.config, run.checkpoints.manifests, rnd, reporter.note)
     config = run.round
     codec_seed = config.seed * 1_000_003 + rnd  # the round's shared seed (randk coordinates)
-    sitting_out = past_probation(run.policy, run.ledger.records())
+    sitting_out = past_probation(run.policy, run.ledger.records(), secure=config.contribution_mode == "secure")
     for member in sorted(sitting_out - run.sitting_out):
         reporter.note(f"round {rnd}: member {member!r} stays under min_share after its probation: no longer sampled")
     run.sitting_out = sitting_out
@@ -137,10 +138,10 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     if load is not None:
         run.expert_load, run.load_weight = load, weight
     laps("aggregate")
-    val_loss = evaluate(run.lora, run.val_sets, config)
+    val_loss, run.contribution_base = evaluate_with_head(run.lora, run.val_sets, config, config.contribution_batches)
     laps("evaluate")
     if not all(math.isfinite(v) for v in val_loss.values()):  # a poisoned aggregate: never committed
-        run.state, run.opt_state = previous
+        run.state, run.opt_state, run.contribution_base = (*previous, None)
         run.lora.set_state(run.state)
         bad = sorted(d for d, v in val_loss.items() if not math.isfinite(v))
         raise RoundAborted(f"round {rnd} aborted: its aggregate makes validation loss non-finite on {', '.join(bad)}; "
@@ -324,7 +325,7 @@ def score_round(
         scored = score_groups(
             group_sums,
             lambda combine: CoalitionValue(run.lora, run.state, combine, run.contribution_sets, config.batch_size,
-                                           run.precision, step),
+                                           run.precision, step, _base=run.contribution_base),
             seed=config.seed * 100_003 + rnd,
         )
         values = {frozenset(key.split("+")): v for key, v in scored.group_values.items()}
@@ -344,7 +345,8 @@ def score_round(
             )
     elif config.contribution_mode == "open":
         def value_of(updates: list[Update]) -> CoalitionValue:
-            return open_value(run.lora, run.state, updates, run.contribution_sets, config.batch_size, run.precision, step)
+            return open_value(run.lora, run.state, updates, run.contribution_sets, config.batch_size, run.precision, step,
+                              base=run.contribution_base)
 
         def scored() -> RoundScores:
             return score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,

@@ -73,10 +73,11 @@ def sample_members(
 ) -> Roster:
     """The round's roster; `node_member` learns the members of nodes it did not know (each name
     checked against `binding`: a node cannot take another's name). Members `sitting_out` (past
-    their probation: server/rights.py) are not sampled."""
+    their probation: server/rights.py) are not sampled, unless that would leave the round too few
+    members to run (then everybody is, with a note)."""
     nodes = wait_for_nodes(grid, config.min_members, config.round_timeout)
     if not (config.secagg == "on" and config.contribution_mode == "secure"):
-        nodes = members_of_round([n for n in nodes if node_member.get(n) not in sitting_out], config, rnd)
+        nodes = members_of_round(eligible(nodes, lambda n: node_member.get(n) in sitting_out, config, rnd, note), config, rnd)
         return Roster(nodes=nodes, groups=[nodes], planned={})
     # Plan by member name, not Flower node id (ids change on restart): a re-run round must
     # train the same group, or its members refuse to unmask it (client/secure.py).
@@ -85,8 +86,8 @@ def sample_members(
         hints = Hello("", str(ws.base), str(ws.members_dir), str(ws.root / "nodes"))
         node_member.update(ask_members(grid, unknown, hints, config.secagg_timeout, note, binding))
     # one node per member: every name in node_member was bound to its node (server/binding.py)
-    member_node = {node_member[n]: n for n in nodes if n in node_member and node_member[n] not in sitting_out}
-    members = members_of_round(sorted(member_node), config, rnd)
+    member_node = {node_member[n]: n for n in nodes if n in node_member}
+    members = members_of_round(eligible(sorted(member_node), lambda m: m in sitting_out, config, rnd, note), config, rnd)
     groups = plan_groups(members, config.contribution_min_group, seed=config.seed, rnd=rnd, min_members=config.min_members)
     planned = {member_node[m]: m for group in groups for m in group}
     return Roster(nodes=sorted(planned), groups=[[member_node[m] for m in group] for group in groups], planned=planned)
@@ -99,6 +100,21 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         if len(nodes) >= minimum or time.monotonic() > deadline:
             return nodes
         time.sleep(1.0)
+
+
+def eligible(candidates: list[T], sits_out: Callable[[T], bool], config: RunConfig, rnd: int,
+             note: Callable[[str], None]) -> list[T]:
+    """The candidates not sitting out, or all of them when those are fewer than the round needs
+    (min-members; secure contribution: a group of contribution-min-group): sitting members out
+    must never stop the consortium."""
+    kept = [c for c in candidates if not sits_out(c)]
+    secure = config.secagg == "on" and config.contribution_mode == "secure"
+    need = max(config.min_members, config.contribution_min_group if secure else 1)
+    if len(kept) < len(candidates) and len(kept) < need:
+        note(f"round {rnd}: only {len(kept)} member(s) past probation are entitled to train, the round needs "
+             f"{need}: everybody trains this round")
+        return candidates
+    return kept
 
 
 def members_of_round(candidates: list[T], config: RunConfig, rnd: int) -> list[T]:

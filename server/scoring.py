@@ -110,6 +110,7 @@ def score_open(
 def open_value(lora: LoraMoE, state: Mapping[str, torch.Tensor], updates: Sequence[Update],
                val_sets: Mapping[str, torch.Tensor], batch_size: int, precision: Precision,
                step: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
+               base: float | None = None,  # the loss of `state` on `val_sets`, when already known
                ) -> CoalitionValue:
     """v(S) for individual updates: S's part of the round's aggregate.
 
@@ -123,7 +124,7 @@ def open_value(lora: LoraMoE, state: Mapping[str, torch.Tensor], updates: Sequen
     return CoalitionValue(
         lora, state,
         lambda s: combine_group_sums([sums[m] for m in sorted(s)], reference=round_weights),
-        val_sets, batch_size, precision, step,
+        val_sets, batch_size, precision, step, _base=base,
     )
 
 

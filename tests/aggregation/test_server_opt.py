@@ -115,3 +115,24 @@ def test_committed_state_is_checked_against_the_trainable_state() -> None:
     for state, message in bad_cases:
         with pytest.raises(ServerOptError, match=message):
             check_state(state, shapes, "round-0002")
+
+
+def test_warmup_ramps_the_server_lr_per_tensor_over_its_own_steps() -> None:
+    """server-warmup W: step t of a tensor moves by eta * min(1, t / W) times the optimizer's move;
+    an expert trained in round 1 only has taken one step, whatever the round."""
+    eta, b1, b2, tau, w = 0.01, 0.9, 0.99, 1e-3, 4
+    state, opt_state = run(ServerOptimizer("fedyogi", lr=eta, beta1=b1, beta2=b2, tau=tau, warmup=w), D1, D2)
+    for i in range(3):
+        x, m, v = X0["a"][i].item(), 0.0, 0.0
+        for t, d in ((1, D1["a"][i].item()), (2, D2["a"][i].item())):
+            m = b1 * m + (1 - b1) * d
+            v = v - (1 - b2) * d * d * (1.0 if v > d * d else -1.0 if v < d * d else 0.0)
+            x += eta * (t / w) * (m / (1 - b1**t)) / (math.sqrt(v / (1 - b2**t)) + tau)
+        close(state["a"][i : i + 1], [x])
+    # fedavg keeps only the step count it needs for the ramp: 1/2 of the mean, then all of it
+    state, opt_state = run(ServerOptimizer("fedavg", lr=1.0, warmup=2), D1, D2, D2)
+    close(state["a"], (X0["a"] + 0.5 * D1["a"] + D2["a"] + D2["a"]).tolist())
+    close(state["expert.0"], (X0["expert.0"] + 0.5 * D1["expert.0"]).tolist())
+    assert int(opt_state["t/a"]) == 3 and int(opt_state["t/expert.0"]) == 1
+    with pytest.raises(ServerOptError, match="server-warmup must be >= 0"):
+        ServerOptimizer(warmup=-1)

@@ -137,3 +137,28 @@ def test_free_riders_beyond_zeros_get_nothing_in_open_mode(planted) -> None:
     # without the last change as a reference the replay would pass as an honest member
     blind = score_open(everyone, open_value(lora, state, everyone, val, 8, precision), seed=2)
     assert "replayer" not in blind.null_members and blind.scores["replayer"] > 0
+
+
+def test_the_evaluations_head_is_the_base_loss_scoring_would_compute(tiny_workspace) -> None:
+    """Scoring starts each round from the committed model's loss on the contribution sets, taken
+    from the previous evaluation's first batches instead of evaluating it again: it must be the
+    very number CoalitionValue computes, and the full loss must not change by splitting it."""
+    from server.evaluation import evaluate, evaluate_with_head
+    from server.scoring import CoalitionValue
+
+    base = load_base(tiny_workspace.base)
+    lora = base.with_lora()
+    config = RunConfig(workspace=str(tiny_workspace.root), seq_len=64, batch_size=4, eval_batches=3, contribution_batches=2)
+    sets = validation_sets(tiny_workspace, base, config)
+    assert all(blocks.shape[0] > 2 * 4 for blocks in sets.values())  # every set has a rest beyond the head
+    head_sets = {d: b[: 2 * 4] for d, b in sets.items()}
+    lora.set_state({k: v + 0.01 for k, v in lora.get_state().items()})  # a trained-looking model
+    losses, head = evaluate_with_head(lora, sets, config, 2)
+    precision = select_precision(config.precision)
+    fresh = CoalitionValue(lora, lora.get_state(), lambda s: {}, head_sets, config.batch_size, precision)
+    assert head == pytest.approx(fresh.loss({}), rel=1e-12, abs=0)
+    whole = evaluate(lora, sets, config)
+    assert losses == pytest.approx(whole, rel=1e-9)
+    assert evaluate_with_head(lora, sets, config, 0)[1] is None
+    preset = CoalitionValue(lora, lora.get_state(), lambda s: {}, head_sets, config.batch_size, precision, _base=head)
+    assert preset(frozenset({"a"})) == pytest.approx(0.0, abs=1e-12) and preset.evaluations == 1  # base not re-evaluated
