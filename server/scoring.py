@@ -128,6 +128,20 @@ def open_value(lora: LoraMoE, state: Mapping[str, torch.Tensor], updates: Sequen
     )
 
 
+def group_sum(updates: Sequence[Update]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(weighted delta sum, weight sums) of `updates`: what secure aggregation of their group
+    gives the server (the input of `score_groups`; bench/contribution.py builds it in the clear)."""
+    return _sum_of([_weighted(u) for u in updates])
+
+
+def _sum_of(parts: Sequence[tuple[dict[str, torch.Tensor], dict[str, float]]]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    deltas: dict[str, torch.Tensor] = {}
+    for delta, _ in parts:
+        for name, tensor in delta.items():
+            deltas[name] = deltas[name] + tensor if name in deltas else tensor.clone()
+    return deltas, _total_weights([w for _, w in parts])
+
+
 def _weighted(update: Update) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """(w * delta, w) per tensor, with the weights aggregation/fedavg.py uses."""
     deltas, weights = {}, {}

@@ -162,3 +162,18 @@ def test_the_evaluations_head_is_the_base_loss_scoring_would_compute(tiny_worksp
     assert evaluate_with_head(lora, sets, config, 0)[1] is None
     preset = CoalitionValue(lora, lora.get_state(), lambda s: {}, head_sets, config.batch_size, precision, _base=head)
     assert preset(frozenset({"a"})) == pytest.approx(0.0, abs=1e-12) and preset.evaluations == 1  # base not re-evaluated
+
+
+def test_group_sum_is_what_secure_aggregation_gives_the_server() -> None:
+    """Weighted by tokens (routed tokens for an expert tensor), summed per tensor; a member that
+    did not route to an expert adds neither delta nor weight there."""
+    from model.lora import expert_of
+    from server.scoring import group_sum
+
+    shared, expert = "layers.0.attn.q.lora_B", "layers.1.mlp.experts.lora_B.e3"
+    assert expert_of(shared) is None and expert_of(expert) == "1:3"
+    a = Update("a", {shared: torch.tensor([1.0, 2.0]), expert: torch.tensor([4.0])}, 10, {"1:3": 5})
+    b = Update("b", {shared: torch.tensor([-1.0, 0.5]), expert: torch.tensor([8.0])}, 30, {})
+    sums, weights = group_sum([a, b])
+    assert torch.equal(sums[shared], torch.tensor([10.0 - 30.0, 20.0 + 15.0])) and weights[shared] == 40.0
+    assert torch.equal(sums[expert], torch.tensor([20.0])) and weights[expert] == 5.0
