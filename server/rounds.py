@@ -321,11 +321,13 @@ def score_round(
         """Coalitions are valued on the model the round's own optimizer step would give them."""
         return run.optimizer.step(state, delta, run.opt_state)[0]
 
+    base = run.contribution_base if run.optimizer.name == "fedavg" else None  # else a zero step still moves
+
     if config.contribution_mode == "secure" and group_sums:
         scored = score_groups(
             group_sums,
             lambda combine: CoalitionValue(run.lora, run.state, combine, run.contribution_sets, config.batch_size,
-                                           run.precision, step, _base=run.contribution_base),
+                                           run.precision, step, _base=base),
             seed=config.seed * 100_003 + rnd,
         )
         values = {frozenset(key.split("+")): v for key, v in scored.group_values.items()}
@@ -345,8 +347,7 @@ def score_round(
             )
     elif config.contribution_mode == "open":
         def value_of(updates: list[Update]) -> CoalitionValue:
-            return open_value(run.lora, run.state, updates, run.contribution_sets, config.batch_size, run.precision, step,
-                              base=run.contribution_base)
+            return open_value(run.lora, run.state, updates, run.contribution_sets, config.batch_size, run.precision, step, base=base)
 
         def scored() -> RoundScores:
             return score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,

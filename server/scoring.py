@@ -42,12 +42,20 @@ class CoalitionValue:
     # the server optimizer's step (state, delta) -> state, so that a coalition is valued on the
     # model the round would commit; None: plain FedAvg, state + delta
     step: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None
+    # the tensors the round moves. With `step`, every coalition's step covers all of them (zeros
+    # for those it did not send), and so does the base: v(S) is measured against the round in
+    # which everybody sent zeros, where a server optimizer's momentum still moves the model.
+    # Against the unchanged model instead, each coalition's value would carry that momentum's
+    # value, the same for every group of a round (measured on the secure demo: two groups of one
+    # round valued 0.0040 and 0.0028), and a member sending zeros would be worth it.
+    moved: frozenset[str] = frozenset()
     evaluations: int = 0
     _base: float | None = field(default=None, repr=False)
 
     def loss(self, delta: Mapping[str, torch.Tensor]) -> float:
         if self.step is not None:
-            self.lora.set_state(dict(self.step(self.state, delta)))
+            padded = {**{n: torch.zeros_like(self.state[n]) for n in self.moved if n not in delta}, **delta}
+            self.lora.set_state(dict(self.step(self.state, padded)))
         else:
             self.lora.set_state({k: v + delta[k] if k in delta else v for k, v in self.state.items()})
         model = self.lora.model.to(self.precision.device)
@@ -124,7 +132,7 @@ def open_value(lora: LoraMoE, state: Mapping[str, torch.Tensor], updates: Sequen
     return CoalitionValue(
         lora, state,
         lambda s: combine_group_sums([sums[m] for m in sorted(s)], reference=round_weights),
-        val_sets, batch_size, precision, step, _base=base,
+        val_sets, batch_size, precision, step, moved=frozenset(round_weights), _base=base,
     )
 
 
@@ -175,6 +183,7 @@ def score_groups(
         return combine_group_sums([group_deltas[g] for g in chosen], reference=round_weights)
 
     value = value_of(combine)
+    value.moved = frozenset(combine_group_sums(list(group_deltas.values())))  # what the round's step moves
     values = group_shapley(groups, value, rng=random.Random(seed))
     return RoundScores(
         scores={}, evaluations=value.evaluations, null_members=[], duplicates=[],

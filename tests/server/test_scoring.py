@@ -177,3 +177,25 @@ def test_group_sum_is_what_secure_aggregation_gives_the_server() -> None:
     sums, weights = group_sum([a, b])
     assert torch.equal(sums[shared], torch.tensor([10.0 - 30.0, 20.0 + 15.0])) and weights[shared] == 40.0
     assert torch.equal(sums[expert], torch.tensor([20.0])) and weights[expert] == 5.0
+
+
+def test_under_server_momentum_a_member_sending_zeros_is_worth_exactly_nothing(planted) -> None:
+    """With a server optimizer that has momentum, the round moves the model even if everybody
+    sends zeros. Coalitions are valued against that round, not against the unchanged model:
+    otherwise every coalition carries the momentum's value (and a zero update is worth it)."""
+    from aggregation.server_opt import ServerOptimizer
+    from server.scoring import CoalitionValue
+
+    lora, state, updates, val, precision = planted
+    rich = next(u for u in updates if u.member == "rich")
+    opt = ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)
+    _, opt_state = opt.step(state, rich.delta, {})  # last round's momentum: the rich member's update
+
+    def step(x, d):  # noqa: ANN001, ANN202
+        return opt.step(x, d, opt_state)[0]
+
+    value = open_value(lora, state, updates, val, 8, precision, step)
+    assert value(frozenset({"free_rider"})) == 0.0  # exactly: the same model as the base
+    assert value(frozenset({"free_rider", "rich"})) == value(frozenset({"rich"}))
+    against_unchanged = CoalitionValue(lora, state, value.combine, val, 8, precision, step)  # moved: none
+    assert abs(against_unchanged(frozenset({"free_rider"}))) > 1e-4  # the momentum's value, credited to zeros
