@@ -14,8 +14,9 @@ moves the global state x with an optimizer of its own:
 with m̂ = m / (1 - β1^t), v̂ = v / (1 - β2^t) (Adam's bias correction, as Flower's own FedAdam
 does). With `warmup` = W > 0, η ramps linearly over a tensor's first W steps (η t / W): a
 bias-corrected adaptive step starts as η sign(Δ) on every coordinate, noise included, and on the
-demo that first full step made every domain worse for three rounds. State is per tensor, so per expert: each tensor keeps its moments and its own step count
-t, which advance only in rounds where the tensor is in Δ. An expert no member trained this
+demo that first full step made every domain worse for three rounds. State is per tensor, so per
+expert: each tensor keeps its moments and its own step count t, which advance only in rounds
+where the tensor is in Δ. An expert no member trained this
 round keeps its value and its state exactly; its moments do not decay while it sits idle.
 
 The state is a flat name -> tensor mapping ("m/<tensor>", "v/<tensor>", "t/<tensor>") that the
@@ -99,6 +100,7 @@ class ServerOptimizer:
         if self.warmup or self.name in ("fedadam", "fedyogi"):  # the step count: bias correction, warm-up
             opt[f"t/{name}"] = torch.tensor(t, dtype=torch.int64)
         return lr * move
+
 
 def check_state(opt_state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
     """Committed optimizer state must name tensors of the trainable state, with their shapes."""

@@ -206,11 +206,6 @@ def combine_group_sums(
 ) -> dict[str, torch.Tensor]:
     """Delta from groups' weighted sums: sum_g S_g[name] / W[name], where W is `reference`
     (e.g. the whole round's weights) or, when None, the chosen groups' own weights (their mean)."""
-    totals: dict[str, torch.Tensor] = {}
-    for delta_sum, weight_sum in sums:
-        for name, tensor in delta_sum.items():
-            if weight_sum.get(name, 0.0) <= 0:
-                continue
-            totals[name] = totals[name] + tensor if name in totals else tensor.clone()
-    weights = reference if reference is not None else _total_weights([w for _, w in sums])
+    totals, own = _sum_of([({n: t for n, t in d.items() if w.get(n, 0.0) > 0}, w) for d, w in sums])
+    weights = reference if reference is not None else own
     return {name: totals[name] / weights[name] for name in totals if weights.get(name, 0.0) > 0}
