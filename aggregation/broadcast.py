@@ -13,15 +13,28 @@ resumes stay exact, and a digest of the view lets both sides check they agree. T
 global state by at most half a quantization step of the last patch: the next patch carries the
 rest (error feedback on the server side).
 
+`broadcast = "step"` sends instead what moved the state: the round's aggregated update, exact
+(fp32; only its non-zeros when the codec is randk or topk). The member holds the state and the
+server optimizer's state, and replays the optimizer's step itself (the same torch operations on
+the same numbers give the same bits; the digest checks it). Its view is the global state exactly,
+and a round's download is about the size of a round's upload. Why not a sparse patch of the
+state: a server optimizer with momentum (FedYogi) moves every coordinate about η each round, so a
+patch that sends the largest few per cent leaves the members far behind the state they are
+trained for, and the run diverges (measured, README).
+
 Hand-written: a few tensor operations specific to fedmoe's trainable state.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import torch
+
+from aggregation.byteview import from_bytes, to_bytes
+from aggregation.sparsify import topk_indices_from, varint_encode
 
 CHUNK = 256
 _Q = "::q"
@@ -38,7 +51,7 @@ def view_digest(view: Mapping[str, torch.Tensor]) -> str:
         tensor = view[name].detach().contiguous()
         digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
         if tensor.numel():
-            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -89,3 +102,72 @@ def apply_patch(view: Mapping[str, torch.Tensor], patch: Mapping[str, torch.Tens
             raise PatchError(f"patch for {name!r}: scales must be finite and non-negative")
         out[name] = out[name] + _dequantize(q, scale.to(torch.float32), numel).view_as(out[name])
     return dict(sorted(out.items()))
+
+
+# ------------------------------------------------- step: members replay the server's optimizer step
+
+OPT_PREFIX = "opt/"  # a "step" view holds the server optimizer's state under this prefix
+_IDX, _VAL = "::idx", "::val"
+DENSE_ABOVE = 0.5  # a tensor of the step with more non-zeros than this share travels dense
+
+
+def step_view(state: Mapping[str, torch.Tensor], opt_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a member holds under `broadcast = "step"`: the global state and the optimizer's state."""
+    return dict(sorted({**state, **{OPT_PREFIX + k: v for k, v in opt_state.items()}}.items()))
+
+
+def split_view(view: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state, optimizer state) of a step view."""
+    state = {k: v for k, v in view.items() if not k.startswith(OPT_PREFIX)}
+    return state, {k.removeprefix(OPT_PREFIX): v for k, v in view.items() if k.startswith(OPT_PREFIX)}
+
+
+def encode_step(delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The round's aggregated update, exactly (fp32), as few bytes as its zeros allow.
+
+    Every tensor of `delta` is listed, an all-zero one too (a server optimizer with momentum
+    moves a tensor it gets a zero update for, and leaves alone one it gets none for). Sparse
+    tensors (a randk or topk round) send their non-zero values and LEB128 gaps of their indices.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, value in sorted(delta.items()):
+        flat = value.detach().to(torch.float32).flatten()
+        indices = torch.nonzero(flat).flatten()
+        if indices.numel() > DENSE_ABOVE * flat.numel():
+            out[name + _VAL] = flat.contiguous()
+            continue
+        gaps = torch.diff(indices, prepend=indices.new_zeros(1))  # first: the index itself
+        out[name + _IDX] = from_bytes(varint_encode(gaps), torch.uint8) if indices.numel() else torch.zeros(0, dtype=torch.uint8)
+        out[name + _VAL] = flat[indices].contiguous()
+    return out
+
+
+def decode_step(payload: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The aggregated update `encode_step` sent; any entry that does not fit `shapes` is a PatchError."""
+    delta: dict[str, torch.Tensor] = {}
+    for key in payload:
+        name = key.removesuffix(_IDX).removesuffix(_VAL)
+        if key == name or name not in shapes or name + _VAL not in payload:
+            raise PatchError(f"step entry {key!r}: no such tensor in the view, or its values are missing")
+    for key, values in sorted(payload.items()):
+        if not key.endswith(_VAL):
+            continue
+        name = key.removesuffix(_VAL)
+        numel = math.prod(shapes[name])
+        if values.dtype != torch.float32 or values.dim() != 1 or not bool(torch.isfinite(values).all()):
+            raise PatchError(f"step for {name!r}: values must be a flat, finite float32 tensor")
+        packed = payload.get(name + _IDX)
+        if packed is None:
+            if values.numel() != numel:
+                raise PatchError(f"step for {name!r}: {values.numel()} dense values, expected {numel}")
+            delta[name] = values.view(shapes[name]).clone()
+            continue
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or values.numel() > numel or (packed.numel() and not values.numel()):
+            raise PatchError(f"step for {name!r}: indices must be a flat uint8 tensor, at most {numel} values")
+        indices = topk_indices_from(to_bytes(packed), values.numel(), numel)
+        if isinstance(indices, str):
+            raise PatchError(f"step for {name!r}: {indices}")
+        dense = torch.zeros(numel, dtype=torch.float32)
+        dense[indices] = values
+        delta[name] = dense.view(shapes[name])
+    return delta

@@ -4,6 +4,7 @@ work of one round (load base once, tokenize private data once, train, encode the
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from typing import Protocol
 
 import torch
 
-from aggregation.broadcast import PatchError, apply_patch, view_digest
+from aggregation.broadcast import OPT_PREFIX, PatchError, apply_patch, decode_step, split_view, step_view, view_digest
+from aggregation.server_opt import ServerOptError, ServerOptimizer
 from aggregation.codec_config import CodecConfig
 from aggregation.feedback import ErrorFeedback
 from client import secure
@@ -97,20 +99,21 @@ class StaleView(RuntimeError):
 
 
 def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
-    """The member's new view of the global state: the full state, or its last view + a patch."""
+    """The member's new view of the global state: the full view, its last view + a patch, or its
+    last view advanced by the server optimizer's step on the round's mean update (replayed here)."""
     payload = tensors_from_bytes(ins.state, source=f"round {ins.round} global state")
     if ins.state_kind == "full":
-        view = {k: v.to(torch.float32) for k, v in sorted(payload.items())}
-    elif ins.state_kind == "patch":
+        view = {k: v if k.startswith(OPT_PREFIX) else v.to(torch.float32) for k, v in sorted(payload.items())}
+    elif ins.state_kind in ("patch", "step"):
         path = node.state_dir / VIEW
         if not path.is_file():
-            raise StaleView(f"{path}: no view to apply the round {ins.round} patch to")
+            raise StaleView(f"{path}: no view to apply the round {ins.round} {ins.state_kind} to")
         held = load_tensors(path)
         if view_digest(held) != ins.base_view_sha256:
-            raise StaleView(f"{path}: held view is not the one the round {ins.round} patch is for")
+            raise StaleView(f"{path}: held view is not the one the round {ins.round} {ins.state_kind} is for")
         try:
-            view = apply_patch(held, payload)
-        except PatchError as exc:
+            view = apply_patch(held, payload) if ins.state_kind == "patch" else replay_step(held, payload, ins)
+        except (PatchError, ServerOptError) as exc:
             raise StaleView(str(exc)) from None
     else:
         raise StaleView(f"unknown state kind {ins.state_kind!r}")
@@ -118,7 +121,21 @@ def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
         raise StaleView(f"round {ins.round}: view digest after applying the state does not match the server's")
     node.state_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(node.state_dir / VIEW, view)
-    return view
+    return split_view(view)[0]
+
+
+def replay_step(held: dict[str, torch.Tensor], payload: dict[str, torch.Tensor], ins: TrainInstruction) -> dict[str, torch.Tensor]:
+    """The server optimizer's step on the held (state, optimizer state), as the server took it."""
+    try:
+        settings = json.loads(ins.server_optimizer)
+        optimizer = ServerOptimizer(**settings) if isinstance(settings, dict) else None
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"TRAIN server_optimizer is not a server optimizer's settings ({exc})") from None
+    if optimizer is None:
+        raise ProtocolError("TRAIN server_optimizer is not a JSON object")
+    state, opt_state = split_view(held)
+    delta = decode_step(payload, {k: tuple(v.shape) for k, v in state.items()})
+    return step_view(*optimizer.step(state, delta, opt_state))
 
 
 def _residual_path(node: Node, ins: TrainInstruction, rnd: int) -> Path:

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 4  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
+PROTOCOL_VERSION = 5  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
 # 3: TRAIN carries the expert balance (`balance`, the consortium's `expert_load`, `balance_weight`)
 # 4: TRAIN carries the members' local optimizer (`local_opt`)
+# 5: TRAIN `state_kind` "step" (the member replays the server optimizer's step, `server_optimizer`)
 
 
 LOCAL_OPTIMIZERS = ("adamw", "sgd")  # TRAIN `local_opt`: the members' optimizer for their local steps
@@ -42,8 +43,8 @@ def member_name(value: object, *, empty: bool = False) -> str:
 class TrainInstruction:
     round: int
     run: str  # the operator's run name: node-local state (error feedback) is kept per run
-    state: bytes  # safetensors: the member's new view (full) or a patch of its last view
-    state_kind: str  # "full" | "patch" (aggregation/broadcast.py)
+    state: bytes  # safetensors: the member's new view (full), a patch of its last view, or a step
+    state_kind: str  # "full" | "patch" | "step" (aggregation/broadcast.py)
     base_view_sha256: str  # patch only: digest of the view the patch applies to
     view_sha256: str  # digest of the view after applying: the member checks it
     base_sha256: str
@@ -65,6 +66,7 @@ class TrainInstruction:
     balance: str  # "consortium": balance expert load against `expert_load`; "member": own batch only
     expert_load: bytes  # safetensors {"load": (L, E)}: the consortium's routed-token fractions; b"": none yet
     balance_weight: float  # the member's part of the consortium's tokens, in (0, 1]
+    server_optimizer: str  # "step" broadcast: JSON of the server optimizer the member replays
 
     def to_record(self) -> RecordDict:
         config = {k: v for k, v in asdict(self).items() if k != "state"}

@@ -41,7 +41,7 @@ class RunConfig:
     seq_len: int = 128
     lr: float = 0.003
     min_expert_tokens: int = 64
-    broadcast: str = "delta"  # "delta": int8 patches of the view; "full": full fp32 state
+    broadcast: str = "delta"  # "delta": int8 patches of the view; "step": the mean update, replayed; "full"
     codec: str = "fp16"  # update encoding, aggregation/codec.py: e.g. "int8", "randk0.05+int8", "topk0.01+int8"
     codec_clip: float = 0.0  # > 0: shared range [-clip, clip] for int8/int4 (secure-aggregation summable)
     max_update_bytes: int = 64 * 1024 * 1024  # a larger update is refused before it is parsed
@@ -106,7 +106,7 @@ class RunConfig:
             (self.lr > 0, "lr must be > 0"),
             (self.local_opt in LOCAL_OPTIMIZERS, f"local-opt must be one of {', '.join(LOCAL_OPTIMIZERS)}"),
             (self.min_expert_tokens >= 0, "min-expert-tokens must be >= 0"),
-            (self.broadcast in ("delta", "full"), "broadcast must be 'delta' or 'full'"),
+            (self.broadcast in ("delta", "step", "full"), "broadcast must be 'delta', 'step' or 'full'"),
             (self.codec_clip >= 0, "codec-clip must be >= 0"),
             (self.max_update_bytes > 0, "max-update-bytes must be > 0"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),

@@ -17,11 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from flwr.app import Message
-from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
-from aggregation.broadcast import advance, view_digest
 from aggregation.contribution import ContributionError, ScoreBook, contribution_shares
 from aggregation.fedavg import Update
 from aggregation.group_estimator import GroupValueEstimator
@@ -29,13 +26,12 @@ from aggregation.secure import TOKENS, SecureLayout
 from aggregation.schedule import update_drift
 from aggregation.server_opt import ServerOptimizer, check_state
 from model.base import Base, load_base
-from model.io import tensors_to_bytes
 from model.lora import LoraMoE, expert_of
 from model.precision import Precision, select_precision
-from protos.messages import TRAIN, TrainInstruction
 from server.checkpoint import Checkpoints
 from server.config import RunConfig
 from server.balance import observe_expert_load
+from server.broadcast import broadcast
 from server.evaluation import evaluate, evaluate_with_head, validation_sets
 from server.grid import exchange
 from server.identities import Identities
@@ -87,6 +83,8 @@ class Run:
     node_member: dict[int, str] = field(default_factory=dict)
     binding: MemberBinding = field(default_factory=MemberBinding.from_env)  # names bound to their nodes
     last_change: dict[str, torch.Tensor] | None = None  # the last round's change of the state (free-rider check)
+    last_step: dict[str, torch.Tensor] | None = None  # the mean update that moved the state since the broadcast
+    step_base: str = ""  # "step" broadcast: digest of the step view sent last
     policy: Policy = field(default_factory=Policy)  # the workspace's usage-rights policy (probation)
     sitting_out: set[str] = field(default_factory=set)  # members past their probation
     contribution_base: float | None = None  # the committed model's loss on contribution_sets, if known
@@ -131,7 +129,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     scores, how, shares = score_round(run, received, group_sums, rnd, reporter.note)
     laps("score")
     previous = run.state, run.opt_state
-    run.state, run.opt_state = aggregate_round(run, received, group_sums)
+    run.state, run.opt_state, step = aggregate_round(run, received, group_sums)
     run.lora.set_state(run.state)
     run.last_change = {k: v - previous[0][k] for k, v in run.state.items()}  # what a replayer would send next
     load, weight, specialization = observe_expert_load(run.lora, config.secagg == "on", received, group_sums)
@@ -155,6 +153,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     manifest = {**_manifest(summary, run.base, config), "expert_load": load_list,
                 "load_weight": run.load_weight, "drift": drift, "schedule": decision}
     run.checkpoints.commit(rnd, run.state, manifest, view=run.view, optimizer=run.opt_state)
+    run.last_step = step  # what moved the state members hold: a "step" broadcast sends it
     record_in_ledger(run.ledger, run.checkpoints, config)  # after the commit: a crash between re-syncs
     reporter.round_finished(summary)
     return summary
@@ -215,42 +214,6 @@ def open_run(config: RunConfig, run_name: str) -> Run:
         expert_load=expert_load, load_weight=load_weight, book=book, estimator=estimator, first=first, resumed=committed is not None,
         policy=load_policy(ws.policy) if ws.policy.is_file() else Policy(),  # a bad policy stops the run here
     )
-
-
-def broadcast(run: Run, roster: Roster, rnd: int, codec_seed: int) -> tuple[list[Message], dict[int, int]]:
-    """TRAIN for every node of the roster, and the bytes each message puts on the wire.
-
-    The round's view of the global state: a member that holds the previous view gets only the
-    int8 patch to it, any other member the full view.
-    """
-    config, ws = run.round, run.ws
-    previous_digest = view_digest(run.view) if run.view is not None else ""
-    run.view, patch = advance(run.view if config.broadcast == "delta" else None, run.state)
-    digest = view_digest(run.view)
-    full_payload = tensors_to_bytes(run.view)
-    patch_payload = tensors_to_bytes(patch) if patch is not None else b""
-    load_payload = tensors_to_bytes({"load": run.expert_load}) if run.expert_load is not None else b""
-    codec = str(config.codec_config())
-    messages, bytes_down = [], {}
-    for node in roster.nodes:
-        if patch is not None and run.held_views.get(run.node_member.get(node, "")) == previous_digest:
-            kind, base_digest, payload = "patch", previous_digest, patch_payload
-        else:
-            kind, base_digest, payload = "full", "", full_payload
-        ins = TrainInstruction(
-            round=rnd, run=run.name, state=payload, state_kind=kind, base_view_sha256=base_digest, view_sha256=digest,
-            base_sha256=run.base.sha256, base_path=str(ws.base),
-            members_dir=str(ws.members_dir), nodes_dir=str(ws.root / "nodes"),
-            local_steps=config.local_steps, batch_size=config.batch_size, seq_len=config.seq_len,
-            lr=config.lr, local_opt=config.local_opt, seed=config.seed, min_expert_tokens=config.min_expert_tokens,
-            codec=codec, codec_clip=config.codec_clip, codec_seed=codec_seed,
-            precision=config.precision, secure=config.secagg == "on",
-            balance=config.expert_balance, expert_load=load_payload, balance_weight=run.load_weight,
-        )
-        content = ins.to_record()
-        bytes_down[node] = recorddict_to_proto(content).ByteSize()  # what goes on the wire
-        messages.append(Message(content=content, message_type=TRAIN, dst_node_id=node, group_id=str(rnd)))
-    return messages, bytes_down
 
 
 def secure_stages(
@@ -370,14 +333,14 @@ def score_round(
 
 def aggregate_round(
     run: Run, received: Received, group_sums: dict[frozenset[str], Sums]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(new global state, new optimizer state): the server optimizer's step on the token-weighted
-    mean update, per expert; tensors nobody trained keep their value and state."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(new global state, new optimizer state, the mean update): the server optimizer's step on
+    the token-weighted mean update, per expert; tensors nobody trained keep their value and state."""
     if run.config.secagg == "on":
         mean_delta = combine_group_sums(list(group_sums.values()))
     else:
         mean_delta = robust_aggregate(received.updates, expert_of, run.config.aggregator, run.config.aggregator_trim)
-    return run.optimizer.step(run.state, mean_delta, run.opt_state)
+    return (*run.optimizer.step(run.state, mean_delta, run.opt_state), mean_delta)
 
 
 def _manifest(summary: RoundSummary, base: Base, config: RunConfig) -> dict[str, object]:

@@ -46,7 +46,7 @@ def _ins() -> TrainInstruction:
         round=3, run="default", state=b"\x00\x01", state_kind="full", base_view_sha256="", view_sha256="cd" * 32, base_sha256="ab" * 32, base_path="/b", members_dir="/m", nodes_dir="/n",
         local_steps=2, batch_size=4, seq_len=64, lr=0.01, local_opt="sgd", seed=7, min_expert_tokens=5,
         codec="randk0.1+int8", codec_clip=0.5, codec_seed=99, precision="auto", secure=False,
-        balance="consortium", expert_load=b"\x07" * 16, balance_weight=0.25,
+        balance="consortium", expert_load=b"\x07" * 16, balance_weight=0.25, server_optimizer="",
     )
 
 

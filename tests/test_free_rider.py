@@ -23,7 +23,7 @@ def _instruction(base_path: Path) -> TrainInstruction:
         view_sha256=view_digest(view), base_sha256=base.sha256, base_path=str(base_path), members_dir="", nodes_dir="",
         local_steps=6, batch_size=4, seq_len=32, lr=1.0, local_opt="sgd", seed=0, min_expert_tokens=0,
         codec="fp16", codec_clip=0.0, codec_seed=0, precision="auto", secure=False,
-        balance="consortium", expert_load=b"", balance_weight=0.5,
+        balance="consortium", expert_load=b"", balance_weight=0.5, server_optimizer="",
     )
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aggregation.broadcast import PatchError, advance, apply_patch, view_digest
+from aggregation.broadcast import PatchError, advance, apply_patch, decode_step, encode_step, split_view, step_view, view_digest
 from model.io import tensors_to_bytes
 
 
@@ -55,3 +55,50 @@ def test_inconsistent_patch_is_refused() -> None:
         apply_patch(view1, bad)
     with pytest.raises(PatchError, match="no such tensor"):
         apply_patch(view1, {"nope::q": patch["adapter::q"], "nope::scale": patch["adapter::scale"]})
+
+
+def _step_delta() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    sparse = torch.zeros(40, 8)
+    sparse.view(-1)[torch.tensor([3, 100, 101, 319])] = torch.randn(4, generator=g)
+    return {"dense": torch.randn(16, 4, generator=g), "sparse": sparse, "zero": torch.zeros(5)}
+
+
+def test_a_step_travels_exactly_with_its_zeros_and_only_its_nonzeros() -> None:
+    delta = _step_delta()
+    payload = encode_step(delta)
+    assert payload["sparse::val"].numel() == 4 and "dense::idx" not in payload
+    assert payload["zero::val"].numel() == 0  # listed: a zero update still moves momentum
+    decoded = decode_step(payload, {k: tuple(v.shape) for k, v in delta.items()})
+    assert set(decoded) == set(delta) and all(torch.equal(decoded[k], delta[k]) for k in delta)
+    assert len(tensors_to_bytes(payload)) < len(tensors_to_bytes(delta)) / 2
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda p: p.update({"sparse::val": p["sparse::val"][:-1]}), "indices, expected 3"),
+        (lambda p: p.update({"sparse::val": p["sparse::val"].double()}), "float32"),
+        (lambda p: p.update({"dense::val": torch.full((64,), float("inf"))}), "finite"),
+        (lambda p: p.update({"dense::val": torch.zeros(63)}), "expected 64"),
+        (lambda p: p.update({"zero::idx": torch.tensor([1], dtype=torch.uint8)}), "indices"),
+        (lambda p: p.update({"other::val": torch.zeros(3)}), "no such tensor"),
+        (lambda p: p.update({"dense": torch.zeros(64)}), "no such tensor"),
+    ],
+)
+def test_malformed_step_is_refused(damage, match) -> None:
+    delta = _step_delta()
+    payload = encode_step(delta)
+    damage(payload)
+    with pytest.raises(PatchError, match=match):
+        decode_step(payload, {k: tuple(v.shape) for k, v in delta.items()})
+
+
+def test_step_view_round_trips_state_and_optimizer_state() -> None:
+    state = {"w": torch.ones(3)}
+    opt = {"m/w": torch.zeros(3), "t/w": torch.tensor(2, dtype=torch.int64)}
+    view = step_view(state, opt)
+    assert set(view) == {"w", "opt/m/w", "opt/t/w"}
+    back_state, back_opt = split_view(view)
+    assert back_state.keys() == state.keys() and back_opt.keys() == opt.keys()
+    assert back_opt["t/w"].dtype == torch.int64

@@ -72,3 +72,39 @@ def test_each_round_records_where_its_wall_time_went(ws: Workspace) -> None:
     # in-process members train inside the TRAIN exchange: their seconds are part of its wall time
     assert 0 < manifest["members_train_seconds"] <= timing["train"] + 1e-6
     assert manifest["members_train_seconds"] == sum(m["seconds"] for m in manifest["members"])
+
+
+def test_step_broadcast_members_replay_the_server_step_and_train_from_exactly_the_state(ws: Workspace) -> None:
+    # members that replay FedYogi's step hold the committed state bit for bit: the run is the
+    # same as one that sends everybody the full state every round, for a download of about an upload
+    settings = {"server_opt": "fedyogi", "server_lr": 0.01, "num_rounds": 3, "codec": "randk0.1+int8"}
+    with task_identity():
+        run_rounds(FakeGrid(app, 3), config(ws, broadcast="full", **settings), LogReporter(), run_name="full")
+        run_rounds(FakeGrid(app, 3), config(ws, broadcast="step", **settings), LogReporter(), run_name="step")
+        run_rounds(FakeGrid(app, 3), config(ws, broadcast="step", **{**settings, "num_rounds": 1}), LogReporter(), run_name="resumed")
+        run_rounds(FakeGrid(app, 3), config(ws, broadcast="step", **settings), LogReporter(), run_name="resumed")
+    full, step, resumed = (Checkpoints(ws.run_dir(r)) for r in ("full", "step", "resumed"))
+    for other in (step, resumed):
+        assert all(torch.equal(full.load().state[k], other.load().state[k]) for k in full.load().state)
+    down = {name: [m["bytes_down"] for m in c.manifests()[1:]] for name, c in (("full", full), ("step", step), ("resumed", resumed))}
+    assert abs(down["step"][0] - down["full"][0]) < 1024  # round 1: the full view (no optimizer state yet)
+    assert all(s * 4 < f for s, f in zip(down["step"][1:], down["full"][1:]))  # rounds 2, 3: steps
+    ups = [m["bytes_up"] for m in step.manifests()[2:]]  # rounds 2, 3
+    assert all(d < 3 * u for d, u in zip(down["step"][1:], ups))  # fp32 where the upload is int8: 2.5x
+    assert down["resumed"][1] > 4 * down["step"][1]  # after the resume: the full view once
+    assert abs(down["resumed"][2] - down["step"][2]) < 64  # then steps again (the run names differ)
+
+
+@pytest.mark.parametrize("settings", ['{"name": "fedyogi", "lr": "big"}', '["fedyogi"]', "{", '{"name": "sgd"}', '{"lr": 0.1, "x": 1}'])
+def test_a_step_with_server_optimizer_settings_that_are_not_one_is_refused(settings: str) -> None:
+    from dataclasses import replace
+
+    from aggregation.broadcast import encode_step, step_view
+    from aggregation.server_opt import ServerOptError
+    from client.node import replay_step
+    from protos.messages import ProtocolError
+    from test_config_protocol import _ins as instruction
+
+    held = step_view({"w": torch.zeros(4)}, {})
+    with pytest.raises((ProtocolError, ServerOptError), match="server"):
+        replay_step(held, encode_step({"w": torch.ones(4)}), replace(instruction(), server_optimizer=settings))
