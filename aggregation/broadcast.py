@@ -131,8 +131,8 @@ def encode_step(delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     for name, value in sorted(delta.items()):
-        flat = value.detach().to(torch.float32).flatten()
-        indices = torch.nonzero(flat).flatten()
+        flat = value.detach().to(torch.float32).flatten().contiguous()
+        indices = torch.nonzero(flat.view(torch.int32)).flatten()  # by bits: -0.0 travels as -0.0
         if indices.numel() > DENSE_ABOVE * flat.numel():
             out[name + _VAL] = flat.contiguous()
             continue
@@ -146,7 +146,7 @@ def decode_step(payload: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[
     """The aggregated update `encode_step` sent; any entry that does not fit `shapes` is a PatchError."""
     delta: dict[str, torch.Tensor] = {}
     for key in payload:
-        name = key.removesuffix(_IDX).removesuffix(_VAL)
+        name = key.removesuffix(_IDX) if key.endswith(_IDX) else key.removesuffix(_VAL)
         if key == name or name not in shapes or name + _VAL not in payload:
             raise PatchError(f"step entry {key!r}: no such tensor in the view, or its values are missing")
     for key, values in sorted(payload.items()):

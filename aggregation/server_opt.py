@@ -111,6 +111,9 @@ def check_state(opt_state: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
         expected = () if kind == "t" else shapes[name]
         if tuple(value.shape) != expected:
             raise ServerOptError(f"{source}: optimizer state {key!r} has shape {tuple(value.shape)}, expected {expected}")
+        dtype = torch.int64 if kind == "t" else torch.float32
+        if value.dtype != dtype:
+            raise ServerOptError(f"{source}: optimizer state {key!r} is {value.dtype}, expected {dtype}")
         if not torch.isfinite(value.double()).all():
             raise ServerOptError(f"{source}: optimizer state {key!r} is not finite")
 

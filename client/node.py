@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from aggregation.broadcast import OPT_PREFIX, PatchError, apply_patch, decode_step, split_view, step_view, view_digest
-from aggregation.server_opt import ServerOptError, ServerOptimizer
+from aggregation.server_opt import ServerOptError, ServerOptimizer, check_state
 from aggregation.codec_config import CodecConfig
 from aggregation.feedback import ErrorFeedback
 from client import secure
@@ -102,8 +103,14 @@ def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
     """The member's new view of the global state: the full view, its last view + a patch, or its
     last view advanced by the server optimizer's step on the round's mean update (replayed here)."""
     payload = tensors_from_bytes(ins.state, source=f"round {ins.round} global state")
-    if ins.state_kind == "full":
+    if ins.state_kind == "full" and ins.server_optimizer:  # a "step" view: the optimizer state too
         view = {k: v if k.startswith(OPT_PREFIX) else v.to(torch.float32) for k, v in sorted(payload.items())}
+        try:
+            _check_step_view(view, ins)
+        except ServerOptError as exc:
+            raise ProtocolError(f"TRAIN full view: {exc}") from None
+    elif ins.state_kind == "full":
+        view = {k: v.to(torch.float32) for k, v in sorted(payload.items())}
     elif ins.state_kind in ("patch", "step"):
         path = node.state_dir / VIEW
         if not path.is_file():
@@ -121,21 +128,40 @@ def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
         raise StaleView(f"round {ins.round}: view digest after applying the state does not match the server's")
     node.state_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(node.state_dir / VIEW, view)
-    return split_view(view)[0]
+    return split_view(view)[0] if ins.server_optimizer else view
 
 
 def replay_step(held: dict[str, torch.Tensor], payload: dict[str, torch.Tensor], ins: TrainInstruction) -> dict[str, torch.Tensor]:
     """The server optimizer's step on the held (state, optimizer state), as the server took it."""
-    try:
-        settings = json.loads(ins.server_optimizer)
-        optimizer = ServerOptimizer(**settings) if isinstance(settings, dict) else None
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError(f"TRAIN server_optimizer is not a server optimizer's settings ({exc})") from None
-    if optimizer is None:
-        raise ProtocolError("TRAIN server_optimizer is not a JSON object")
+    optimizer = server_optimizer_of(ins)
     state, opt_state = split_view(held)
     delta = decode_step(payload, {k: tuple(v.shape) for k, v in state.items()})
     return step_view(*optimizer.step(state, delta, opt_state))
+
+
+def server_optimizer_of(ins: TrainInstruction) -> ServerOptimizer:
+    """The server optimizer TRAIN names, every field of its exact type, or ProtocolError."""
+    try:
+        settings = json.loads(ins.server_optimizer)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"TRAIN server_optimizer is not JSON ({type(exc).__name__})") from None
+    kinds = {f.name: f.type for f in fields(ServerOptimizer)}
+    if not isinstance(settings, dict) or set(settings) != set(kinds):
+        raise ProtocolError(f"TRAIN server_optimizer must be an object with exactly the fields {', '.join(sorted(kinds))}")
+    for name, value in settings.items():
+        wanted = {"str": (str,), "int": (int,), "float": (int, float)}[str(kinds[name])]
+        if isinstance(value, bool) or not isinstance(value, wanted) or (isinstance(value, float) and not math.isfinite(value)):
+            raise ProtocolError(f"TRAIN server_optimizer {name} {str(value)[:40]!r} is not a finite {kinds[name]}")
+    try:
+        return ServerOptimizer(**settings)
+    except OverflowError:
+        raise ProtocolError("TRAIN server_optimizer holds a number out of range") from None
+
+
+def _check_step_view(view: dict[str, torch.Tensor], ins: TrainInstruction) -> None:
+    """A full "step" view's optimizer state fits its state (ServerOptError otherwise)."""
+    state, opt_state = split_view(view)
+    check_state(opt_state, {k: tuple(v.shape) for k, v in state.items()}, f"round {ins.round} full view")
 
 
 def _residual_path(node: Node, ins: TrainInstruction, rnd: int) -> Path:

@@ -185,8 +185,9 @@ def demo(
     console.print(
         f"secure aggregation on: updates leave as {DEMO_SECURE_CODEC} (clip {DEMO_SECURE_CLIP}) masked integers, the "
         f"operator sees only sums; each round trains groups of 3 and contribution is estimated across rounds "
-        f"from group sums: members are credited once their value stands out from the noise, which a short demo "
-        f"may not reach (--no-secure: open mode, each update scored)"
+        f"from group sums: a member is credited once its value stands out from the noise (the default "
+        f"{DEMO_ROUNDS} rounds credited every honest member when measured; fewer rounds may credit fewer; "
+        f"--no-secure: open mode, each update scored)"
         if secure else "secure aggregation off: the operator sees each member's update (open-mode contribution)"
     )
     summaries = _simulate(cfg, members, run_name, free_rider=free_rider)

@@ -15,7 +15,6 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import Message
 from flwr.common.serde import recorddict_to_proto
 

@@ -153,7 +153,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     manifest = {**_manifest(summary, run.base, config), "expert_load": load_list,
                 "load_weight": run.load_weight, "drift": drift, "schedule": decision}
     run.checkpoints.commit(rnd, run.state, manifest, view=run.view, optimizer=run.opt_state)
-    run.last_step = step  # what moved the state members hold: a "step" broadcast sends it
+    run.last_step = step if config.broadcast == "step" else None  # what moved the state members hold
     record_in_ledger(run.ledger, run.checkpoints, config)  # after the commit: a crash between re-syncs
     reporter.round_finished(summary)
     return summary

@@ -84,6 +84,7 @@ def test_a_step_travels_exactly_with_its_zeros_and_only_its_nonzeros() -> None:
         (lambda p: p.update({"zero::idx": torch.tensor([1], dtype=torch.uint8)}), "indices"),
         (lambda p: p.update({"other::val": torch.zeros(3)}), "no such tensor"),
         (lambda p: p.update({"dense": torch.zeros(64)}), "no such tensor"),
+        (lambda p: p.update({"dense::val::idx": torch.zeros(1000, dtype=torch.float64)}), "no such tensor"),
     ],
 )
 def test_malformed_step_is_refused(damage, match) -> None:
@@ -102,3 +103,10 @@ def test_step_view_round_trips_state_and_optimizer_state() -> None:
     back_state, back_opt = split_view(view)
     assert back_state.keys() == state.keys() and back_opt.keys() == opt.keys()
     assert back_opt["t/w"].dtype == torch.int64
+
+
+def test_a_step_keeps_the_sign_of_zero() -> None:
+    # -0.0 and +0.0 step a momentum differently in its last bit: the member must get the same bits
+    delta = {"w": torch.tensor([0.0, -0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])}
+    decoded = decode_step(encode_step(delta), {"w": (8,)})
+    assert torch.equal(decoded["w"].view(torch.int32), delta["w"].view(torch.int32))

@@ -136,3 +136,12 @@ def test_warmup_ramps_the_server_lr_per_tensor_over_its_own_steps() -> None:
     assert int(opt_state["t/a"]) == 3 and int(opt_state["t/expert.0"]) == 1
     with pytest.raises(ServerOptError, match="server-warmup must be >= 0"):
         ServerOptimizer(warmup=-1)
+
+
+def test_optimizer_state_of_the_wrong_dtype_is_refused() -> None:
+    shapes = {"w": (3,)}
+    check_state({"m/w": torch.zeros(3), "t/w": torch.tensor(1)}, shapes, "view")
+    with pytest.raises(ServerOptError, match="float64, expected torch.float32"):
+        check_state({"m/w": torch.zeros(3, dtype=torch.float64)}, shapes, "view")
+    with pytest.raises(ServerOptError, match="expected torch.int64"):
+        check_state({"t/w": torch.tensor(1.0)}, shapes, "view")

@@ -3,6 +3,7 @@ continues it bit-identically, and a run cannot silently switch optimizers halfwa
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -95,7 +96,18 @@ def test_step_broadcast_members_replay_the_server_step_and_train_from_exactly_th
     assert abs(down["resumed"][2] - down["step"][2]) < 64  # then steps again (the run names differ)
 
 
-@pytest.mark.parametrize("settings", ['{"name": "fedyogi", "lr": "big"}', '["fedyogi"]', "{", '{"name": "sgd"}', '{"lr": 0.1, "x": 1}'])
+GOOD_SETTINGS = {"name": "fedyogi", "lr": 0.03, "momentum": 0.9, "beta1": 0.9, "beta2": 0.99, "tau": 0.001, "warmup": 3}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        *(json.dumps({**GOOD_SETTINGS, **bad}) for bad in ({"lr": "big"}, {"lr": True}, {"warmup": 1.5}, {"name": "sgd"},
+                                                            {"beta2": 1.0}, {"extra": 1})),
+        json.dumps({k: v for k, v in GOOD_SETTINGS.items() if k != "tau"}),
+        '{"lr": 1' + "0" * 400 + "}", "[" * 100_000, '["fedyogi"]', "{",
+    ],
+)
 def test_a_step_with_server_optimizer_settings_that_are_not_one_is_refused(settings: str) -> None:
     from dataclasses import replace
 
@@ -106,5 +118,7 @@ def test_a_step_with_server_optimizer_settings_that_are_not_one_is_refused(setti
     from test_config_protocol import _ins as instruction
 
     held = step_view({"w": torch.zeros(4)}, {})
+    ok = replay_step(held, encode_step({"w": torch.ones(4)}), replace(instruction(), server_optimizer=json.dumps(GOOD_SETTINGS)))
+    assert int(ok["opt/t/w"]) == 1 and float(ok["w"][0]) > 0  # the good settings step
     with pytest.raises((ProtocolError, ServerOptError), match="server"):
         replay_step(held, encode_step({"w": torch.ones(4)}), replace(instruction(), server_optimizer=settings))
