@@ -95,6 +95,12 @@ def member_blocks(node: Node, base: Base, seq_len: int) -> torch.Tensor:
 VIEW = "view.safetensors"
 
 
+def view_path(node: Node, run: str) -> Path:
+    """Where the member keeps its view of a run's global state: per run, so that two runs on one
+    node do not overwrite each other's view (each would then get the full state every round)."""
+    return node.state_dir / "views" / run / VIEW
+
+
 class StaleView(RuntimeError):
     """The server sent a patch against a view this node does not hold (it resends in full)."""
 
@@ -112,7 +118,7 @@ def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
     elif ins.state_kind == "full":
         view = {k: v.to(torch.float32) for k, v in sorted(payload.items())}
     elif ins.state_kind in ("patch", "step"):
-        path = node.state_dir / VIEW
+        path = view_path(node, ins.run)
         if not path.is_file():
             raise StaleView(f"{path}: no view to apply the round {ins.round} {ins.state_kind} to")
         held = load_tensors(path)
@@ -126,8 +132,8 @@ def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
         raise StaleView(f"unknown state kind {ins.state_kind!r}")
     if view_digest(view) != ins.view_sha256:
         raise StaleView(f"round {ins.round}: view digest after applying the state does not match the server's")
-    node.state_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(node.state_dir / VIEW, view)
+    view_path(node, ins.run).parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(view_path(node, ins.run), view)
     return split_view(view)[0] if ins.server_optimizer else view
 
 

@@ -25,6 +25,7 @@ LOCAL_OPTIMIZERS = ("adamw", "sgd")  # TRAIN `local_opt`: the members' optimizer
 
 # A member's name: a folder, a ledger key, a certificate name (privacy/certs.py has the same rule)
 MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a run: a folder name on both sides, never a path
 
 
 class ProtocolError(ValueError):
@@ -86,7 +87,10 @@ class TrainInstruction:
             raise ProtocolError(f"TRAIN message lacks {exc.args[0]!r}") from None
         if config.pop("version", None) != PROTOCOL_VERSION:
             raise ProtocolError(f"TRAIN message has protocol version other than {PROTOCOL_VERSION}")
-        return cls(state=_typed("state", state, bytes), **_typed_fields(cls, config, skip={"state"}))
+        ins = cls(state=_typed("state", state, bytes), **_typed_fields(cls, config, skip={"state"}))
+        if not RUN_NAME.fullmatch(ins.run):  # members keep state under the run's name
+            raise ProtocolError(f"TRAIN run {ins.run[:80]!r} is not a run name (1-64 letters, digits, '.', '_', '-')")
+        return ins
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ Every key is documented in README.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -18,10 +17,7 @@ from aggregation.robust import AGGREGATORS
 from aggregation.schedule import Schedule
 from aggregation.server_opt import ServerOptError, ServerOptimizer
 from model.precision import CHOICES as PRECISIONS
-from protos.messages import LOCAL_OPTIMIZERS
-
-
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a folder name, never a path
+from protos.messages import LOCAL_OPTIMIZERS, RUN_NAME
 
 
 class ConfigError(ValueError):

@@ -152,7 +152,8 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     load_list = run.expert_load.tolist() if run.expert_load is not None else None  # a resume sends it again
     manifest = {**_manifest(summary, run.base, config), "expert_load": load_list,
                 "load_weight": run.load_weight, "drift": drift, "schedule": decision}
-    run.checkpoints.commit(rnd, run.state, manifest, view=run.view, optimizer=run.opt_state)
+    view = run.view if config.broadcast == "delta" else None  # only a patch chain resumes from it
+    run.checkpoints.commit(rnd, run.state, manifest, view=view, optimizer=run.opt_state)
     run.last_step = step if config.broadcast == "step" else None  # what moved the state members hold
     record_in_ledger(run.ledger, run.checkpoints, config)  # after the commit: a crash between re-syncs
     reporter.round_finished(summary)

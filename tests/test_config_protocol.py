@@ -69,6 +69,11 @@ def test_malformed_messages_are_refused() -> None:
     content.config_records["config"]["version"] = 99
     with pytest.raises(ProtocolError, match="protocol version"):
         TrainInstruction.from_record(content)
+    for run in ("../../home/acme", "a/b", "", ".hidden", "x" * 65):  # members keep state under the run's name
+        content = _ins().to_record()
+        content.config_records["config"]["run"] = run
+        with pytest.raises(ProtocolError, match="is not a run name"):
+            TrainInstruction.from_record(content)
     record = TrainReply("a", 1, b"", "", {}, 1, 1, 1.0, 1.0, "x").to_record()
     record.config_records["info"]["member"] = 5
     with pytest.raises(ProtocolError, match="'member' has type int"):

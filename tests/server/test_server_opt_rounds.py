@@ -122,3 +122,21 @@ def test_a_step_with_server_optimizer_settings_that_are_not_one_is_refused(setti
     assert int(ok["opt/t/w"]) == 1 and float(ok["w"][0]) > 0  # the good settings step
     with pytest.raises((ProtocolError, ServerOptError), match="server"):
         replay_step(held, encode_step({"w": torch.ones(4)}), replace(instruction(), server_optimizer=settings))
+
+
+def test_two_runs_on_the_same_nodes_keep_their_own_views(ws: Workspace) -> None:
+    # two runs take turns on the same members (a SuperLink runs several): each run's members
+    # still hold its view and get a patch (one view file per node made every turn a full resend)
+    from server.rounds import open_run, run_round
+
+    reporter = LogReporter()
+    with task_identity():
+        grid = FakeGrid(app, 3)
+        a, b = open_run(config(ws), "a"), open_run(config(ws, seed=5), "b")
+        run_round(grid, a, 1, reporter)
+        run_round(grid, b, 1, reporter)
+        run_round(grid, a, 2, reporter)
+        run_round(grid, b, 2, reporter)
+    for name in ("a", "b"):
+        first, second = (m["bytes_down"] for m in Checkpoints(ws.run_dir(name)).manifests()[1:])
+        assert second * 2 < first  # an int8 patch (about a third of the full fp32 state)
