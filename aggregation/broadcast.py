@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import torch
 
 from aggregation.byteview import from_bytes, to_bytes
-from aggregation.sparsify import topk_indices_from, varint_encode
+from aggregation.sparsify import indices_to_bytes, topk_indices_from
 
 CHUNK = 256
 _Q = "::q"
@@ -134,10 +134,9 @@ def encode_step(delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         flat = value.detach().to(torch.float32).flatten().contiguous()
         indices = torch.nonzero(flat.view(torch.int32)).flatten()  # by bits: -0.0 travels as -0.0
         if indices.numel() > DENSE_ABOVE * flat.numel():
-            out[name + _VAL] = flat.contiguous()
+            out[name + _VAL] = flat
             continue
-        gaps = torch.diff(indices, prepend=indices.new_zeros(1))  # first: the index itself
-        out[name + _IDX] = from_bytes(varint_encode(gaps), torch.uint8) if indices.numel() else torch.zeros(0, dtype=torch.uint8)
+        out[name + _IDX] = from_bytes(indices_to_bytes(indices), torch.uint8)
         out[name + _VAL] = flat[indices].contiguous()
     return out
 

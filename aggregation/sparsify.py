@@ -92,10 +92,14 @@ def select(
     if config.sparsify == "topk":
         k = kept_count(numel, config.density)
         indices = torch.sort(torch.topk(flat.abs(), k, sorted=False).indices).values
-        gaps = torch.diff(indices, prepend=indices.new_zeros(1))  # first: the index itself
-        return indices, varint_encode(gaps)
+        return indices, indices_to_bytes(indices)
     indices_or_none = kept_indices(name, numel, config, seed)
     return (torch.arange(numel) if indices_or_none is None else indices_or_none), b""
+
+
+def indices_to_bytes(indices: torch.Tensor) -> bytes:
+    """Strictly increasing indices as LEB128 varints of their gaps (`topk_indices_from` reads them)."""
+    return varint_encode(torch.diff(indices, prepend=indices.new_zeros(1)))  # first gap: the index itself
 
 
 def topk_indices_from(data: bytes | memoryview, kept: int, numel: int) -> torch.Tensor | str:

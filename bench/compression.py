@@ -65,10 +65,9 @@ def flowertune_message_bytes(ws: Workspace) -> int:
     return recorddict_to_proto(RecordDict({"arrays": ArrayRecord(torch_state_dict=state)})).ByteSize()
 
 
-def run_row(ws: Workspace, label: str, settings: dict, rounds: int, stamp: int, console: Console) -> dict:
+def run_row(ws: Workspace, label: str, settings: dict, rounds: int, run: str, console: Console) -> dict:
     console.rule(f"{label}: {rounds} rounds")
     config = _run_config(ws.root, [], **{"num-rounds": rounds, "contribution": "off", **DEMO_TRAINING, **settings})
-    run = f"bench-compression-{stamp}-{len(label)}-{config.codec.replace('+', '_')}"
     started = time.perf_counter()
     simulate(config, LogReporter(), run_name=run)
     manifests = Checkpoints(ws.run_dir(run)).manifests()
@@ -133,7 +132,8 @@ def main() -> None:
     init_workspace(ws, InitConfig(), log=console.print)
     baseline = flowertune_message_bytes(ws)
     stamp = int(time.time())
-    rows = [run_row(ws, label, settings, args.rounds, stamp, console) for label, settings, _ in ENCODINGS]
+    rows = [run_row(ws, label, settings, args.rounds, f"bench-compression-{stamp}-row{i}", console)
+            for i, (label, settings, _) in enumerate(ENCODINGS)]
     result = summarize(rows, [secure for *_, secure in ENCODINGS], baseline)
 
     table = Table(title=f"update encodings, {args.rounds} rounds, {len(ws.members())} members, bytes per member per round")

@@ -43,7 +43,7 @@ def round_view(run: Run) -> tuple[str, str, bytes, bytes]:
             small = tensors_to_bytes({})
         else:
             small = b""
-        run.view, run.step_base, run.last_step = run.state, digest, None
+        run.step_base, run.last_step = digest, None
         return previous, digest, tensors_to_bytes(view), small
     previous = view_digest(run.view) if run.view is not None else ""
     run.view, patch = advance(run.view if config.broadcast == "delta" else None, run.state)

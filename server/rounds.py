@@ -70,7 +70,7 @@ class Run:
     ledger: Ledger
     identities: Identities
     state: dict[str, torch.Tensor]  # the global trainable state, as last committed
-    view: dict[str, torch.Tensor] | None  # the view members trained from last round
+    view: dict[str, torch.Tensor] | None  # delta broadcast: the view members trained from last round
     optimizer: ServerOptimizer  # the server's step on the aggregated update
     opt_state: dict[str, torch.Tensor]  # its per-tensor state, committed with each round
     expert_load: torch.Tensor | None  # (L, E) the consortium's routed-token fractions last round
