@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client.free_rider import free_ride, plays_free_rider, rider_node
+from client.free_rider import FREE_RIDER, free_ride, plays_free_rider, rider_node
 from client.metrics import gpu_memory, record_round
 from client.node import Node, NodeHints, StaleView, run_round
-from client.secure import handle_stage
+from client.secure import handle_stage, load_roster, simulated_roster
 from model.base import BaseModelError
 from model.chatter import silence_library_chatter
 from model.corpus import DataError
@@ -79,13 +82,24 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(content=Hello(node.member, "", "", "").to_record(), reply_to=msg)
 
 
+def roster_of(node: Node, hints: NodeHints) -> dict[str, Ed25519PublicKey]:
+    """The identity keys this node accepts in a group: a SuperNode's roster file, or the embedded
+    consortium's own members (and its labelled free rider)."""
+    if node.roster is not None:
+        if node.ca is None:
+            raise ProtocolError("node config 'ca' is missing: a SuperNode checks the roster's signature with the consortium CA")
+        return load_roster(node.roster, node.ca)
+    members = sorted(p.name for p in Path(hints.members_dir).iterdir() if p.is_dir())
+    return simulated_roster(Path(hints.nodes_dir), [*members, FREE_RIDER])
+
+
 def secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
     def serve(msg: Message, context: Context) -> Message:
         """One secure-aggregation stage: refusals go back as errors (the server drops the node)."""
         try:
             parsed = SecAggMessage.from_record(msg.content, stage=stage, reply=False)
             node = node_of(context, parsed)  # type: ignore[arg-type]
-            reply = handle_stage(parsed, node.state_dir, node.member)
+            reply = handle_stage(parsed, node.state_dir, node.member, roster_of(node, parsed), node.secagg_min_group)
         except (ProtocolError, SecAggError, DataError, KeyError, ValueError, OSError) as exc:
             return Message(error=Error(SECAGG_ERROR, f"node {context.node_id}: secagg {stage}: {exc}"), reply_to=msg)
         return Message(content=reply.to_record(), reply_to=msg)

@@ -44,6 +44,9 @@ class Node:
     state_dir: Path
     base_path: Path
     device: str = "auto"
+    roster: Path | None = None  # a SuperNode: the consortium's roster.json (client/secure.py)
+    ca: Path | None = None  # a SuperNode: the consortium CA that signed the roster
+    secagg_min_group: int = 2  # the smallest survivor list this member signs
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object], ins: NodeHints) -> Node:
@@ -53,7 +56,13 @@ class Node:
             member = str(node_config.get("member", data.name))
             state = Path(str(node_config.get("state-dir", data.parent / f".fedmoe-{member}")))
             base = Path(str(node_config.get("base-path", ins.base_path)))
-            return cls(member, data, state, base, str(node_config.get("device", "auto")))
+            roster = Path(str(node_config.get("roster", state / "roster.json")))
+            raw = node_config.get("secagg-min-group", 3)
+            min_group = int(str(raw)) if str(raw).isdigit() and not isinstance(raw, bool) else 0
+            if min_group < 2:
+                raise ValueError(f"node config secagg-min-group {raw!r}: must be an integer >= 2")
+            ca = Path(str(node_config["ca"])) if "ca" in node_config else None
+            return cls(member, data, state, base, str(node_config.get("device", "auto")), roster, ca, min_group)
         members = sorted(p.name for p in Path(ins.members_dir).iterdir() if p.is_dir())
         partition = int(node_config["partition-id"])  # type: ignore[arg-type]
         if partition >= len(members):

@@ -7,50 +7,53 @@ another process (a simulation actor, a fresh ClientApp process of a SuperNode). 
 stays under the node's state dir, owner-only, and the round's files are deleted after unmask.
 
 Member-side checks beyond the protocol's: a stage message must be for the run and round this
-node trained; the group's directory must hold this node's own identity key; the identity keys
-the server hands out are pinned the first time they are seen (`peers.json`), so a server that
-swaps a member's key later is refused; a node takes part in one group per round; and a round
-is unmasked for one set of survivors only, even when the server re-runs it.
+node trained; every member of a group must be in the consortium's roster (identity keys from
+the registration, `roster.json`, never what the server forwards), this node's own key among
+them, so a server-invented group of one victim and fake members is refused; a node takes part
+in one group per round; it signs no survivor list shorter than its own minimum group size; and
+a round is unmasked for one set of survivors only, even when the server re-runs it.
+
+The roster of a SuperNode is the file `fedmoe certs` hands each member (node config `roster`,
+default <state-dir>/roster.json); without one the node refuses secure aggregation. The
+embedded simulation's consortium is this machine's: its roster lists the identity keys of the
+workspace's own simulated members (created here, under a lock, on first need).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import re
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from aggregation.codec_config import CodecConfig
 from aggregation.secure import TOKENS, SecureLayout
-from protos.messages import ProtocolError, SecAggMessage, TrainInstruction
+from protos.messages import ProtocolError, SecAggMessage, RUN_NAME, TrainInstruction, member_name, secagg_session
 from model.io import load_tensors, save_tensors
 from model.lora import LoraMoE, expert_of
+from privacy.certs import CertError, load_cert
+from privacy.roster import IDENTITY, verify_roster
+from privacy.roster import identity_key as roster_identity
 from privacy.secagg import ProtocolViolation, SecAggParams
 from privacy.secagg_member import MemberSession
 from privacy.secagg_wire import KeyAdvert
 
-IDENTITY = "identity-ed25519.pem"
+ROSTER = "roster.json"
 _REVEALS_KEPT = 256  # updates whose unmask survivors a member remembers (a re-run is of a recent round)
 
 
 def identity_key(state_dir: Path) -> Ed25519PrivateKey:
-    """The member's long-term Ed25519 key, created owner-only on first use."""
-    path = state_dir / IDENTITY
-    if path.is_file():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path}: not an Ed25519 private key")
-        return key
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write_private(path, pem)
-    return key
+    """The member's long-term Ed25519 key (state_dir/identity-ed25519.pem), created on first use."""
+    try:
+        return roster_identity(state_dir / IDENTITY)
+    except CertError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def public_bytes(key: Ed25519PrivateKey) -> bytes:
@@ -68,12 +71,9 @@ def layout_for(lora: LoraMoE, ins: TrainInstruction) -> SecureLayout:
     )
 
 
-_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-
-
 def round_dir(state_dir: Path, run: str, rnd: int) -> Path:
     """The round's folder; a run name that could leave the state dir is refused."""
-    if not _RUN_NAME.fullmatch(run) or rnd < 0:
+    if not RUN_NAME.fullmatch(run) or rnd < 0:
         raise ProtocolViolation(f"run name {run!r} / round {rnd} cannot name a folder in the state dir")
     return state_dir / "secagg" / run / f"round-{rnd:05d}"
 
@@ -96,8 +96,13 @@ def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor, traine
     (folder / "trained-from").write_text(trained_from or f"run {run} round {rnd}")
 
 
-def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMessage:
-    """Answer one stage message; ProtocolViolation / ProtocolError for anything refused."""
+def handle_stage(
+    msg: SecAggMessage, state_dir: Path, member: str, roster: Mapping[str, Ed25519PublicKey], min_group: int = 2,
+) -> SecAggMessage:
+    """Answer one stage message; ProtocolViolation / ProtocolError for anything refused.
+
+    `roster`: the consortium's registered identity keys; `min_group`: the smallest survivor
+    list this member signs."""
     started = time.perf_counter()
     folder = round_dir(state_dir, msg.run, msg.round)
     if not (folder / "input.safetensors").is_file():
@@ -107,30 +112,33 @@ def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMess
         )
     key = identity_key(state_dir)
     session_file = folder / f"session-{msg.group}.json"
+    if roster.get(member) is None or roster[member].public_bytes_raw() != public_bytes(key):
+        raise ProtocolViolation(f"member {member!r}: the roster does not register this node's identity key")
     if msg.stage == "advertise":
         if any(folder.glob("session-*.json")) or (folder / "advertised").exists():
             # one group per round: the same input in two groups would let sums be differenced
             raise ProtocolViolation(f"member {member!r}: round {msg.round} already advertised")
         (folder / "advertised").touch()
-        group, identities = msg.strings("group"), msg.blobs("identities")
-        if len(group) != len(identities):
-            raise ProtocolError("fields 'group' and 'identities' do not pair up")
-        offered = dict(zip(group, identities, strict=True))
-        if offered.get(member) != public_bytes(key):
-            raise ProtocolViolation(f"member {member!r}: the group's directory does not hold this node's identity key")
-        directory = _pinned_directory(state_dir, offered)
+        group = msg.strings("group")
+        strangers = [m for m in group if m not in roster]
+        if strangers:
+            raise ProtocolViolation(f"member {member!r}: group member {strangers[0]!r} is not in the consortium's roster")
         params = SecAggParams(
             round=msg.round, members=tuple(group), threshold=int(msg.fields["threshold"]),  # type: ignore[call-overload]
             neighbours=int(msg.fields["neighbours"]), ring_bits=int(msg.fields["ring-bits"]),  # type: ignore[call-overload]
             vector_length=int(msg.fields["vector-length"]), graph_seed=msg.fields["graph-seed"],  # type: ignore[call-overload, arg-type]
+            session=secagg_session(msg.run, msg.group),
         )
-        session = MemberSession(params, member, key, directory)
+        session = MemberSession(params, member, key, roster, min_survivors=min_group)
         advert = session.advertise()
         out: dict[str, object] = {"c-pub": advert.c_pub, "s-pub": advert.s_pub, "b-commitment": advert.b_commitment, "signature": advert.signature}
     else:
         if not session_file.is_file():
             raise ProtocolViolation(f"member {member!r}: {msg.stage} before advertise in round {msg.round}")
-        session = MemberSession.from_json(session_file.read_bytes(), key, _pinned_directory(state_dir, {}))
+        session = MemberSession.from_json(session_file.read_bytes(), key, roster)
+        if session.params.session != secagg_session(msg.run, msg.group):
+            raise ProtocolViolation(f"member {member!r}: {msg.stage} for another session than the one advertised")
+        trained_from = (folder / "trained-from").read_text()
         if msg.stage == "share":
             senders = msg.strings("senders")
             columns = [msg.blobs(f) for f in ("c-pubs", "s-pubs", "b-commitments", "signatures")]
@@ -143,12 +151,14 @@ def handle_stage(msg: SecAggMessage, state_dir: Path, member: str) -> SecAggMess
             x = load_tensors(folder / "input.safetensors")["x"]
             masked = session.masked_input(x, msg.pairs("senders", "ciphertexts"))
             out = {"packed": masked.packed}
-        else:
+        elif msg.stage == "check":
             survivors = msg.strings("survivors")
-            trained_from = (folder / "trained-from").read_text()
             _check_reveal(state_dir, member, trained_from, survivors)
-            reply = session.unmask(survivors, msg.strings("dropped"))
-            _remember_reveal(state_dir, trained_from, survivors)
+            out = {"signature": session.sign_survivors(survivors)}
+        else:
+            reply = session.unmask(msg.pairs("signers", "signatures"))
+            _check_reveal(state_dir, member, trained_from, list(session.survivors))
+            _remember_reveal(state_dir, trained_from, list(session.survivors))
             out = {
                 "b-owners": sorted(reply.b_shares), "b-shares": [reply.b_shares[o] for o in sorted(reply.b_shares)],
                 "s-owners": sorted(reply.s_shares), "s-shares": [reply.s_shares[o] for o in sorted(reply.s_shares)],
@@ -198,29 +208,45 @@ def _reveals(state_dir: Path) -> dict[str, list[str]]:
     return dict(json.loads(path.read_text())) if path.is_file() else {}
 
 
-def _pinned_directory(state_dir: Path, offered: dict[str, bytes]) -> dict[str, Ed25519PublicKey]:
-    """Identity keys seen so far, with `offered` pinned on first sight; a changed key is refused."""
-    path = state_dir / "secagg" / "peers.json"
-    pinned: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
-    changed = False
-    for member, raw in sorted(offered.items()):
-        if len(raw) != 32:
-            raise ProtocolViolation(f"identity key of {member!r} is {len(raw)} bytes, expected 32")
-        if member in pinned and pinned[member] != raw.hex():
-            raise ProtocolViolation(f"identity key of {member!r} differs from the one pinned in {path}")
-        if member not in pinned:
-            pinned[member], changed = raw.hex(), True
-    if changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(path, json.dumps(pinned, sort_keys=True, indent=1).encode())
-    return {m: Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)) for m, h in pinned.items()}
+def load_roster(path: Path, ca: Path | None) -> dict[str, Ed25519PublicKey]:
+    """The consortium's roster (privacy/roster.py), its signature checked with the CA at `ca`;
+    `ca` None only for the embedded simulation's own unsigned roster. One-line
+    ProtocolViolation naming the file for anything else."""
+    if not path.is_file():
+        raise ProtocolViolation(
+            f"no roster at {path}: secure aggregation needs the consortium's roster "
+            "(roster.json from `fedmoe certs`; node config `roster`)"
+        )
+    try:
+        members = verify_roster(path.read_bytes(), None if ca is None else load_cert(ca), str(path))
+    except (OSError, CertError) as exc:
+        raise ProtocolViolation(str(exc)) from None
+    return {m: Ed25519PublicKey.from_public_bytes(k) for m, k in members.items()}
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Owner-only file, written whole (temp file, fsync, rename)."""
+def write_roster(path: Path, keys: Mapping[str, bytes]) -> None:
+    """Write a roster of member -> raw Ed25519 public key (whole, via a temp file)."""
+    data = {"members": {m: k.hex() for m, k in sorted(keys.items())}}
+    _write_private(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), mode=0o644)
+
+
+def simulated_roster(nodes_dir: Path, members: Sequence[str]) -> dict[str, Ed25519PublicKey]:
+    """The embedded consortium's roster: the identity keys of this workspace's own simulated
+    members (nodes_dir/<member>/), each created on first need, under a lock (the simulation's
+    actors run in parallel). Names the server sends are never added."""
+    nodes_dir.mkdir(parents=True, exist_ok=True)
+    with open(nodes_dir / ".roster.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        keys = {m: public_bytes(identity_key(nodes_dir / m)) for m in sorted(set(members))}
+        write_roster(nodes_dir / ROSTER, keys)  # for the operator's eyes: what the members accept
+    return {m: Ed25519PublicKey.from_public_bytes(k) for m, k in keys.items()}
+
+
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Owner-only (or `mode`) file, written whole (temp file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()

@@ -227,10 +227,11 @@ def _demo_verdict(ws, run_name: str, summaries: list, free_rider: bool) -> None:
 def _mount() -> None:
     from fedmoe.ledger_cmd import ledger_app, rights_command
 
-    from fedmoe.deploy_cmd import certs_command, join_command, report_command, serve_command, submit_command
+    from fedmoe.deploy_cmd import certs_command, join_command, keys_command, report_command, serve_command, submit_command
 
     app.add_typer(ledger_app, name="ledger")
-    app.command("certs", help="Create the consortium CA, the operator's TLS certificate and member key pairs.")(certs_command)
+    app.command("keys", help="Member: create this member's keys on its own machine and a registration file.")(keys_command)
+    app.command("certs", help="Operator: the consortium CA and TLS certificate; register and revoke members.")(certs_command)
     app.command("serve", help="Operator: SuperLink with TLS, node authentication, persistent state, metrics.")(serve_command)
     app.command("join", help="Member daemon: a SuperNode with this member's data, state dir, device and keys.")(join_command)
     app.command("submit", help="Submit the fedmoe app to a SuperLink (flwr run).")(submit_command)

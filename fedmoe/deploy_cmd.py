@@ -38,12 +38,13 @@ from fedmoe.flower_deploy import (
     flower_env,
     register_member,
     submit,
+    unregister_member,
     superlink_argv,
     supernode_argv,
     write_connection,
 )
 from fedmoe.processes import Child, sigterm_interrupts, supervise, wait_for_port
-from server.binding import REGISTRY_ENV, load_registry, record_registration
+from server.binding import REGISTRY_ENV, forget_registration, load_registry, record_registration
 from privacy.certs import CertError, CertLayout, check_ca, check_member_key, check_readable, issue
 
 console = Console(stderr=True)
@@ -65,14 +66,34 @@ def certs_command(
     hostname: Annotated[list[str], typer.Option("--hostname", help="Extra DNS name/IP of the SuperLink (repeatable).")] = [],  # noqa: B006
     consortium: Annotated[str, typer.Option(help="Organization name in the CA.")] = "fedmoe",
     days: Annotated[int, typer.Option(help="Validity of new certificates in days.")] = 825,
+    register_file: Annotated[list[Path], typer.Option("--register", help="A member's <name>.registration.json from `fedmoe keys` (repeatable).")] = [],  # noqa: B006
+    revoke_member: Annotated[list[str], typer.Option("--revoke", help="Remove a member's keys; `fedmoe serve` unregisters its node (repeatable).")] = [],  # noqa: B006
 ) -> None:
-    """Create the consortium CA, the operator's TLS certificate and member key pairs (what is missing)."""
+    """Create the consortium CA and the operator's TLS certificate (what is missing; the
+    certificate is reissued when --hostname adds a name), register members' public keys from
+    their registration files, revoke members. `-m NAME` creates a member's keys here instead
+    (the operator then holds them: for one-machine setups and tests)."""
+    from privacy.roster import Registration, operator_side_identities, register, revoke
+
     try:
         issued = issue(out, member, hostnames=hostname, consortium=consortium, days=days)
+        layout = issued.layout
+        if member:
+            console.print(f"[yellow]note:[/yellow] -m creates {', '.join(member)}'s private keys on this machine; "
+                          "a member that runs `fedmoe keys` on its own machine hands over only public keys")
+            operator_side_identities(layout, member)
+        for path in register_file:
+            registration = Registration.from_file(path)
+            changed = register(layout, registration)
+            console.print(f"member {registration.member}: {'registered' if changed else 'already registered'}")
+        for name in revoke_member:
+            found = revoke(layout, name)
+            console.print(f"member {name}: {'revoked (restart `fedmoe serve` to unregister its node)' if found else 'was not registered'}")
     except CertError as exc:
         raise _fail(str(exc)) from None
-    layout = issued.layout
     console.print(f"wrote {len(issued.written)} file(s), kept {len(issued.kept)} under {layout.root}")
+    for path in issued.reissued:
+        console.print(f"reissued {path}: the SuperLink's names changed (restart `fedmoe serve`)")
     table = Table(title="hand over")
     table.add_column("to")
     table.add_column("files")
@@ -83,15 +104,36 @@ def certs_command(
         table.add_row(f"member {name} (fedmoe join)", f"{layout.member_dir(name)}/", "auth_key")
     console.print(table)
     console.print("Send each member its folder over a channel you trust; the operator registers the public keys "
-                  f"in {layout.root / 'operator' / 'members'} (fedmoe serve does it at start).")
+                  f"in {layout.root / 'operator' / 'members'} (fedmoe serve does it at start). Every member needs "
+                  f"the current {layout.root / 'operator' / 'roster.json'} (signed by the CA) for secure aggregation.")
+
+
+def keys_command(
+    member: Annotated[str, typer.Option(help="This member's name in the consortium.")],
+    state_dir: Annotated[Path, typer.Option(help="This member's node state dir (where `fedmoe join` keeps state).")],
+) -> None:
+    """Member: create this member's keys on its own machine and the registration file (public
+    halves only) to hand the operator."""
+    from privacy.roster import member_keys
+
+    try:
+        registration, path = member_keys(member, state_dir.resolve())
+    except CertError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"member {member}: SuperNode key {state_dir / 'keys' / 'auth_key'}, identity key "
+                  f"{state_dir / 'identity-ed25519.pem'} (private: never leave this machine)")
+    console.print(f"hand {path} to the operator (`fedmoe certs --register`); you get back ca.pem and roster.json, "
+                  f"then `fedmoe join --key {state_dir / 'keys' / 'auth_key'} --state-dir {state_dir} --ca ca.pem ...`")
+    console.print(f"identity fingerprint (check it with the operator): {registration.identity.hex()[:16]}")
 
 
 def serve_command(
     certs: Annotated[Path, typer.Option(help="Folder from `fedmoe certs` (operator/ is used).")] = Path("certs"),
     member_keys: Annotated[Path | None, typer.Option(help="Folder of members' public keys <name>.pub (default <certs>/operator/members).")] = None,
     state: Annotated[Path, typer.Option(help="Operator state: SuperLink database, FLWR_HOME, logs.")] = Path(".fedmoe/operator"),
-    host: Annotated[str, typer.Option(help="Address the SuperLink binds (Fleet, Control and Runtime APIs).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="SuperLink HTTPS port.")] = 9092,
+    host: Annotated[str, typer.Option(help="Address the members' Fleet API proxy binds.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTPS port members connect to (the Fleet API proxy).")] = 9092,
+    superlink_port: Annotated[int, typer.Option(help="Loopback port of the SuperLink itself (all APIs; 0: --port + 1).")] = 0,
     metrics_port: Annotated[int, typer.Option(help="Prometheus port of the ServerApp during runs (0: off).")] = 9400,
     metrics_addr: Annotated[str, typer.Option(help="Address the metrics endpoint binds.")] = "127.0.0.1",
     price_gpu_hour: Annotated[float, typer.Option(help="Price of a GPU-hour, for the cost metrics.")] = 0.0,
@@ -119,7 +161,10 @@ def serve_command(
             raise DeployError(f"state folder {state}: not writable")
         prices = Prices(gpu_hour=price_gpu_hour, million_tokens=price_million_tokens)
         flwr_home = state / "flwr-home"
-        address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        superlink_port = superlink_port or port + 1
+        if superlink_port == port:
+            raise DeployError(f"--superlink-port {superlink_port}: must differ from --port")
+        address = f"127.0.0.1:{superlink_port}"  # the SuperLink listens on loopback only
         write_connection(flwr_home, address, layout.operator_ca)
         registry = state / "members.json"  # member -> node id, as registered (server/binding.py)
         extra = {**prices.as_env(), "FEDMOE_METRICS_ADDR": metrics_addr, REGISTRY_ENV: str(registry)}
@@ -127,12 +172,21 @@ def serve_command(
             extra["FEDMOE_METRICS_PORT"] = str(metrics_port)
         env = flower_env(flwr_home, extra)
         sigterm_interrupts()
-        child = Child.start("flower-superlink", superlink_argv(layout, state / "superlink.db", host, port), env, log_file)
+        child = Child.start("flower-superlink", superlink_argv(layout, state / "superlink.db", "127.0.0.1", superlink_port),
+                            env, log_file)
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
     try:
-        wait_for_port(address.rsplit(":", 1)[0], port, 60, child)
+        wait_for_port("127.0.0.1", superlink_port, 60, child)
+        from fedmoe.proxy import start_proxy
+
+        start_proxy(host, port, f"https://127.0.0.1:{superlink_port}", layout.server_cert, layout.server_key,
+                    layout.operator_ca)
         known = load_registry(registry) if registry.is_file() else {}
+        for name in sorted(set(known) - set(keys)):  # revoked: `fedmoe certs --revoke` removed its key
+            unregister_member(flwr_home, known[name])
+            forget_registration(registry, name)
+            console.print(f"member {name}: key revoked, node {known[name]} unregistered")
         for name, path in keys.items():
             node = register_member(flwr_home, path, name)
             if node is not None:
@@ -149,7 +203,8 @@ def serve_command(
     except KeyboardInterrupt:
         child.stop()
         raise typer.Exit(code=0) from None
-    console.print(f"SuperLink ready on https://{address} (pid {child.process.pid}); "
+    console.print(f"SuperLink ready: members connect to https://{host}:{port} (Fleet API only, through fedmoe's proxy); "
+                  f"the SuperLink itself listens on https://{address} (pid {child.process.pid}); "
                   f"submit with `FLWR_HOME={flwr_home} fedmoe submit` or `flwr run . {CONNECTION}`"
                   + (f"; metrics on :{metrics_port} during runs" if metrics_port else ""))
     # The model hub (issue: hub) starts here next to the SuperLink once it exists.
@@ -171,13 +226,17 @@ def join_command(
     clientapp_port: Annotated[int, typer.Option(help="Local port of the SuperNode's ClientApp runtime API.")] = 9094,
     flwr_home: Annotated[Path | None, typer.Option(help="Flower's home for this node (default <state-dir>/flwr-home).")] = None,
     log_file: Annotated[Path | None, typer.Option(help="SuperNode log (default: terminal).")] = None,
+    roster: Annotated[Path | None, typer.Option(help="The consortium's roster.json, signed by the CA (default: beside --ca).")] = None,
+    secagg_min_group: Annotated[int, typer.Option(help="Smallest group whose sum this member helps unmask.")] = 3,
 ) -> None:
-    """Member daemon: check data, certificates and key, then run a SuperNode with them as node
-    config; stop cleanly on SIGTERM."""
+    """Member daemon: check data, certificates, keys and roster, then run a SuperNode with them
+    as node config; stop cleanly on SIGTERM."""
     sigterm_interrupts()
     try:
+        if secagg_min_group < 2:
+            raise DeployError(f"--secagg-min-group {secagg_min_group}: must be >= 2")
         child, state = _start_supernode(superlink, member, data, ca, key, state_dir, base, device,
-                                        clientapp_port, flwr_home, log_file)
+                                        clientapp_port, flwr_home, log_file, roster, secagg_min_group)
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
     try:
@@ -203,8 +262,32 @@ def join_command(
     raise typer.Exit(code=code)
 
 
+def _check_roster(member: str, roster: Path, ca: Path, key: Path, state_dir: Path) -> Path:
+    """The member's identity key in its state dir (moved there from beside --key when `fedmoe
+    certs -m` made it) and, when the roster is there, that it verifies and registers that key."""
+    from privacy.certs import load_cert
+    from privacy.roster import IDENTITY, identity_public, verify_roster
+
+    own, handed = state_dir / IDENTITY, key.parent / IDENTITY
+    if not own.exists() and handed.is_file():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        own.write_bytes(handed.read_bytes())
+        os.chmod(own, 0o600)
+    if not roster.is_file():
+        console.print(f"[yellow]warning:[/yellow] no roster at {roster}: this member will refuse secure aggregation "
+                      "until it has the consortium's roster.json (from the operator's `fedmoe certs`)")
+        return roster.resolve()
+    members = verify_roster(roster.read_bytes(), load_cert(ca), str(roster))
+    if member not in members:
+        raise DeployError(f"roster {roster}: does not list member {member!r} (ask the operator to register it)")
+    if members[member] != identity_public(own):
+        raise DeployError(f"roster {roster}: registers another identity key for {member!r} than {own}")
+    return roster.resolve()
+
+
 def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Path, state_dir: Path, base: Path,
-                     device: str, clientapp_port: int, flwr_home: Path | None, log_file: Path | None) -> tuple[Child, Path]:
+                     device: str, clientapp_port: int, flwr_home: Path | None, log_file: Path | None,
+                     roster: Path | None, secagg_min_group: int) -> tuple[Child, Path]:
     from model.corpus import DataError, read_texts
 
     if ":" not in superlink or not superlink.rsplit(":", 1)[1].isdigit():
@@ -226,8 +309,9 @@ def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Pat
     state_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(state_dir, os.W_OK):
         raise DeployError(f"state dir {state_dir}: not writable")
-    config = {"data-path": str(data), "member": member, "state-dir": str(state_dir),
-              "base-path": str(base), "device": device}
+    roster = _check_roster(member, roster or ca.parent / "roster.json", ca, key, state_dir)
+    config = {"data-path": str(data), "member": member, "state-dir": str(state_dir), "base-path": str(base),
+              "device": device, "ca": str(ca), "roster": str(roster), "secagg-min-group": str(secagg_min_group)}
     env = flower_env((flwr_home or state_dir / "flwr-home").resolve())
     argv = supernode_argv(superlink, ca, key, config, clientapp_port)
     return Child.start("flower-supernode", argv, env, log_file), state_dir
@@ -285,6 +369,7 @@ def report_command(
     console.print(f"summary: [bold]{report.summary}[/bold]")
 
 
+app.command("keys")(keys_command)
 app.command("certs")(certs_command)
 app.command("serve")(serve_command)
 app.command("join")(join_command)

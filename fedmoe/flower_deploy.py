@@ -135,6 +135,19 @@ def register_member(flwr_home: Path, public_key: Path, name: str, connection: st
     raise DeployError(f"registering {public_key} failed: {' '.join(last)}")
 
 
+def unregister_member(flwr_home: Path, node: int, connection: str = CONNECTION) -> None:
+    """Unregister a revoked member's node from the SuperLink (Control API): its key no longer
+    authenticates, so its SuperNode is refused from then on."""
+    result = subprocess.run(
+        [flower_bin("flwr"), "supernode", "unregister", str(node), connection, "--format", "json"],
+        env=flower_env(flwr_home), capture_output=True, text=True, timeout=60, check=False,
+    )
+    text = result.stdout + result.stderr
+    if result.returncode or '"success": true' not in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-3:]
+        raise DeployError(f"unregistering node {node} failed: {' '.join(last)}")
+
+
 def submit(flwr_home: Path, app_dir: Path, values: Mapping[str, object], *, connection: str = CONNECTION,
            stream: bool = False) -> str:
     """Submit the app in `app_dir` to the SuperLink (`flwr run`) and return the run id."""

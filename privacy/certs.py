@@ -89,6 +89,7 @@ class Issued:
     layout: CertLayout
     written: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
+    reissued: list[Path] = field(default_factory=list)  # replaced: the server's names changed
 
 
 def _write(path: Path, data: bytes, mode: int, issued: Issued) -> None:
@@ -117,11 +118,15 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _load_cert(path: Path) -> x509.Certificate:
+def load_cert(path: Path) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise CertError(f"{path}: not a readable PEM certificate ({exc})") from None
+
+
+def _names(san: x509.SubjectAlternativeName) -> list[str]:
+    return [str(name.value) for name in san]
 
 
 def _san(hostnames: Sequence[str]) -> x509.SubjectAlternativeName:
@@ -141,7 +146,7 @@ def _ca(
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     if layout.ca_cert.exists() and layout.ca_key.exists():
         issued.kept.extend([layout.ca_cert, layout.ca_key])
-        return _load_key(layout.ca_key), _load_cert(layout.ca_cert)
+        return _load_key(layout.ca_key), load_cert(layout.ca_cert)
     if layout.ca_cert.exists() or layout.ca_key.exists():
         raise CertError(
             f"{layout.root / 'ca'}: has only one of ca.pem and ca.key; remove it or restore the other"
@@ -195,12 +200,17 @@ def _server(
     issued: Issued,
 ) -> None:
     if layout.server_cert.exists() and layout.server_key.exists():
-        issued.kept.extend([layout.server_cert, layout.server_key])
-        return
+        current = load_cert(layout.server_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        wanted = _san([*_names(current.value), *hostnames])  # names are only ever added
+        if set(current.value) == set(wanted):
+            issued.kept.extend([layout.server_cert, layout.server_key])
+            return
+        issued.reissued.append(layout.server_cert)  # a new name: a new certificate, the old names kept
+        hostnames = _names(wanted)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     subject = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, (list(hostnames) or ["localhost"])[0])]
+        [x509.NameAttribute(NameOID.COMMON_NAME, ([h for h in hostnames if h not in ("127.0.0.1", "localhost")] or ["localhost"])[0])]
     )
     cert = (
         x509.CertificateBuilder()
@@ -331,5 +341,5 @@ def check_member_key(path: Path) -> Path:
 
 def check_ca(path: Path) -> Path:
     check_readable(path, "CA certificate")
-    _load_cert(path)
+    load_cert(path)
     return path.resolve()

@@ -16,9 +16,9 @@ One round, as the stage messages the round loop carries (the server only routes 
     member                               server
     advertise()            -> KeyAdvert  receive_adverts()   -> each member's neighbours' adverts
     share_keys(adverts)    -> ciphertexts receive_shares()   -> inboxes (receiver -> sender -> ct)
-    masked_input(x, inbox) -> MaskedInput receive_masked()   -> (survivors, dropped);
-                                          unmask_requests()  -> one UnmaskRequest per survivor
-    unmask(survivors, dropped) -> UnmaskReply  finish(replies) -> sum of survivors' x
+    masked_input(x, inbox) -> MaskedInput receive_masked()   -> (survivors, dropped)
+    sign_survivors(survivors) -> signature receive_signatures() -> every signature, to each signer
+    unmask(signatures)     -> UnmaskReply finish(replies)    -> sum of survivors' x
 
 Who counts after each stage (the *active* sets; each must keep >= threshold members or the round
 aborts with SecAggAborted):
@@ -29,11 +29,29 @@ aborts with SecAggAborted):
   A3  members of A2 whose masked input arrived: the survivors, whose x is in the sum. A2 - A3 are
       the dropped, whose pairwise masks the server rebuilds from their mask keys' shares. A
       survivor that then sends no unmask reply is still in the sum: its b comes from the others.
+  A4  members of A3 that signed the survivor list (the consistency check of Bonawitz et al.):
+      only these are asked to unmask.
 
-Threat model: an honest-but-curious server, plus member-side refusals of the active attacks that
-are cheap to see (forged or replayed adverts, both shares of one member asked for, asked twice).
-The threshold must exceed half of each member's share holders, so no inconsistent story told to
-different holders can collect both shares of the same member.
+The consistency check. A server that tells each member a different survivor list can collect
+b_i from some holders and s_i from others and strip every mask off one member's input (with 3
+members and t = 2: tell one member that the other two dropped, and each of those that the
+third dropped). So each survivor signs the one survivor list it is shown (once per session),
+and unmasks only when it is shown valid signatures over that same list from more than half of
+the group's members and at least t of them; it derives what to reveal from that list, not from
+anything else the server says. Two members shown different lists would need two disjoint sets
+of honest signers, each more than half of the group: there are not enough. A member also
+refuses to sign a list shorter than max(t, its own minimum group size), so a server cannot
+unmask a sum of fewer members than the member agreed to be hidden among.
+
+Everything signed, encrypted or derived is bound to the session (`SecAggParams.session_id`: the
+caller's session name -- fedmoe uses the run and the group --, the round, the graph seed, the
+parameters and the member list), so nothing from one group or run can be replayed into another.
+
+Threat model: an honest-but-curious server that may also lie about who survived, plus
+member-side refusals of the active attacks that are cheap to see (forged or replayed adverts,
+lists of survivors that differ, asked twice). Identity keys come from the consortium's
+registration (the caller's directory), so a server cannot invent members. The threshold must
+exceed half of each member's share holders.
 
 Written here, not taken from Flower: Flower's SecAgg+ runs only inside its legacy Strategy API
 with its own fixed quantization, while fedmoe's round loop and codec quantize themselves.
@@ -61,6 +79,8 @@ from privacy import shamir
 
 MAX_RING_BITS = 62  # sums of two ring elements stay below 2^63: no int64 overflow anywhere
 _GRAPH_DOMAIN = b"fedmoe-secagg-graph-v1"
+_SESSION_DOMAIN = b"fedmoe-secagg-session-v1"
+_SURVIVORS_DOMAIN = b"fedmoe-secagg-survivors-v1"
 
 
 class SecAggError(Exception):
@@ -91,6 +111,7 @@ class SecAggParams:
     ring_bits: int  # sums are mod 2^ring_bits
     vector_length: int
     graph_seed: bytes  # the same for everyone in the round
+    session: str = ""  # the caller's name for this session (fedmoe: run and group), bound into every key
 
     def __post_init__(self) -> None:
         if self.round < 0:
@@ -123,6 +144,23 @@ class SecAggParams:
     def degree(self) -> int:
         """Every member's number of neighbours in `neighbour_graph`."""
         return _degree(len(self.members), self.neighbours)
+
+    @property
+    def session_id(self) -> bytes:
+        """What every signature, share encryption and mask seed of the session is bound to."""
+        return hashlib.sha256(
+            _frame(
+                _SESSION_DOMAIN, self.session, _round_bytes(self.round), self.graph_seed,
+                _round_bytes(self.threshold), _round_bytes(self.neighbours),
+                _round_bytes(self.ring_bits), _round_bytes(self.vector_length), *self.members,
+            )
+        ).digest()
+
+    @property
+    def min_signers(self) -> int:
+        """Signatures over the survivor list a member needs before it unmasks: more than half of
+        the group (two lists cannot both gather that many honest signers) and at least t."""
+        return max(self.threshold, len(self.members) // 2 + 1)
 
     @property
     def packed_bytes(self) -> int:
@@ -178,6 +216,11 @@ def ring_bits_for(members: int, max_abs: int) -> int:
 
 def _round_bytes(round: int) -> bytes:
     return round.to_bytes(8, "big")
+
+
+def survivors_bytes(params: SecAggParams, survivors: Sequence[str]) -> bytes:
+    """What a survivor signs in the consistency check: the session and the sorted survivor list."""
+    return _frame(_SURVIVORS_DOMAIN, params.session_id, *sorted(survivors))
 
 
 def _frame(*parts: bytes | str) -> bytes:

@@ -7,7 +7,7 @@ written here).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from privacy import shamir
-from privacy.secagg import ProtocolViolation, SecAggParams, _round_bytes
+from privacy.secagg import ProtocolViolation, SecAggParams, survivors_bytes
 from privacy.secagg_wire import U64, KeyAdvert
 
 _KEY_BYTES = 32
@@ -51,7 +51,7 @@ def _verify_advert(
     if sizes != (_KEY_BYTES, _KEY_BYTES, 32, _SIGNATURE_BYTES):
         raise ProtocolViolation(f"member {member!r}: advert fields have sizes {sizes}")
     try:
-        identity.verify(advert.signature, advert.signed_bytes())
+        identity.verify(advert.signature, advert.signed_bytes(params.session_id))
     except InvalidSignature:
         raise ProtocolViolation(f"member {member!r}: advert signature does not verify") from None
 
@@ -63,10 +63,31 @@ def _exchange(private: X25519PrivateKey, peer_public: bytes, peer: str) -> bytes
         raise ProtocolViolation(f"member {peer!r}: advertised an unusable X25519 key") from None
 
 
-def _mask_seed(s_sk: X25519PrivateKey, other_s_pub: bytes, round: int) -> bytes:
+def _mask_seed(s_sk: X25519PrivateKey, other_s_pub: bytes, session_id: bytes) -> bytes:
     shared = _exchange(s_sk, other_s_pub, "peer")
-    info = b"fedmoe-secagg-mask" + _round_bytes(round)
+    info = b"fedmoe-secagg-mask" + session_id
     return HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=info).derive(shared)
+
+
+def _verify_survivors(
+    signer: str,
+    signature: bytes,
+    survivors: Collection[str],
+    params: SecAggParams,
+    directory: Mapping[str, Ed25519PublicKey],
+) -> None:
+    """`signer`'s signature over the session's survivor list, or ProtocolViolation."""
+    identity = directory.get(signer)
+    if signer not in params.members or identity is None:
+        raise ProtocolViolation(f"member {signer!r} is not in round {params.round}'s directory")
+    if len(signature) != _SIGNATURE_BYTES:
+        raise ProtocolViolation(f"member {signer!r}: survivor signature is {len(signature)} bytes")
+    try:
+        identity.verify(signature, survivors_bytes(params, sorted(survivors)))
+    except InvalidSignature:
+        raise ProtocolViolation(
+            f"member {signer!r}: its signature is not over this survivor list"
+        ) from None
 
 
 def _parse_share(data: bytes, x: int) -> shamir.Share | None:

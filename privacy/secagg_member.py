@@ -28,9 +28,9 @@ from privacy.secagg import (
     SecAggAborted,
     SecAggParams,
     _frame,
-    _round_bytes,
     _unframe,
     neighbour_graph,
+    survivors_bytes,
 )
 from privacy.secagg_crypto import (
     _KEY_BYTES,
@@ -39,13 +39,14 @@ from privacy.secagg_crypto import (
     _parse_share,
     _prg,
     _verify_advert,
+    _verify_survivors,
 )
 from privacy.secagg_wire import KeyAdvert, MaskedInput, UnmaskReply, _ring_array, pack
 
 _NONCE_BYTES = 12
 _SHARE_DOMAIN = b"fedmoe-secagg-share-v1"
 
-_MEMBER_STAGES = ("advertise", "share_keys", "masked_input", "unmask", "done")
+_MEMBER_STAGES = ("advertise", "share_keys", "masked_input", "sign_survivors", "unmask", "done")
 
 
 class MemberSession:
@@ -57,7 +58,11 @@ class MemberSession:
         member_id: str,
         identity_key: Ed25519PrivateKey,
         directory: Mapping[str, Ed25519PublicKey],
+        *,
+        min_survivors: int = 0,
     ) -> None:
+        """`directory`: the identity keys of the consortium's registration, never what the server
+        says; `min_survivors`: the smallest survivor list this member signs (at least t)."""
         if member_id not in params.members:
             raise InvalidInput(f"member {member_id!r} is not in round {params.round}")
         known = directory.get(member_id)
@@ -66,8 +71,14 @@ class MemberSession:
             or known.public_bytes_raw() != identity_key.public_key().public_bytes_raw()
         ):
             raise InvalidInput(f"member {member_id!r}: identity key does not match the directory's")
+        strangers = [m for m in params.members if m not in directory]
+        if strangers:
+            raise InvalidInput(
+                f"member {member_id!r}: group member {strangers[0]!r} is not in the directory"
+            )
         self.params = params
         self.member = member_id
+        self.min_survivors = min_survivors
         self._identity = identity_key
         self._directory = directory
         self._neighbours = frozenset(
@@ -82,6 +93,7 @@ class MemberSession:
         self._own_b_share = b""
         # inbox sender -> (its b share, its s_sk share) held here
         self._held: dict[str, tuple[bytes, bytes]] = {}
+        self._survivors: tuple[str, ...] = ()
 
     def advertise(self) -> KeyAdvert:
         """Stage 1: this round's public keys and the commitment to b, signed by the identity key."""
@@ -94,7 +106,9 @@ class MemberSession:
             b_commitment=hashlib.sha256(self._b).digest(),
             signature=b"",
         )
-        return replace(advert, signature=self._identity.sign(advert.signed_bytes()))
+        return replace(
+            advert, signature=self._identity.sign(advert.signed_bytes(self.params.session_id))
+        )
 
     def share_keys(self, adverts: Mapping[str, KeyAdvert]) -> dict[str, bytes]:
         """Stage 2: Shamir shares of b and s_sk, encrypted to each neighbour that advertised."""
@@ -124,7 +138,7 @@ class MemberSession:
             plaintext = _frame(
                 self.member,
                 holder,
-                _round_bytes(self.params.round),
+                self.params.session_id,
                 b_share.to_bytes(),
                 s_share.to_bytes(),
             )
@@ -161,7 +175,7 @@ class MemberSession:
         n = values.shape[0]
         y = values + _prg(self._b, n)
         for other in sorted(self._held):
-            mask = _prg(_mask_seed(self._s_sk, self._adverts[other].s_pub, self.params.round), n)
+            mask = _prg(_mask_seed(self._s_sk, self._adverts[other].s_pub, self.params.session_id), n)
             if self.member < other:
                 y += mask
             else:
@@ -173,37 +187,74 @@ class MemberSession:
             pack(torch.from_numpy(y.astype(np.int64)), self.params.ring_bits),
         )
 
-    def unmask(self, survivors: Collection[str], dropped: Collection[str]) -> UnmaskReply:
-        """Stage 4: b shares of survivors and s_sk shares of dropped members; never both, once."""
+    def sign_survivors(self, survivors: Collection[str]) -> bytes:
+        """Stage 4, the consistency check: sign the one survivor list this member is shown.
+
+        Refused: a list naming strangers, leaving this member out, naming a neighbour whose
+        shares never arrived here, or shorter than max(t, this member's minimum group size).
+        """
+        self._enter("sign_survivors")
+        alive = sorted(set(survivors))
+        for other in alive:
+            if other not in self.params.members:
+                raise ProtocolViolation(
+                    f"member {self.member!r}: survivor list names {other!r}, "
+                    f"not in round {self.params.round}"
+                )
+            if other != self.member and other in self._neighbours and other not in self._held:
+                raise ProtocolViolation(
+                    f"member {self.member!r}: survivor list names {other!r}, "
+                    "whose shares never arrived here"
+                )
+        if self.member not in alive:
+            raise ProtocolViolation(
+                f"member {self.member!r}: survivor list leaves out this member, which sent its input"
+            )
+        smallest = max(self.params.threshold, self.min_survivors)
+        if len(alive) < smallest:
+            raise ProtocolViolation(
+                f"member {self.member!r}: survivor list has {len(alive)} members; "
+                f"this member unmasks no sum of fewer than {smallest}"
+            )
+        self._survivors = tuple(alive)
+        return self._identity.sign(survivors_bytes(self.params, alive))
+
+    def unmask(self, signatures: Mapping[str, bytes]) -> UnmaskReply:
+        """Stage 5: given every signer's signature over the list this member signed, reveal b
+        shares of the survivors and s_sk shares of the neighbours that dropped; never both, once.
+
+        What to reveal comes from the signed list alone; the signatures must be valid, from
+        survivors, this member's own among them, and at least `params.min_signers` of them.
+        """
         if self._stage == _MEMBER_STAGES.index("done"):
             raise ProtocolViolation(
                 f"member {self.member!r}: unmask already answered; shares are revealed once"
             )
         self._enter("unmask")
-        alive, gone = set(survivors), set(dropped)
-        for other in sorted(alive | gone):
-            if other not in self.params.members:
-                raise ProtocolViolation(
-                    f"member {self.member!r}: unmask names {other!r}, "
-                    f"not in round {self.params.round}"
-                )
-        both = alive & gone
-        if both:
+        alive = set(self._survivors)
+        strangers = sorted(set(signatures) - alive)
+        if strangers:
             raise ProtocolViolation(
-                f"member {self.member!r}: asked to reveal both shares of {min(both)!r}"
+                f"member {self.member!r}: {strangers[0]!r} signed, but is not on the survivor list"
             )
-        if self.member in gone:
+        if self.member not in signatures:
+            raise ProtocolViolation(f"member {self.member!r}: its own signature is missing")
+        if len(signatures) < self.params.min_signers:
             raise ProtocolViolation(
-                f"member {self.member!r}: unmask claims this member itself dropped"
+                f"member {self.member!r}: {len(signatures)} members signed the survivor list, "
+                f"{self.params.min_signers} needed"
             )
-        for other in sorted((alive - {self.member}) | gone):
-            if other not in self._held:
-                raise ProtocolViolation(f"member {self.member!r}: holds no shares of {other!r}")
-        b_shares = {o: self._held[o][0] for o in alive if o != self.member}
-        if self.member in alive:
-            b_shares[self.member] = self._own_b_share
-        s_shares = {o: self._held[o][1] for o in gone}
+        for signer, signature in sorted(signatures.items()):
+            _verify_survivors(signer, signature, self._survivors, self.params, self._directory)
+        b_shares = {o: held[0] for o, held in self._held.items() if o in alive}
+        b_shares[self.member] = self._own_b_share
+        s_shares = {o: held[1] for o, held in self._held.items() if o not in alive}
         return UnmaskReply(self.member, self.params.round, b_shares, s_shares)
+
+    @property
+    def survivors(self) -> tuple[str, ...]:
+        """The survivor list this member signed (empty before the consistency check)."""
+        return self._survivors
 
     # -- persistence: a member daemon keeps the session on its own disk between stage messages
 
@@ -216,8 +267,9 @@ class MemberSession:
         """
         p = self.params
         data = {
-            "version": 1,
+            "version": 2,
             "params": {
+                "session": p.session,
                 "round": p.round, "members": list(p.members), "threshold": p.threshold,
                 "neighbours": p.neighbours, "ring_bits": p.ring_bits,
                 "vector_length": p.vector_length, "graph_seed": p.graph_seed.hex(),
@@ -233,6 +285,8 @@ class MemberSession:
                 for m, a in sorted(self._adverts.items())
             },
             "held": {m: [b.hex(), s.hex()] for m, (b, s) in sorted(self._held.items())},
+            "survivors": list(self._survivors),
+            "min_survivors": self.min_survivors,
         }
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
@@ -246,15 +300,19 @@ class MemberSession:
         """A session saved by `to_json`; InvalidInput for anything that is not one."""
         try:
             data = json.loads(raw)
-            if data["version"] != 1:
+            if data["version"] != 2:
                 raise ValueError(f"version {data['version']!r}")
             p = data["params"]
             params = SecAggParams(
                 round=int(p["round"]), members=tuple(p["members"]), threshold=int(p["threshold"]),
                 neighbours=int(p["neighbours"]), ring_bits=int(p["ring_bits"]),
                 vector_length=int(p["vector_length"]), graph_seed=bytes.fromhex(p["graph_seed"]),
+                session=str(p["session"]),
             )
-            session = cls(params, str(data["member"]), identity_key, directory)
+            session = cls(
+                params, str(data["member"]), identity_key, directory,
+                min_survivors=int(data["min_survivors"]),
+            )
             session._stage = int(data["stage"])
             if not 0 <= session._stage < len(_MEMBER_STAGES):
                 raise ValueError(f"stage {session._stage}")
@@ -269,6 +327,7 @@ class MemberSession:
             session._held = {
                 m: (bytes.fromhex(b), bytes.fromhex(s)) for m, (b, s) in data["held"].items()
             }
+            session._survivors = tuple(str(m) for m in data["survivors"])
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"saved secure-aggregation session is unreadable: {exc}") from None
         return session
@@ -297,13 +356,13 @@ class MemberSession:
 
     def _share_key(self, other: str) -> bytes:
         shared = _exchange(self._c_sk, self._adverts[other].c_pub, other)
-        info = b"fedmoe-secagg-share" + _round_bytes(self.params.round)
+        info = b"fedmoe-secagg-share" + self.params.session_id
         return HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=info).derive(
             shared
         )
 
     def _share_ad(self, sender: str, receiver: str) -> bytes:
-        return _frame(_SHARE_DOMAIN, sender, receiver, _round_bytes(self.params.round))
+        return _frame(_SHARE_DOMAIN, self.params.session_id, sender, receiver)
 
     def _open_share(self, sender: str, ciphertext: bytes) -> tuple[bytes, bytes]:
         bad = ProtocolViolation(
@@ -323,7 +382,7 @@ class MemberSession:
         if fields is None or fields[:3] != [
             sender.encode(),
             self.member.encode(),
-            _round_bytes(self.params.round),
+            self.params.session_id,
         ]:
             raise ProtocolViolation(
                 f"member {self.member!r}: share from {sender!r} is not addressed to it this round"

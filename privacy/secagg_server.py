@@ -25,12 +25,20 @@ from privacy.secagg import (
     SecAggParams,
     neighbour_graph,
 )
-from privacy.secagg_crypto import _mask_seed, _parse_share, _prg, _verify_advert
+from privacy.secagg_crypto import (
+    _mask_seed,
+    _parse_share,
+    _prg,
+    _verify_advert,
+    _verify_survivors,
+)
 from privacy.secagg_wire import U64, KeyAdvert, MaskedInput, UnmaskReply, UnmaskRequest, unpack
 
 _MAX_SHARE_SUBSETS = 4096  # threshold-size subsets tried when a secret's shares disagree
 
-_SERVER_STAGES = ("receive_adverts", "receive_shares", "receive_masked", "finish", "done")
+_SERVER_STAGES = (
+    "receive_adverts", "receive_shares", "receive_masked", "receive_signatures", "finish", "done",
+)
 
 
 class ServerSession:
@@ -56,6 +64,7 @@ class ServerSession:
         self._adverts: dict[str, KeyAdvert] = {}  # A1
         self._shared: set[str] = set()  # A2
         self._masked: dict[str, U64] = {}  # A3 -> y
+        self._signatures: dict[str, bytes] = {}  # A4 -> its signature over the survivor list
         self._lenient = lenient
         self.refused: dict[str, str] = {}  # member -> why its message was refused
         self.tampered: dict[str, str] = {}  # owner -> which of its secrets had disagreeing shares
@@ -144,20 +153,43 @@ class ServerSession:
             raise ProtocolViolation(f"member {member!r}: {error}") from None
         self._masked[member] = y.numpy().astype("<u8")
 
+    def receive_signatures(self, signatures: Mapping[str, bytes]) -> dict[str, bytes]:
+        """The survivors' signatures over the survivor list in; every valid one out (to each
+        signer, with its unmask request). Fewer than `params.min_signers` abort the round."""
+        self._enter("receive_signatures")
+        survivors = sorted(self._masked)
+
+        def check(signer: str, signature: bytes) -> None:
+            self._check_known(signer, self._masked, "signed the survivor list without a masked input")
+            _verify_survivors(signer, signature, survivors, self.params, self._directory)
+
+        self._signatures = {
+            signer: signature
+            for signer, signature in sorted(signatures.items())
+            if self._accept(signer, lambda m=signer, x=signature: check(m, x))
+        }
+        if len(self._signatures) < self.params.min_signers:
+            raise SecAggAborted(
+                f"round {self.params.round}: only {len(self._signatures)} members signed the "
+                f"survivor list, {self.params.min_signers} needed"
+            )
+        return dict(self._signatures)
+
     def unmask_requests(self) -> dict[str, UnmaskRequest]:
-        """What to ask each survivor: b shares of itself and of its surviving inbox senders,
-        s_sk shares of its inbox senders that dropped."""
+        """What each signer will reveal: b shares of itself and of its surviving inbox senders,
+        s_sk shares of its inbox senders that dropped (it derives both from the signed list)."""
         if self._stage != _SERVER_STAGES.index("finish"):
             raise ProtocolViolation(
                 f"unmask_requests() called out of order, expected {_SERVER_STAGES[self._stage]}()"
             )
         requests: dict[str, UnmaskRequest] = {}
-        for member in sorted(self._masked):
+        for member in sorted(self._signatures):
             senders = {s for s in self._graph[member] if s in self._shared}
             requests[member] = UnmaskRequest(
                 self.params.round,
                 frozenset((senders & set(self._masked)) | {member}),
                 frozenset(senders - set(self._masked)),
+                dict(self._signatures),
             )
         return requests
 
@@ -173,7 +205,7 @@ class ServerSession:
             m: {} for m in self._shared - set(self._masked)
         }
         def parse(holder: str, reply: UnmaskReply) -> None:
-            self._check_known(holder, self._masked, "sent an unmask reply without a masked input")
+            self._check_known(holder, requests, "sent an unmask reply without signing the survivor list")
             if reply.member != holder or reply.round != self.params.round:
                 raise ProtocolViolation(
                     f"member {holder!r}: unmask reply is labelled {reply.member!r}, "
@@ -217,7 +249,7 @@ class ServerSession:
             s_sk = X25519PrivateKey.from_private_bytes(raw)
             for other in self._graph[gone]:
                 if other in self._masked:  # `other` masked with `gone`: both shared keys
-                    mask = _prg(_mask_seed(s_sk, self._adverts[other].s_pub, self.params.round), n)
+                    mask = _prg(_mask_seed(s_sk, self._adverts[other].s_pub, self.params.session_id), n)
                     # other added +mask if other < gone, else -mask; undo it
                     if other < gone:
                         total -= mask

@@ -33,9 +33,10 @@ class KeyAdvert:
     b_commitment: bytes  # sha256 of the self-mask seed, checked after reconstruction
     signature: bytes  # Ed25519 by the member's identity key over `signed_bytes`
 
-    def signed_bytes(self) -> bytes:
+    def signed_bytes(self, session_id: bytes) -> bytes:
         return _frame(
             _ADVERT_DOMAIN,
+            session_id,
             self.member,
             _round_bytes(self.round),
             self.c_pub,
@@ -54,8 +55,9 @@ class MaskedInput:
 @dataclass(frozen=True)
 class UnmaskRequest:
     round: int
-    survivors: frozenset[str]  # reveal the self-mask share of these
-    dropped: frozenset[str]  # reveal the mask-key share of these
+    survivors: frozenset[str]  # the server expects the self-mask share of these
+    dropped: frozenset[str]  # and the mask-key share of these (the member derives both itself)
+    signatures: Mapping[str, bytes]  # signer -> its signature over the survivor list (all sent)
 
 
 @dataclass(frozen=True)

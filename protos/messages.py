@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 5  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
+PROTOCOL_VERSION = 6  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
 # 3: TRAIN carries the expert balance (`balance`, the consortium's `expert_load`, `balance_weight`)
 # 4: TRAIN carries the members' local optimizer (`local_opt`)
 # 5: TRAIN `state_kind` "step" (the member replays the server optimizer's step, `server_optimizer`)
+# 6: SecAgg's survivor-list check stage; sessions bound to run and group; no identities on the wire
 
 
 LOCAL_OPTIMIZERS = ("adamw", "sgd")  # TRAIN `local_opt`: the members' optimizer for their local steps
@@ -209,12 +210,12 @@ class Hello:
 
 # ---------------------------------------------------------------- secure aggregation stages
 
-SECAGG_STAGES = ("advertise", "share", "mask", "unmask")
+SECAGG_STAGES = ("advertise", "share", "mask", "check", "unmask")
 # what each stage carries each way (privacy/secagg.py has the protocol); a reply's "seconds" is
 # the member's time on the stage (crypto and its session file), for the operator's metrics
 SECAGG_FIELDS: dict[str, tuple[dict[str, type | tuple[type, ...]], dict[str, type | tuple[type, ...]]]] = {
     "advertise": (
-        {"group": list, "identities": list, "threshold": int, "neighbours": int, "ring-bits": int,
+        {"group": list, "threshold": int, "neighbours": int, "ring-bits": int,
          "vector-length": int, "graph-seed": bytes},
         {"c-pub": bytes, "s-pub": bytes, "b-commitment": bytes, "signature": bytes, "seconds": float},
     ),
@@ -223,11 +224,17 @@ SECAGG_FIELDS: dict[str, tuple[dict[str, type | tuple[type, ...]], dict[str, typ
         {"receivers": list, "ciphertexts": list, "seconds": float},
     ),
     "mask": ({"senders": list, "ciphertexts": list}, {"packed": bytes, "seconds": float}),
+    "check": ({"survivors": list}, {"signature": bytes, "seconds": float}),
     "unmask": (
-        {"survivors": list, "dropped": list},
+        {"signers": list, "signatures": list},
         {"b-owners": list, "b-shares": list, "s-owners": list, "s-shares": list, "seconds": float},
     ),
 }
+
+
+def secagg_session(run: str, group: int) -> str:
+    """What a secure-aggregation session is bound to besides its round (privacy/secagg.py)."""
+    return f"{run}/group-{group}"
 
 
 def secagg_message_type(stage: str) -> str:

@@ -113,7 +113,18 @@ def record_registration(path: Path, member: str, node: int) -> None:
     """Add member -> node id to the registry (`fedmoe serve`, when the SuperLink registers a key)."""
     data = load_registry(path) if path.is_file() else {}
     data[member] = node
+    _write_registry(path, data)
+
+
+def forget_registration(path: Path, member: str) -> None:
+    """Drop a revoked member from the registry: its name is refused from then on."""
+    data = load_registry(path) if path.is_file() else {}
+    data.pop(member, None)
+    _write_registry(path, data)
+
+
+def _write_registry(path: Path, data: Mapping[str, int]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
+    tmp.write_text(json.dumps(dict(data), sort_keys=True, indent=1) + "\n")
     tmp.replace(path)

@@ -2,8 +2,10 @@
 
 After TRAIN, the members of each secure-aggregation group (one group of everybody, or the
 contribution groups of server/sampling.py) run privacy/secagg.py's protocol through
-the Grid: advertise -> share -> mask -> unmask. All groups go through each stage together, so a
-round costs four extra round trips however many groups it has. A member that does not answer a
+the Grid: advertise -> share -> mask -> check -> unmask. All groups go through each stage
+together, so a round costs five extra round trips however many groups it has (the check: each
+survivor signs its group's survivor list, and unmasks only on enough signatures over the same
+list, so the server cannot tell members different stories about who dropped). A member that does not answer a
 stage within `secagg-timeout`, or whose message is refused, is out of the round from that stage
 on (its pairwise masks are rebuilt from its neighbours' shares when it dropped after sharing).
 A group that keeps fewer than max(threshold, min-group) members, or fails to unmask, is aborted:
@@ -23,7 +25,6 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -33,10 +34,10 @@ from flwr.serverapp import Grid
 
 from aggregation.secure import SecureLayout
 from server.grid import exchange
-from protos.messages import ProtocolError, SecAggMessage, secagg_message_type
+from protos.messages import ProtocolError, SecAggMessage, secagg_message_type, secagg_session
 from privacy.secagg import InvalidInput, ProtocolViolation, SecAggAborted, SecAggParams
 from privacy.secagg_server import ServerSession
-from privacy.secagg_wire import KeyAdvert, MaskedInput, UnmaskReply
+from privacy.secagg_wire import KeyAdvert, MaskedInput, UnmaskReply, UnmaskRequest
 
 Sums = tuple[dict[str, torch.Tensor], dict[str, float]]  # (sum_i w_i delta_i, sum_i w_i) per tensor
 
@@ -81,7 +82,9 @@ def threshold_for(holders: int, wanted: int) -> int:
     return max(holders // 2 + 1, math.ceil(2 * holders / 3))
 
 
-def make_params(rnd: int, members: Sequence[str], layout: SecureLayout, settings: SecureSettings, index: int) -> SecAggParams:
+def make_params(
+    rnd: int, members: Sequence[str], layout: SecureLayout, settings: SecureSettings, index: int, run: str = "",
+) -> SecAggParams:
     n = len(members)
     k = settings.neighbours or auto_neighbours(n)
     degree = min(2 * math.ceil(k / 2), n - 1)
@@ -92,6 +95,7 @@ def make_params(rnd: int, members: Sequence[str], layout: SecureLayout, settings
     return SecAggParams(
         round=rnd, members=tuple(sorted(members)), threshold=threshold_for(degree + 1, settings.threshold),
         neighbours=k, ring_bits=settings.ring_bits or needed, vector_length=layout.vector_length, graph_seed=seed,
+        session=secagg_session(run, index),
     )
 
 
@@ -115,14 +119,15 @@ def secure_aggregate(
     hints: Mapping[str, str],  # base_path, members_dir, nodes_dir (simulated nodes)
     note: Callable[[str], None],
 ) -> SecureOutcome:
-    """The four rounds of the protocol (Bonawitz et al.) for every group of the round at once."""
+    """The five stages of the protocol (Bonawitz et al.) for every group of the round at once."""
     started = time.perf_counter()
     round_ = _SecureRound(grid, rnd, run, directory, layout, settings, hints, note)
     round_.start(groups)
     forwarded = round_.advertise_keys()
     inboxes = round_.share_keys(forwarded)
-    requests = round_.masked_input_collection(inboxes)
-    round_.unmasking(requests)
+    survivors = round_.masked_input_collection(inboxes)
+    requests = round_.consistency_check(survivors)
+    round_.unmasking(survivors, requests)
     out = round_.out
     out.server_seconds = time.perf_counter() - started - round_.waited
     for member in out.survivors:  # a survivor that went silent at unmask is still summed
@@ -147,7 +152,7 @@ class _SecureRound:
         for index, nodes in enumerate(groups):
             name = "+".join(sorted(nodes))
             try:
-                params = make_params(self.rnd, list(nodes), self.layout, self.settings, index)
+                params = make_params(self.rnd, list(nodes), self.layout, self.settings, index, self.run)
                 session = ServerSession(params, {m: self.directory[m] for m in nodes}, lenient=True)
             except (InvalidInput, KeyError) as exc:
                 self.out.aborted[name] = f"cannot start: {exc}"
@@ -159,8 +164,7 @@ class _SecureRound:
         def setup(group: _Group) -> dict[str, dict[str, object]]:
             p = group.session.params
             fields: dict[str, object] = {
-                "group": list(p.members), "identities": [self.directory[m].public_bytes_raw() for m in p.members],
-                "threshold": p.threshold, "neighbours": p.neighbours, "ring-bits": p.ring_bits,
+                "group": list(p.members), "threshold": p.threshold, "neighbours": p.neighbours, "ring-bits": p.ring_bits,
                 "vector-length": p.vector_length, "graph-seed": p.graph_seed,
             }
             return {m: fields for m in p.members}
@@ -206,29 +210,44 @@ class _SecureRound:
         return inboxes
 
     # 2. masked input collection: each member gets the shares addressed to it, returns its masked vector
-    def masked_input_collection(self, inboxes: dict[int, dict[str, dict[str, bytes]]]) -> dict[int, dict[str, Any]]:
+    def masked_input_collection(self, inboxes: dict[int, dict[str, dict[str, bytes]]]) -> dict[int, list[str]]:
         replies = self.exchange_stage("mask", lambda g: {
             m: {"senders": sorted(inbox), "ciphertexts": [inbox[s] for s in sorted(inbox)]}
             for m, inbox in inboxes[g.index].items()
         })
-        requests = {}
+        survivors: dict[int, list[str]] = {}
         smallest = self.settings.min_group
         for group in list(self.live):
             masked = {m: MaskedInput(m, self.rnd, r.fields["packed"]) for m, r in replies[group.index].items()}  # type: ignore[arg-type]
             result = self.guarded(group, lambda g=group, x=masked: g.session.receive_masked(x))
             self.refused(group)
-            survivors = result[0] if result is not None else set()  # type: ignore[index]
-            if result is not None and len(survivors) < max(smallest, group.session.params.threshold):
+            alive = result[0] if result is not None else set()  # type: ignore[index]
+            if result is not None and len(alive) < max(smallest, group.session.params.threshold):
                 self.out.aborted[group.name] = (
-                    f"only {len(survivors)} member(s) sent masked inputs; a group is unmasked with at least "
+                    f"only {len(alive)} member(s) sent masked inputs; a group is unmasked with at least "
                     f"{max(smallest, group.session.params.threshold)}"
                 )
                 result = None
             if result is None:
                 self.live.remove(group)
             else:
+                survivors[group.index] = sorted(alive)
+        self.too_few_to_commit(sum(len(s) for s in survivors.values()), "sent masked inputs")
+        return survivors
+
+    # 3. consistency check: each survivor signs the survivor list of its group (Bonawitz et al.)
+    def consistency_check(self, survivors: dict[int, list[str]]) -> dict[int, dict[str, UnmaskRequest]]:
+        replies = self.exchange_stage("check", lambda g: {m: {"survivors": survivors[g.index]} for m in survivors[g.index]})
+        requests: dict[int, dict[str, UnmaskRequest]] = {}
+        for group in list(self.live):
+            signatures = {m: r.fields["signature"] for m, r in replies[group.index].items()}
+            result = self.settle(group, lambda g=group, x=signatures: g.session.receive_signatures(x))  # type: ignore[arg-type]
+            if result is not None:
                 requests[group.index] = group.session.unmask_requests()
-        unmaskable = sum(len(r) for r in requests.values())
+        self.too_few_to_commit(sum(len(survivors[i]) for i in requests), "passed the survivor-list check")
+        return requests
+
+    def too_few_to_commit(self, unmaskable: int, what: str) -> None:
         if unmaskable < self.settings.min_members:
             # A sum the round cannot commit is never revealed: the round would be re-run with the same
             # state, and a second sum over other survivors could be differenced against this one.
@@ -236,16 +255,16 @@ class _SecureRound:
             # the members' own record of what they helped unmask covers that, client/secure.py.)
             for group in self.live:
                 self.out.aborted[group.name] = (
-                    f"only {unmaskable} member(s) sent masked inputs in the round's groups, fewer than "
+                    f"only {unmaskable} member(s) {what} in the round's groups, fewer than "
                     f"min-members {self.settings.min_members}: nothing is unmasked"
                 )
             self.live.clear()
-        return requests
 
-    # 3. unmasking: survivors reveal the shares that remove self masks and dropped members' masks
-    def unmasking(self, requests: dict[int, dict[str, Any]]) -> None:
+    # 4. unmasking: signers get every signature over their list and reveal the shares it calls for
+    def unmasking(self, survivors: dict[int, list[str]], requests: dict[int, dict[str, UnmaskRequest]]) -> None:
         replies = self.exchange_stage("unmask", lambda g: {
-            m: {"survivors": sorted(r.survivors), "dropped": sorted(r.dropped)} for m, r in requests[g.index].items()
+            m: {"signers": sorted(r.signatures), "signatures": [r.signatures[s] for s in sorted(r.signatures)]}
+            for m, r in requests[g.index].items()
         })
         for group in self.live:
             answers = {}
@@ -260,9 +279,9 @@ class _SecureRound:
             group.session.refused.clear()
             if total is None:
                 continue
-            survivors = frozenset(requests[group.index])
+            summed = frozenset(survivors[group.index])
             try:
-                self.out.sums[survivors] = self.layout.decode_sum(total, len(survivors))  # type: ignore[arg-type]
+                self.out.sums[summed] = self.layout.decode_sum(total, len(summed))  # type: ignore[arg-type]
             except ValueError as exc:
                 self.out.aborted[group.name] = f"sum does not decode: {exc}"
 

@@ -88,14 +88,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}, timeout=120, check=False)
 
 
-def test_join_refuses_missing_or_corrupt_inputs_with_one_line(tmp_path: Path) -> None:
-    layout = CertLayout(issue(tmp_path / "certs", ["acme"]).layout.root)
-    data = tmp_path / "data"
+def _member_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A data folder with one document and a (config-only) base folder, what `join` checks."""
+    data, base = tmp_path / "data", tmp_path / "base"
     data.mkdir()
     (data / "docs.jsonl").write_text('{"text": "hello"}\n')
-    base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
+    return data, base
+
+
+def test_join_refuses_missing_or_corrupt_inputs_with_one_line(tmp_path: Path) -> None:
+    layout = CertLayout(issue(tmp_path / "certs", ["acme"]).layout.root)
+    data, base = _member_inputs(tmp_path)
 
     def join(**over: str) -> subprocess.CompletedProcess[str]:
         args = {"superlink": "127.0.0.1:1", "member": "acme", "data": str(data), "ca": str(layout.member_ca("acme")),
@@ -124,3 +129,77 @@ def test_serve_refuses_without_member_keys(tmp_path: Path) -> None:
     result = _cli("serve", "--certs", str(layout.root), "--state", str(tmp_path / "state"))
     assert result.returncode == 2
     assert "no member public keys" in result.stderr
+
+
+def test_member_side_keys_register_and_revoke_through_the_signed_roster(tmp_path: Path) -> None:
+    from privacy.certs import load_cert
+    from privacy.roster import Registration, member_keys, register, revoke, roster_path, verify_roster
+
+    layout = issue(tmp_path / "certs", []).layout
+    acme, acme_file = member_keys("acme", tmp_path / "acme-node")
+    globex, _ = member_keys("globex", tmp_path / "globex-node")
+    # the member's private keys stay on its machine; the registration holds public halves only
+    assert _mode(tmp_path / "acme-node" / "keys" / "auth_key") == 0o600
+    assert _mode(tmp_path / "acme-node" / "identity-ed25519.pem") == 0o600
+    assert "PRIVATE" not in acme_file.read_text() and Registration.from_file(acme_file) == acme
+    assert register(layout, acme) and register(layout, globex) and not register(layout, acme)
+    ca = load_cert(layout.ca_cert)
+    roster = verify_roster(roster_path(layout).read_bytes(), ca, "roster")
+    assert roster == {"acme": acme.identity, "globex": globex.identity}
+    assert layout.registered_members() == ["acme", "globex"]
+    # another key under a registered name is refused, not swapped in
+    impostor, _ = member_keys("acme", tmp_path / "impostor")
+    with pytest.raises(CertError, match="registered with another node key"):
+        register(layout, impostor)
+    # a roster edited after signing, or signed by another CA, does not verify
+    edited = roster_path(layout).read_text().replace(globex.identity.hex(), impostor.identity.hex())
+    with pytest.raises(CertError, match="signature does not verify with the consortium CA"):
+        verify_roster(edited.encode(), ca, "roster")
+    other = issue(tmp_path / "other", []).layout
+    with pytest.raises(CertError, match="signature does not verify"):
+        verify_roster(roster_path(layout).read_bytes(), load_cert(other.ca_cert), "roster")
+    # revocation removes the node key (serve unregisters the node) and the roster entry
+    assert revoke(layout, "globex") and not revoke(layout, "globex")
+    assert layout.registered_members() == ["acme"]
+    assert verify_roster(roster_path(layout).read_bytes(), ca, "roster") == {"acme": acme.identity}
+
+
+def test_a_registration_file_is_checked_field_by_field(tmp_path: Path) -> None:
+    from privacy.roster import Registration, member_keys
+
+    good, path = member_keys("acme", tmp_path / "node")
+    cases = {
+        '{"member": "../x", "auth_key": "%s", "identity": "%s"}' % (good.auth_key, good.identity.hex()): "is not a member name",
+        '{"member": "acme", "auth_key": "%s", "identity": "00ff"}' % good.auth_key: "is 2 bytes, expected 32",
+        '{"member": "acme", "auth_key": "ssh-rsa AAAA", "identity": "%s"}' % good.identity.hex(): "auth_key is not an OpenSSH public key",
+        '{"member": "acme"}': "unreadable",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(CertError, match=message):
+            Registration.from_file(path)
+
+
+def test_the_server_certificate_is_reissued_when_a_name_is_added(tmp_path: Path) -> None:
+    first = issue(tmp_path / "certs", [], hostnames=["link.example.org"]).layout
+    before = first.server_cert.read_bytes()
+    again = issue(tmp_path / "certs", [], hostnames=["link.example.org"])
+    assert not again.reissued and first.server_cert.read_bytes() == before
+    added = issue(tmp_path / "certs", [], hostnames=["operator"])
+    assert added.reissued == [first.server_cert]
+    cert = x509.load_pem_x509_certificate(first.server_cert.read_bytes())
+    names = {str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value}
+    assert {"link.example.org", "operator", "localhost", "127.0.0.1"} <= names  # old names kept
+
+
+def test_join_refuses_a_roster_that_does_not_register_this_member(tmp_path: Path) -> None:
+    from privacy.roster import member_keys, register, roster_path
+
+    layout = issue(tmp_path / "certs", []).layout
+    register(layout, member_keys("globex", tmp_path / "globex")[0])
+    member_keys("acme", tmp_path / "acme")
+    data, base = _member_inputs(tmp_path)
+    result = _cli("join", "--superlink", "127.0.0.1:1", "--member", "acme", "--data", str(data), "--ca", str(layout.operator_ca),
+                  "--key", str(tmp_path / "acme" / "keys" / "auth_key"), "--state-dir", str(tmp_path / "acme"),
+                  "--base", str(base), "--metrics-port", "0", "--roster", str(roster_path(layout)))
+    assert result.returncode == 2 and "does not list member 'acme'" in result.stderr, result.stderr

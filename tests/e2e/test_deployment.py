@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from fedmoe.flower_deploy import CONNECTION, write_connection
 from fedmoe.processes import free_port, process_tree
 from server.workspace import Workspace
-from privacy.certs import CertLayout, issue
+from privacy.certs import CertLayout, issue, load_cert
+from privacy.roster import member_keys, register, roster_path, verify_roster
 from server.checkpoint import Checkpoints
 
 slow = pytest.mark.slow
@@ -35,7 +37,7 @@ MEMBERS = {"changelogs": "changelogs", "code": "code", "legal": "legal"}
 RUN_CONFIG = {
     "num-rounds": 2, "local-steps": 8, "batch-size": 8, "seq-len": 64, "eval-batches": 2, "min-expert-tokens": 16,
     "min-members": 3, "round-timeout": 300.0, "contribution-permutations": 10,
-    # the deployed run uses secure aggregation: its four stages go over the real gRPC links
+    # the deployed run uses secure aggregation: its five stages go over the real gRPC links
     "secagg": "on", "codec": "randk0.1+int8", "codec-clip": 0.05, "secagg-timeout": 120.0,
 }
 
@@ -97,6 +99,8 @@ class Deployment:
     rogue_code: int | None = None
     rogue_output: str = ""
     run_seconds: float = 0.0
+    port: int = 0  # members' side: the Fleet API proxy
+    superlink_port: int = 0  # the SuperLink itself, on loopback
 
     def spawn(self, name: str, *args: str, threads: int | None = None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
@@ -130,15 +134,21 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
     ws = Workspace(root / "consortium")
     shutil.copytree(tiny_workspace.corpora, ws.corpora)
     shutil.copytree(tiny_workspace.base, ws.base)
-    issued = issue(root / "certs", [*MEMBERS, "rogue"])
+    issued = issue(root / "certs", ["rogue"])
     layout = issued.layout
     layout.registered_key("rogue").unlink()  # rogue has a key pair and the CA, but is not registered
+    # the members make their keys on their own machines and hand over public halves only
+    for member in MEMBERS:
+        registration, _ = member_keys(member, root / "nodes" / member)
+        assert register(layout, registration)
+    assert sorted(verify_roster(roster_path(layout).read_bytes(), load_cert(layout.ca_cert), "roster")) == sorted(MEMBERS)
     d = Deployment(ws, root, layout)
     request.addfinalizer(lambda: stop_all(d.processes))
 
     port, metrics_port = free_port(), free_port()
+    d.port, d.superlink_port = port, free_port()
     serve = d.spawn("serve", "serve", "--certs", str(layout.root), "--state", str(root / "operator"),
-                    "--port", str(port), "--metrics-port", str(metrics_port),
+                    "--port", str(port), "--superlink-port", str(d.superlink_port), "--metrics-port", str(metrics_port),
                     "--price-gpu-hour", "2.0", "--price-million-tokens", "0.5", "--log-file", str(root / "superlink.log"))
     _wait("serve ready", lambda: "SuperLink ready" in d.output("serve"), 90, serve, d.output("serve"))
     assert d.output("serve").count("registered (node") == 3
@@ -148,7 +158,9 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
         daemon_ports[member] = free_port()
         p = d.spawn(member, "join", "--superlink", f"127.0.0.1:{port}", "--member", member,
                     "--data", str(ws.members_dir / MEMBERS.get(member, "readmes")),
-                    "--ca", str(layout.member_ca(member)), "--key", str(layout.member_key(member)),
+                    "--ca", str(layout.member_ca("rogue") if member == "rogue" else layout.operator_ca),
+                    "--key", str(layout.member_key(member) if member == "rogue" else root / "nodes" / member / "keys" / "auth_key"),
+                    *([] if member == "rogue" else ["--roster", str(roster_path(layout))]),
                     "--state-dir", str(root / "nodes" / member), "--base", str(ws.base),
                     "--metrics-port", str(daemon_ports[member]), "--clientapp-port", str(free_port()),
                     "--log-file", str(root / f"{member}-supernode.log"), threads=1)
@@ -193,7 +205,7 @@ def test_two_rounds_over_tls_with_node_auth_lower_validation_loss_and_commit(dep
     for domain in MEMBERS.values():
         assert after[domain] < before[domain], (domain, before[domain], after[domain])
     assert d.ws.ledger("default").is_file()
-    # secure aggregation ran over the SuperLink: every member took part in the four stages, and
+    # secure aggregation ran over the SuperLink: every member took part in the five stages, and
     # the operator pinned each member's identity key; no member's update was stored
     for m in manifests[1:]:
         assert m["contribution"]["mode"] == "secure"
@@ -272,6 +284,62 @@ def test_sigterm_stops_a_daemon_and_its_supernode_cleanly(deployment: Deployment
         time.sleep(0.2)
     assert not [p for p in tree if _alive(p)]
     assert "SIGTERM: stopping flower-supernode" in deployment.output("legal")
+
+
+def _flwr(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env={**os.environ, "FLWR_HOME": str(home)},
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@slow
+def test_members_reach_only_the_fleet_api_through_the_proxy(deployment: Deployment, tmp_path: Path) -> None:
+    import httpx
+
+    d, ca = deployment, str(deployment.layout.operator_ca)
+    # a member holds the CA: the Control API through the members' port is refused, not served
+    reply = httpx.post(f"https://127.0.0.1:{d.port}/v1/control/list-runs", content=b"", verify=ca, timeout=30)
+    assert reply.status_code == 403 and "only the Fleet API" in reply.text
+    assert httpx.get(f"https://127.0.0.1:{d.port}/v1/fleet/get-run", verify=ca, timeout=30).status_code == 403
+    member_home = tmp_path / "member-flwr"
+    write_connection(member_home, f"127.0.0.1:{d.port}", d.layout.operator_ca)
+    listed = _flwr(member_home, "ls", CONNECTION, "--format", "json")
+    assert '"success": true' not in listed.stdout, listed.stdout
+    registered = _flwr(member_home, "supernode", "register", str(d.layout.member_public_key("rogue")), CONNECTION,
+                       "--format", "json")
+    assert '"success": true' not in registered.stdout, registered.stdout
+    # the operator's own connection (loopback, the SuperLink itself) still works
+    operator = _flwr(d.root / "operator" / "flwr-home", "ls", CONNECTION, "--format", "json")
+    assert '"success": true' in operator.stdout, operator.stdout + operator.stderr
+    # the SuperLink itself is bound to loopback
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in process_tree(d.processes[0].pid)]
+    [superlink] = [c for c in commands if any(part.endswith(b"flower-superlink") for part in c)]
+    assert superlink[superlink.index(b"--host") + 1] == b"127.0.0.1"
+    assert superlink[superlink.index(b"--port") + 1] == str(d.superlink_port).encode()
+
+
+@slow
+def test_a_revoked_member_is_unregistered_and_refused(deployment: Deployment) -> None:
+    d = deployment
+    serve = d.processes[0]
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(timeout=60) == 0
+    revoke = subprocess.run([sys.executable, "-m", "fedmoe.deploy_cmd", "certs", "--out", str(d.layout.root), "--revoke", "legal"],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert revoke.returncode == 0 and "member legal: revoked" in revoke.stderr, revoke.stderr
+    again = d.spawn("serve-again", "serve", "--certs", str(d.layout.root), "--state", str(d.root / "operator"),
+                    "--port", str(d.port), "--superlink-port", str(d.superlink_port), "--metrics-port", "0",
+                    "--log-file", str(d.root / "superlink-again.log"))
+    _wait("serve ready again", lambda: "SuperLink ready" in d.output("serve-again"), 90, again, d.output("serve-again"))
+    assert "member legal: key revoked, node" in d.output("serve-again") and "unregistered" in d.output("serve-again")
+    assert "legal" not in json.loads((d.root / "operator" / "members.json").read_text())
+    join = d.spawn("legal-again", "join", "--superlink", f"127.0.0.1:{d.port}", "--member", "legal",
+                   "--data", str(d.ws.members_dir / "legal"), "--ca", str(d.layout.operator_ca),
+                   "--key", str(d.root / "nodes" / "legal" / "keys" / "auth_key"), "--state-dir", str(d.root / "nodes" / "legal"),
+                   "--roster", str(d.root / "no-roster.json"),  # past the member-side check: the SuperLink must refuse
+                   "--base", str(d.ws.base), "--metrics-port", "0", "--clientapp-port", str(free_port()),
+                   "--log-file", str(d.root / "legal-again-supernode.log"), threads=1)
+    assert join.wait(timeout=120) == 3, d.output("legal-again")  # refused by the SuperLink: its key is gone
+    assert "refused member 'legal'" in d.output("legal-again")
 
 
 # ------------------------------------------------------------------ deploy/ recipes (fast)

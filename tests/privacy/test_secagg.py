@@ -72,6 +72,7 @@ def run_round(
     after_advert: Collection[str] = (),
     after_shares: Collection[str] = (),
     after_masked: Collection[str] = (),
+    after_signing: Collection[str] = (),
 ) -> tuple[torch.Tensor, set[str]]:
     """One round as the round loop runs it; members in each collection stop answering from there."""
     sessions = {m: MemberSession(params, m, keys[m], directory) for m in params.members}
@@ -84,11 +85,14 @@ def run_round(
         m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in inboxes if m not in after_shares
     }
     survivors, _dropped = server.receive_masked(masked)
+    server.receive_signatures(
+        {m: sessions[m].sign_survivors(survivors) for m in survivors if m not in after_masked}
+    )
     requests = server.unmask_requests()
     replies = {
-        m: sessions[m].unmask(r.survivors, r.dropped)
+        m: sessions[m].unmask(r.signatures)
         for m, r in requests.items()
-        if m not in after_masked
+        if m not in after_signing
     }
     return server.finish(replies), survivors
 
@@ -246,8 +250,13 @@ def test_too_few_shares_abort() -> None:
     members, keys, directory = consortium(3)
     params = make_params(members, 2, 2)  # complete graph of 3: 3 holders, 2 needed
     inputs = random_inputs(params)
-    # two survivors, but one of them sends no unmask reply: one share of each secret is short
+    # two survivors that both sign, but one sends no unmask reply: one share of each secret is short
     with pytest.raises(SecAggAborted, match="1 shares of its"):
+        run_round(
+            params, keys, directory, inputs, after_shares=[members[0]], after_signing=[members[1]]
+        )
+    # a survivor that does not sign leaves too few signers: nobody is asked to unmask
+    with pytest.raises(SecAggAborted, match="only 1 members signed the survivor list, 2 needed"):
         run_round(
             params, keys, directory, inputs, after_shares=[members[0]], after_masked=[members[1]]
         )
@@ -274,8 +283,10 @@ def test_out_of_order_stages() -> None:
         sessions[a].share_keys({})
     with pytest.raises(ProtocolViolation, match=r"receive_masked\(\) called out of order"):
         server.receive_masked({})
+    with pytest.raises(ProtocolViolation, match=r"sign_survivors\(\) called out of order"):
+        sessions[b].sign_survivors([])
     with pytest.raises(ProtocolViolation, match="unmask"):
-        sessions[b].unmask([], [])
+        sessions[b].unmask({})
 
 
 def test_forged_advert_signature() -> None:
@@ -289,7 +300,7 @@ def test_forged_advert_signature() -> None:
         advert.c_pub,
         advert.s_pub,
         advert.b_commitment,
-        impostor.sign(advert.signed_bytes()),
+        impostor.sign(advert.signed_bytes(params.session_id)),
     )
     with pytest.raises(ProtocolViolation, match=f"member '{a}': advert signature does not verify"):
         server.receive_adverts({a: forged})
@@ -309,7 +320,7 @@ def test_advert_for_another_round() -> None:
         replayed.c_pub,
         replayed.s_pub,
         replayed.b_commitment,
-        keys[a].sign(replayed.signed_bytes()),
+        keys[a].sign(replayed.signed_bytes(params.session_id)),
     )
     with pytest.raises(ProtocolViolation, match="advert is for round 2, this is round 3"):
         server.receive_adverts({a: replayed})
@@ -351,35 +362,6 @@ def through_masking(n: int = 4) -> tuple[SecAggParams, dict[str, MemberSession],
     return params, sessions, server
 
 
-def test_unmask_refuses_both_shares_of_one_member_and_answers_once() -> None:
-    params, sessions, _ = through_masking()
-    a, b, c = params.members[:3]
-    with pytest.raises(
-        ProtocolViolation, match=f"member '{a}': asked to reveal both shares of '{b}'"
-    ):
-        sessions[a].unmask([a, b], [b])
-    with pytest.raises(ProtocolViolation, match="already answered"):
-        sessions[a].unmask([a, b], [])  # the session refuses further requests
-    reply = sessions[b].unmask([a, b], [c])
-    assert set(reply.b_shares) == {a, b} and set(reply.s_shares) == {c}
-    with pytest.raises(ProtocolViolation, match=f"member '{b}': unmask already answered"):
-        sessions[b].unmask([a, b], [])
-    with pytest.raises(ProtocolViolation, match="claims this member itself dropped"):
-        sessions[c].unmask([], [c])
-    d = params.members[3]
-    with pytest.raises(ProtocolViolation, match="'nobody', not in round 3"):
-        sessions[d].unmask(["nobody"], [])
-
-
-def test_unmask_refuses_non_neighbours() -> None:
-    params, sessions, _ = through_masking(8)  # k=3: degree 4 of 7 others
-    graph = neighbour_graph(params.members, params.neighbours, params.graph_seed)
-    a = params.members[0]
-    stranger = next(m for m in params.members[1:] if m not in graph[a])
-    with pytest.raises(ProtocolViolation, match=f"holds no shares of '{stranger}'"):
-        sessions[a].unmask([stranger], [])
-
-
 def through_unmask(
     n: int, t: int, *, lenient: bool = True, gone: str | None = None
 ) -> tuple[SecAggParams, dict[str, torch.Tensor], ServerSession, dict[str, UnmaskReply]]:
@@ -391,8 +373,11 @@ def through_unmask(
     forwarded = server.receive_adverts({m: s.advertise() for m, s in sessions.items()})
     inboxes = server.receive_shares({m: sessions[m].share_keys(forwarded[m]) for m in members})
     inputs = random_inputs(params)
-    server.receive_masked({m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members if m != gone})
-    replies = {m: sessions[m].unmask(r.survivors, r.dropped) for m, r in server.unmask_requests().items()}
+    survivors, _ = server.receive_masked(
+        {m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members if m != gone}
+    )
+    server.receive_signatures({m: sessions[m].sign_survivors(survivors) for m in survivors})
+    replies = {m: sessions[m].unmask(r.signatures) for m, r in server.unmask_requests().items()}
     return params, {m: x for m, x in inputs.items() if m != gone}, server, replies
 
 
@@ -524,9 +509,12 @@ def test_member_side_cost_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
         m: timed("masked_input", partial(sessions[m].masked_input, inputs[m], inboxes[m]))
         for m in members
     }
-    server.receive_masked(masked)
+    survivors, _ = server.receive_masked(masked)
+    server.receive_signatures(
+        {m: timed("unmask", partial(sessions[m].sign_survivors, survivors)) for m in members}
+    )
     replies = {
-        m: timed("unmask", partial(sessions[m].unmask, r.survivors, r.dropped))
+        m: timed("unmask", partial(sessions[m].unmask, r.signatures))
         for m, r in server.unmask_requests().items()
     }
     start = time.perf_counter()

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from aggregation.secure import TOKENS, SecureLayout
 from client.app import app
-from client.secure import handle_stage, identity_key, keep_input, round_dir
+from client.secure import handle_stage, identity_key, keep_input, load_roster, round_dir, simulated_roster, write_roster
 from server.config import ConfigError, RunConfig
 from protos.messages import HELLO, SecAggMessage, secagg_message_type
 from server.workspace import Workspace
@@ -159,26 +160,55 @@ def _stage(stage: str, rnd: int, **fields: object) -> SecAggMessage:
                          nodes_dir="", fields=fields)
 
 
+def _roster(tmp_path: Path, *names: str) -> dict[str, Ed25519PublicKey]:
+    return {n: identity_key(tmp_path / n).public_key() for n in names}
+
+
+SETUP = {"group": ["a", "b"], "threshold": 2, "neighbours": 1, "ring-bits": 12, "vector-length": 10, "graph-seed": b"s" * 16}
+
+
 def test_members_refuse_stages_they_should_not_answer(tmp_path: Path) -> None:
-    mine, other = identity_key(tmp_path / "a"), identity_key(tmp_path / "b")
+    roster = _roster(tmp_path, "a", "b")
     keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))
-    setup = dict(group=["a", "b"], identities=[mine.public_key().public_bytes_raw(), other.public_key().public_bytes_raw()],
-                 threshold=2, neighbours=1, ring_bits=12, vector_length=10, graph_seed=b"s" * 16)
-    setup = {k.replace("_", "-"): v for k, v in setup.items()}
     with pytest.raises(ProtocolViolation, match="did not train"):  # another round
-        handle_stage(_stage("advertise", 3, **setup), tmp_path / "a", "a")
+        handle_stage(_stage("advertise", 3, **SETUP), tmp_path / "a", "a", roster)
     with pytest.raises(ProtocolViolation, match="before advertise"):  # out of order
-        handle_stage(_stage("mask", 2, senders=[], ciphertexts=[]), tmp_path / "a", "a")
-    reply = handle_stage(_stage("advertise", 2, **setup), tmp_path / "a", "a")
+        handle_stage(_stage("mask", 2, senders=[], ciphertexts=[]), tmp_path / "a", "a", roster)
+    reply = handle_stage(_stage("advertise", 2, **SETUP), tmp_path / "a", "a", roster)
     assert len(reply.fields["signature"]) == 64
     with pytest.raises(ProtocolViolation, match="already advertised"):  # a replayed stage
-        handle_stage(_stage("advertise", 2, **setup), tmp_path / "a", "a")
-    # a server that later hands out another key for b is refused (keys are pinned on first sight)
+        handle_stage(_stage("advertise", 2, **SETUP), tmp_path / "a", "a", roster)
+    # identities come from the roster: a server-invented member, or a roster without this node's key, is refused
     keep_input(tmp_path / "a", "r", 3, torch.zeros(10, dtype=torch.int64))
-    swapped = dict(setup, identities=[setup["identities"][0], identity_key(tmp_path / "c").public_key().public_bytes_raw()])
-    with pytest.raises(ProtocolViolation, match="differs from the one pinned"):
-        handle_stage(_stage("advertise", 3, **swapped), tmp_path / "a", "a")
+    invented = dict(SETUP, group=["a", "zz-fake"])
+    with pytest.raises(ProtocolViolation, match="group member 'zz-fake' is not in the consortium's roster"):
+        handle_stage(_stage("advertise", 3, **invented), tmp_path / "a", "a", roster)
+    keep_input(tmp_path / "a", "r", 4, torch.zeros(10, dtype=torch.int64))
+    with pytest.raises(ProtocolViolation, match="the roster does not register this node's identity key"):
+        handle_stage(_stage("advertise", 4, **SETUP), tmp_path / "a", "a", {**roster, "a": roster["b"]})
     assert not any((tmp_path / "a" / "secagg" / "r").glob("round-00002"))  # keep_input cleared it
+
+
+def test_roster_files_are_checked_where_they_are_read(tmp_path: Path) -> None:
+    keys = {n: k.public_bytes_raw() for n, k in _roster(tmp_path, "a", "b").items()}
+    write_roster(tmp_path / "roster.json", keys)
+    assert {n: k.public_bytes_raw() for n, k in load_roster(tmp_path / "roster.json", None).items()} == keys
+    with pytest.raises(ProtocolViolation, match="no roster at .*fedmoe certs"):
+        load_roster(tmp_path / "missing.json", None)
+    (tmp_path / "bad.json").write_text('{"members": {"a": "00ff"}}')
+    with pytest.raises(ProtocolViolation, match="bad.json: the key of 'a' is 2 bytes, expected 32"):
+        load_roster(tmp_path / "bad.json", None)
+    (tmp_path / "bad.json").write_text('{"members": {"../x": "' + "00" * 32 + '"}}')
+    with pytest.raises(ProtocolViolation, match="is not a member name"):
+        load_roster(tmp_path / "bad.json", None)
+
+
+def test_a_simulated_roster_holds_the_workspace_members_only_and_keeps_their_keys(tmp_path: Path) -> None:
+    first = simulated_roster(tmp_path, ["a", "b"])
+    again = simulated_roster(tmp_path, ["b", "a"])
+    assert sorted(first) == ["a", "b"]
+    assert {n: k.public_bytes_raw() for n, k in first.items()} == {n: k.public_bytes_raw() for n, k in again.items()}
+    assert first["a"].public_bytes_raw() == identity_key(tmp_path / "a").public_key().public_bytes_raw()
 
 
 def test_ring_width_is_configurable_and_too_narrow_a_ring_aborts(ws: Workspace, caplog: pytest.LogCaptureFixture) -> None:
@@ -196,17 +226,18 @@ def test_ring_width_is_configurable_and_too_narrow_a_ring_aborts(ws: Workspace, 
 
 
 def test_members_refuse_a_second_group_and_run_names_that_leave_the_state_dir(tmp_path: Path) -> None:
-    mine, other = identity_key(tmp_path / "a"), identity_key(tmp_path / "b")
+    roster = _roster(tmp_path, "a", "b")
     keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))
-    setup = {"group": ["a", "b"], "identities": [mine.public_key().public_bytes_raw(), other.public_key().public_bytes_raw()],
-             "threshold": 2, "neighbours": 1, "ring-bits": 12, "vector-length": 10, "graph-seed": b"s" * 16}
-    handle_stage(_stage("advertise", 2, **setup), tmp_path / "a", "a")
-    second = SecAggMessage(**{**_stage("advertise", 2, **setup).__dict__, "group": 1})
+    handle_stage(_stage("advertise", 2, **SETUP), tmp_path / "a", "a", roster)
+    second = SecAggMessage(**{**_stage("advertise", 2, **SETUP).__dict__, "group": 1})
     with pytest.raises(ProtocolViolation, match="already advertised"):  # same input, another group
-        handle_stage(second, tmp_path / "a", "a")
-    escape = SecAggMessage(**{**_stage("advertise", 2, **setup).__dict__, "run": "../.."})
+        handle_stage(second, tmp_path / "a", "a", roster)
+    later = SecAggMessage(**{**_stage("share", 2, senders=[], **{"c-pubs": [], "s-pubs": [], "b-commitments": [], "signatures": []}).__dict__, "run": "other"})
+    with pytest.raises(ProtocolViolation, match="did not train"):  # a stage of another run
+        handle_stage(later, tmp_path / "a", "a", roster)
+    escape = SecAggMessage(**{**_stage("advertise", 2, **SETUP).__dict__, "run": "../.."})
     with pytest.raises(ProtocolViolation, match="cannot name a folder"):
-        handle_stage(escape, tmp_path / "a", "a")
+        handle_stage(escape, tmp_path / "a", "a", roster)
     assert (tmp_path / "a" / "secagg" / "r").is_dir()
 
 
@@ -250,18 +281,6 @@ def test_a_rerun_round_is_unmasked_only_for_the_survivors_of_its_first_unmask(
                                cfg, LogReporter(), run_name="rerun")
     assert len(summary.members) == 4
     assert_applied(ws, "rerun", 1, expected_delta(ws, cfg, 1, [inputs.by_round[1]]))
-
-
-def test_members_refuse_a_directory_without_their_own_key(tmp_path: Path) -> None:
-    identity_key(tmp_path / "a")
-    other = identity_key(tmp_path / "b")
-    keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))
-    impostor = identity_key(tmp_path / "x").public_key().public_bytes_raw()
-    setup = {"group": ["a", "b"], "identities": [impostor, other.public_key().public_bytes_raw()],
-             "threshold": 2, "neighbours": 1, "ring-bits": 12, "vector-length": 10, "graph-seed": b"s" * 16}
-    with pytest.raises(ProtocolViolation, match="does not hold this node's identity key"):
-        handle_stage(_stage("advertise", 2, **setup), tmp_path / "a", "a")
-    assert not (tmp_path / "a" / "secagg" / "peers.json").exists()  # nothing was pinned
 
 
 def test_per_expert_counts_in_the_clear_are_refused_under_secure_aggregation(ws: Workspace) -> None:
