@@ -6,7 +6,7 @@ error feedback) with secagg off and on, in Flower's simulation engine, 2 rounds 
 measured (round 1 warms caches: tokenized data, the full-state broadcast). Per member count:
 - wall_ratio: secure round seconds / plain round seconds (train, the four SecAgg+ exchanges,
   unmask, evaluation; contribution scoring off in both);
-- crypto: the member's time on the four stages as its daemon measured it (key agreement,
+- crypto: the member's time on the five stages as its daemon measured it (key agreement,
   Shamir, AES-CTR masks, AES-GCM, its session file), also as a fraction of its local training
   time; and the pure protocol cost of one member in-process on the same vector (no I/O);
 - upload_expansion: a member's bytes up in a secure round (TRAIN reply + stage replies) / in a
@@ -95,9 +95,10 @@ def protocol_ms(layout: SecureLayout, n: int) -> dict[str, float]:
     shares = {m: timed(m, lambda s=sessions[m], f=forwarded[m]: s.share_keys(f)) for m in names}
     inboxes = server.receive_shares(shares)
     masked = {m: timed(m, lambda s=sessions[m], i=inboxes[m]: s.masked_input(x, i)) for m in names}
-    server.receive_masked(masked)
+    survivors, _ = server.receive_masked(masked)
+    server.receive_signatures({m: timed(m, lambda s=sessions[m]: s.sign_survivors(survivors)) for m in names})
     requests = server.unmask_requests()
-    replies = {m: timed(m, lambda s=sessions[m], r=r: s.unmask(r.survivors, r.dropped)) for m, r in requests.items()}
+    replies = {m: timed(m, lambda s=sessions[m], r=r: s.unmask(r.signatures)) for m, r in requests.items()}
     t0 = time.perf_counter()
     total = server.finish(replies)
     finish = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""A member's side of secure aggregation: its identity key, its masked input, the four stages.
+"""A member's side of secure aggregation: its identity key, its masked input, the five stages.
 
 After TRAIN the node keeps its update (pre-scaled, compressed, as ring elements) on its own disk
 and answers the server's stage messages (advertise, share, mask, unmask) with
@@ -40,11 +40,12 @@ from model.lora import LoraMoE, expert_of
 from privacy.certs import CertError, load_cert
 from privacy.roster import IDENTITY, verify_roster
 from privacy.roster import identity_key as roster_identity
-from privacy.secagg import ProtocolViolation, SecAggParams
+from privacy.secagg import ProtocolViolation, SecAggError, SecAggParams
 from privacy.secagg_member import MemberSession
 from privacy.secagg_wire import KeyAdvert
 
 ROSTER = "roster.json"
+_SESSION_ROUNDS_KEPT = 256  # rounds per run whose sessions a member remembers (client/secure.py _claim_session)
 _REVEALS_KEPT = 256  # updates whose unmask survivors a member remembers (a re-run is of a recent round)
 
 
@@ -130,6 +131,7 @@ def handle_stage(
             session=secagg_session(msg.run, msg.group),
         )
         session = MemberSession(params, member, key, roster, min_survivors=min_group)
+        _claim_session(state_dir, member, msg.run, msg.round, params.session_id)
         advert = session.advertise()
         out: dict[str, object] = {"c-pub": advert.c_pub, "s-pub": advert.s_pub, "b-commitment": advert.b_commitment, "signature": advert.signature}
     else:
@@ -138,31 +140,11 @@ def handle_stage(
         session = MemberSession.from_json(session_file.read_bytes(), key, roster)
         if session.params.session != secagg_session(msg.run, msg.group):
             raise ProtocolViolation(f"member {member!r}: {msg.stage} for another session than the one advertised")
-        trained_from = (folder / "trained-from").read_text()
-        if msg.stage == "share":
-            senders = msg.strings("senders")
-            columns = [msg.blobs(f) for f in ("c-pubs", "s-pubs", "b-commitments", "signatures")]
-            if any(len(c) != len(senders) for c in columns) or len(set(senders)) != len(senders):
-                raise ProtocolError("share: advert fields do not pair up")
-            adverts = {s: KeyAdvert(s, msg.round, *parts) for s, *parts in zip(senders, *columns, strict=True)}
-            ciphertexts = session.share_keys(adverts)
-            out = {"receivers": sorted(ciphertexts), "ciphertexts": [ciphertexts[r] for r in sorted(ciphertexts)]}
-        elif msg.stage == "mask":
-            x = load_tensors(folder / "input.safetensors")["x"]
-            masked = session.masked_input(x, msg.pairs("senders", "ciphertexts"))
-            out = {"packed": masked.packed}
-        elif msg.stage == "check":
-            survivors = msg.strings("survivors")
-            _check_reveal(state_dir, member, trained_from, survivors)
-            out = {"signature": session.sign_survivors(survivors)}
-        else:
-            reply = session.unmask(msg.pairs("signers", "signatures"))
-            _check_reveal(state_dir, member, trained_from, list(session.survivors))
-            _remember_reveal(state_dir, trained_from, list(session.survivors))
-            out = {
-                "b-owners": sorted(reply.b_shares), "b-shares": [reply.b_shares[o] for o in sorted(reply.b_shares)],
-                "s-owners": sorted(reply.s_shares), "s-shares": [reply.s_shares[o] for o in sorted(reply.s_shares)],
-            }
+        try:
+            out = _answer(msg, session, folder, state_dir, member)
+        except (ProtocolViolation, ProtocolError, SecAggError, ValueError):
+            session_file.unlink(missing_ok=True)  # a refusal ends the session: no second try at a stage
+            raise
     if session.stage == "done":
         session_file.unlink(missing_ok=True)
         if not any(folder.glob("session-*.json")):
@@ -174,6 +156,59 @@ def handle_stage(
         stage=msg.stage, run=msg.run, round=msg.round, group=msg.group, member=member,
         base_path="", members_dir="", nodes_dir="", fields=out,
     )
+
+
+def _answer(msg: SecAggMessage, session: MemberSession, folder: Path, state_dir: Path, member: str) -> dict[str, object]:
+    """The reply fields of a stage after advertise (share, mask, check, unmask)."""
+    trained_from = (folder / "trained-from").read_text()
+    if msg.stage == "share":
+        senders = msg.strings("senders")
+        columns = [msg.blobs(f) for f in ("c-pubs", "s-pubs", "b-commitments", "signatures")]
+        if any(len(c) != len(senders) for c in columns) or len(set(senders)) != len(senders):
+            raise ProtocolError("share: advert fields do not pair up")
+        adverts = {s: KeyAdvert(s, msg.round, *parts) for s, *parts in zip(senders, *columns, strict=True)}
+        ciphertexts = session.share_keys(adverts)
+        out: dict[str, object] = {"receivers": sorted(ciphertexts), "ciphertexts": [ciphertexts[r] for r in sorted(ciphertexts)]}
+    elif msg.stage == "mask":
+        x = load_tensors(folder / "input.safetensors")["x"]
+        masked = session.masked_input(x, msg.pairs("senders", "ciphertexts"))
+        out = {"packed": masked.packed}
+    elif msg.stage == "check":
+        survivors = msg.strings("survivors")
+        _check_reveal(state_dir, member, trained_from, survivors)
+        out = {"signature": session.sign_survivors(survivors)}
+    else:
+        reply = session.unmask(msg.pairs("signers", "signatures"))
+        _check_reveal(state_dir, member, trained_from, list(session.survivors))
+        _remember_reveal(state_dir, trained_from, list(session.survivors))
+        out = {
+            "b-owners": sorted(reply.b_shares), "b-shares": [reply.b_shares[o] for o in sorted(reply.b_shares)],
+            "s-owners": sorted(reply.s_shares), "s-shares": [reply.s_shares[o] for o in sorted(reply.s_shares)],
+        }
+    return out
+
+
+def _claim_session(state_dir: Path, member: str, run: str, rnd: int, session_id: bytes) -> None:
+    """Advertise in a session once, ever. A server that re-runs a round under the same session
+    could collect honest signatures over a survivor list in one attempt, stop, and replay them
+    in the next with each member shown a different list; so every session this member advertised
+    in is kept (secagg/sessions.json: per run, the last _SESSION_ROUNDS_KEPT rounds), and a session
+    seen before, or for a round older than all of those, is refused."""
+    path = state_dir / "secagg" / "sessions.json"
+    try:
+        seen: dict[str, dict[str, list[str]]] = json.loads(path.read_text()) if path.is_file() else {}
+        rounds = seen.setdefault(run, {})
+        remembered = sorted(int(r) for r in rounds)
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise ProtocolViolation(f"member {member!r}: {path} is unreadable ({exc}); refusing to advertise until it is fixed") from None
+    if session_id.hex() in rounds.get(str(rnd), []):
+        raise ProtocolViolation(f"member {member!r}: already advertised in this session of run {run!r} round {rnd}; a re-run needs a new session")
+    if len(remembered) >= _SESSION_ROUNDS_KEPT and rnd < remembered[0]:
+        raise ProtocolViolation(f"member {member!r}: round {rnd} of run {run!r} is older than every round it remembers")
+    rounds.setdefault(str(rnd), []).append(session_id.hex())
+    for old in sorted(rounds, key=int)[:-_SESSION_ROUNDS_KEPT]:
+        del rounds[old]
+    _write_private(path, json.dumps(seen, sort_keys=True).encode())
 
 
 def _check_reveal(state_dir: Path, member: str, trained_from: str, survivors: list[str]) -> None:

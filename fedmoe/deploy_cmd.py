@@ -43,6 +43,7 @@ from fedmoe.flower_deploy import (
     supernode_argv,
     write_connection,
 )
+from fedmoe.app_signing import app_key_path, ensure_app_key, load_app_key, sign_fab_reply, trusted_entities_path
 from fedmoe.processes import Child, sigterm_interrupts, supervise, wait_for_port
 from server.binding import REGISTRY_ENV, forget_registration, load_registry, record_registration
 from privacy.certs import CertError, CertLayout, check_ca, check_member_key, check_readable, issue
@@ -78,6 +79,9 @@ def certs_command(
     try:
         issued = issue(out, member, hostnames=hostname, consortium=consortium, days=days)
         layout = issued.layout
+        if ensure_app_key(layout):
+            console.print(f"app-signing key {app_key_path(layout)}: the Fleet API proxy signs the operator's app with it; "
+                          f"hand {trusted_entities_path(layout)} to every member")
         if member:
             console.print(f"[yellow]note:[/yellow] -m creates {', '.join(member)}'s private keys on this machine; "
                           "a member that runs `fedmoe keys` on its own machine hands over only public keys")
@@ -139,6 +143,7 @@ def serve_command(
     price_gpu_hour: Annotated[float, typer.Option(help="Price of a GPU-hour, for the cost metrics.")] = 0.0,
     price_million_tokens: Annotated[float, typer.Option(help="Price per million training tokens.")] = 0.0,
     log_file: Annotated[Path | None, typer.Option(help="SuperLink log (default: terminal).")] = None,
+    app_dir: Annotated[Path, typer.Option("--app", help="The operator's fedmoe checkout: only app bundles identical to it are signed for members.")] = Path(__file__).resolve().parents[1],
 ) -> None:
     """Operator: start the SuperLink with TLS, node authentication and persistent state; register
     every member key in <certs>/operator/members/; stop cleanly on SIGTERM."""
@@ -156,6 +161,10 @@ def serve_command(
             raise DeployError(f"{keys_dir}: no member public keys <name>.pub (run `fedmoe certs -m NAME`)")
         for name, path in keys.items():
             check_readable(path, f"member {name!r} public key")
+        check_readable(app_key_path(layout), "app-signing key (run `fedmoe certs` again to create it)", private=True)
+        app_key, app_dir = load_app_key(app_key_path(layout)), app_dir.resolve()
+        if not (app_dir / "pyproject.toml").is_file():
+            raise DeployError(f"--app {app_dir}: no pyproject.toml (the fedmoe project folder)")
         state.mkdir(parents=True, exist_ok=True)
         if not os.access(state, os.W_OK):
             raise DeployError(f"state folder {state}: not writable")
@@ -181,7 +190,7 @@ def serve_command(
         from fedmoe.proxy import start_proxy
 
         start_proxy(host, port, f"https://127.0.0.1:{superlink_port}", layout.server_cert, layout.server_key,
-                    layout.operator_ca)
+                    layout.operator_ca, sign_fab=lambda body: sign_fab_reply(body, app_dir, app_key))
         known = load_registry(registry) if registry.is_file() else {}
         for name in sorted(set(known) - set(keys)):  # revoked: `fedmoe certs --revoke` removed its key
             unregister_member(flwr_home, known[name])
@@ -228,6 +237,7 @@ def join_command(
     log_file: Annotated[Path | None, typer.Option(help="SuperNode log (default: terminal).")] = None,
     roster: Annotated[Path | None, typer.Option(help="The consortium's roster.json, signed by the CA (default: beside --ca).")] = None,
     secagg_min_group: Annotated[int, typer.Option(help="Smallest group whose sum this member helps unmask.")] = 3,
+    trusted_entities: Annotated[Path | None, typer.Option(help="The operator's app-signing key (trusted-entities.yaml; default: beside --ca): run only apps it signed.")] = None,
 ) -> None:
     """Member daemon: check data, certificates, keys and roster, then run a SuperNode with them
     as node config; stop cleanly on SIGTERM."""
@@ -236,7 +246,8 @@ def join_command(
         if secagg_min_group < 2:
             raise DeployError(f"--secagg-min-group {secagg_min_group}: must be >= 2")
         child, state = _start_supernode(superlink, member, data, ca, key, state_dir, base, device,
-                                        clientapp_port, flwr_home, log_file, roster, secagg_min_group)
+                                        clientapp_port, flwr_home, log_file, roster, secagg_min_group,
+                                        trusted_entities or ca.parent / "trusted-entities.yaml")
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
     try:
@@ -287,7 +298,7 @@ def _check_roster(member: str, roster: Path, ca: Path, key: Path, state_dir: Pat
 
 def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Path, state_dir: Path, base: Path,
                      device: str, clientapp_port: int, flwr_home: Path | None, log_file: Path | None,
-                     roster: Path | None, secagg_min_group: int) -> tuple[Child, Path]:
+                     roster: Path | None, secagg_min_group: int, trusted: Path) -> tuple[Child, Path]:
     from model.corpus import DataError, read_texts
 
     if ":" not in superlink or not superlink.rsplit(":", 1)[1].isdigit():
@@ -314,6 +325,11 @@ def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Pat
               "device": device, "ca": str(ca), "roster": str(roster), "secagg-min-group": str(secagg_min_group)}
     env = flower_env((flwr_home or state_dir / "flwr-home").resolve())
     argv = supernode_argv(superlink, ca, key, config, clientapp_port)
+    if trusted.is_file():
+        argv += ["--trusted-entities", str(trusted.resolve())]
+    else:
+        console.print(f"[yellow]warning:[/yellow] no {trusted}: this SuperNode runs any app bundle the SuperLink serves, "
+                      "signed or not (pass the operator's trusted-entities.yaml)")
     return Child.start("flower-supernode", argv, env, log_file), state_dir
 
 

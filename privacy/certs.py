@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: no trailing newline
 PRIVATE, PUBLIC = 0o600, 0o644
 
 
@@ -125,10 +125,6 @@ def load_cert(path: Path) -> x509.Certificate:
         raise CertError(f"{path}: not a readable PEM certificate ({exc})") from None
 
 
-def _names(san: x509.SubjectAlternativeName) -> list[str]:
-    return [str(name.value) for name in san]
-
-
 def _san(hostnames: Sequence[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
     for host in dict.fromkeys(["127.0.0.1", "localhost", *hostnames]):
@@ -200,13 +196,16 @@ def _server(
     issued: Issued,
 ) -> None:
     if layout.server_cert.exists() and layout.server_key.exists():
-        current = load_cert(layout.server_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        wanted = _san([*_names(current.value), *hostnames])  # names are only ever added
-        if set(current.value) == set(wanted):
+        try:
+            had = list(load_cert(layout.server_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        except x509.ExtensionNotFound:
+            had = []  # a certificate without names: reissued with them
+        wanted = _san([str(name.value) for name in had] + list(hostnames))  # names are only ever added
+        if had and set(had) == set(wanted):
             issued.kept.extend([layout.server_cert, layout.server_key])
             return
         issued.reissued.append(layout.server_cert)  # a new name: a new certificate, the old names kept
-        hostnames = _names(wanted)
+        hostnames = [str(name.value) for name in wanted]
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     subject = x509.Name(
@@ -243,10 +242,14 @@ def _server(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    for path in (layout.server_cert, layout.server_key):
-        path.unlink(missing_ok=True)  # a lone half is replaced together with its pair
-    _write(layout.server_key, _pem_key(key), PRIVATE, issued)
-    _write(layout.server_cert, cert.public_bytes(serialization.Encoding.PEM), PUBLIC, issued)
+    # the new pair is written beside the old and renamed over it: a crash never leaves neither
+    for path, data, mode in ((layout.server_key, _pem_key(key), PRIVATE),
+                             (layout.server_cert, cert.public_bytes(serialization.Encoding.PEM), PUBLIC)):
+        fresh = path.with_name(path.name + ".new")
+        fresh.unlink(missing_ok=True)
+        _write(fresh, data, mode, issued)
+        os.replace(fresh, path)
+        issued.written[-1] = path
 
 
 def _member(layout: CertLayout, member: str, ca_pem: bytes, issued: Issued) -> None:

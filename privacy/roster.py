@@ -59,6 +59,7 @@ def _check_entries(entries: object, source: str) -> dict[str, bytes]:
     if not isinstance(entries, dict):
         raise CertError(f"{source}: 'members' must map member names to keys")
     out: dict[str, bytes] = {}
+    seen: dict[bytes, str] = {}
     for name, raw in entries.items():
         if not isinstance(name, str) or not MEMBER_NAME.match(name):
             raise CertError(f"{source}: {str(name)[:80]!r} is not a member name")
@@ -68,7 +69,9 @@ def _check_entries(entries: object, source: str) -> dict[str, bytes]:
             raise CertError(f"{source}: the key of {name!r} is not hex") from None
         if len(key) != _IDENTITY_BYTES:
             raise CertError(f"{source}: the key of {name!r} is {len(key)} bytes, expected {_IDENTITY_BYTES} (Ed25519)")
-        out[name] = key
+        if key in seen:
+            raise CertError(f"{source}: {name!r} and {seen[key]!r} have the same identity key")
+        out[name], seen[key] = key, name
     return out
 
 
@@ -123,6 +126,8 @@ class Registration:
         try:
             data = json.loads(path.read_text())
             member, auth, identity = data["member"], data["auth_key"], data["identity"]
+            if not all(isinstance(v, str) for v in (member, auth, identity)):
+                raise TypeError("member, auth_key and identity must be strings")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CertError(f"registration {path}: unreadable ({exc})") from None
         [checked] = _check_entries({member: identity}, f"registration {path}").items()
@@ -173,6 +178,13 @@ def register(layout: CertLayout, registration: Registration) -> bool:
         raise CertError(f"member {registration.member!r} is in the roster with another identity key; revoke it first")
     if pub.exists() and known is not None:
         return False
+    for name, key in roster.items():
+        if key == registration.identity and name != registration.member:
+            raise CertError(f"member {registration.member!r}: its identity key is already registered to {name!r}")
+    for other in layout.registered_members():
+        path = layout.registered_key(other)
+        if other != registration.member and path.read_bytes().split()[:2] == line.split()[:2]:
+            raise CertError(f"member {registration.member!r}: its node key is already registered to {other!r}")
     _write_public(pub, line)
     write_roster(layout, {**roster, registration.member: registration.identity})
     return True
@@ -181,6 +193,8 @@ def register(layout: CertLayout, registration: Registration) -> bool:
 def revoke(layout: CertLayout, member: str) -> bool:
     """Remove a member's node key and roster entry (`fedmoe serve` then unregisters its node).
     True when it was registered."""
+    if not MEMBER_NAME.match(member):
+        raise CertError(f"--revoke {member!r}: not a member name")
     pub = layout.registered_key(member)
     roster = _roster(layout)
     found = pub.exists() or member in roster

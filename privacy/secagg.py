@@ -218,9 +218,10 @@ def _round_bytes(round: int) -> bytes:
     return round.to_bytes(8, "big")
 
 
-def survivors_bytes(params: SecAggParams, survivors: Sequence[str]) -> bytes:
-    """What a survivor signs in the consistency check: the session and the sorted survivor list."""
-    return _frame(_SURVIVORS_DOMAIN, params.session_id, *sorted(survivors))
+def survivors_bytes(params: SecAggParams, signer: str, survivors: Sequence[str]) -> bytes:
+    """What a survivor signs in the consistency check: the session, its own name (a signature
+    counts for its signer only) and the sorted survivor list."""
+    return _frame(_SURVIVORS_DOMAIN, params.session_id, signer, *sorted(survivors))
 
 
 def _frame(*parts: bytes | str) -> bytes:

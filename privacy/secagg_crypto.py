@@ -83,7 +83,7 @@ def _verify_survivors(
     if len(signature) != _SIGNATURE_BYTES:
         raise ProtocolViolation(f"member {signer!r}: survivor signature is {len(signature)} bytes")
     try:
-        identity.verify(signature, survivors_bytes(params, sorted(survivors)))
+        identity.verify(signature, survivors_bytes(params, signer, sorted(survivors)))
     except InvalidSignature:
         raise ProtocolViolation(
             f"member {signer!r}: its signature is not over this survivor list"

@@ -76,6 +76,9 @@ class MemberSession:
             raise InvalidInput(
                 f"member {member_id!r}: group member {strangers[0]!r} is not in the directory"
             )
+        keys = [directory[m].public_bytes_raw() for m in params.members]
+        if len(set(keys)) != len(keys):
+            raise InvalidInput(f"member {member_id!r}: two group members share one identity key")
         self.params = params
         self.member = member_id
         self.min_survivors = min_survivors
@@ -217,7 +220,7 @@ class MemberSession:
                 f"this member unmasks no sum of fewer than {smallest}"
             )
         self._survivors = tuple(alive)
-        return self._identity.sign(survivors_bytes(self.params, alive))
+        return self._identity.sign(survivors_bytes(self.params, self.member, alive))
 
     def unmask(self, signatures: Mapping[str, bytes]) -> UnmaskReply:
         """Stage 5: given every signer's signature over the list this member signed, reveal b
@@ -239,10 +242,11 @@ class MemberSession:
             )
         if self.member not in signatures:
             raise ProtocolViolation(f"member {self.member!r}: its own signature is missing")
-        if len(signatures) < self.params.min_signers:
+        needed = max(self.params.min_signers, self.min_survivors)  # each signer vouches it sent its input
+        if len(signatures) < needed:
             raise ProtocolViolation(
                 f"member {self.member!r}: {len(signatures)} members signed the survivor list, "
-                f"{self.params.min_signers} needed"
+                f"{needed} needed"
             )
         for signer, signature in sorted(signatures.items()):
             _verify_survivors(signer, signature, self._survivors, self.params, self._directory)

@@ -220,7 +220,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
 def secure_stages(
     grid: Grid, run: Run, roster: Roster, received: Received, rnd: int, codec_seed: int, note: Callable[[str], None]
 ) -> dict[frozenset[str], Sums]:
-    """Four more exchanges (server/secure.py); the operator learns only each group's sum.
+    """Five more exchanges (server/secure.py); the operator learns only each group's sum.
 
     `received` keeps the reports of the members that survived, with their secure-aggregation
     bytes and time added; those that dropped out are among its rejections.

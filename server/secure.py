@@ -1,4 +1,4 @@
-"""The operator's side of secure aggregation in a round: four message exchanges per round.
+"""The operator's side of secure aggregation in a round: five message exchanges per round.
 
 After TRAIN, the members of each secure-aggregation group (one group of everybody, or the
 contribution groups of server/sampling.py) run privacy/secagg.py's protocol through
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,11 +85,14 @@ def threshold_for(holders: int, wanted: int) -> int:
 
 def make_params(
     rnd: int, members: Sequence[str], layout: SecureLayout, settings: SecureSettings, index: int, run: str = "",
+    nonce: bytes = b"",
 ) -> SecAggParams:
+    """A group's parameters. `nonce`: fresh per attempt at the round, so a re-run is a new session
+    (members never advertise in one session twice: signatures of one attempt are no use in another)."""
     n = len(members)
     k = settings.neighbours or auto_neighbours(n)
     degree = min(2 * math.ceil(k / 2), n - 1)
-    seed = hashlib.sha256(f"fedmoe-secagg-graph|{settings.seed}|{rnd}|{index}".encode()).digest()
+    seed = hashlib.sha256(f"fedmoe-secagg-graph|{settings.seed}|{rnd}|{index}|".encode() + nonce).digest()
     needed = layout.ring_bits(n)
     if settings.ring_bits and settings.ring_bits < needed:
         raise InvalidInput(f"secagg-ring-bits {settings.ring_bits} is too narrow: the sum of {n} members needs {needed}")
@@ -147,12 +151,13 @@ class _SecureRound:
         self.out = SecureOutcome()
         self.live: list[_Group] = []
         self.waited = 0.0  # seconds spent waiting for members (not the server's protocol time)
+        self.nonce = os.urandom(16)  # this attempt's: its sessions are new even if the round is re-run
 
     def start(self, groups: Sequence[Mapping[str, int]]) -> None:
         for index, nodes in enumerate(groups):
             name = "+".join(sorted(nodes))
             try:
-                params = make_params(self.rnd, list(nodes), self.layout, self.settings, index, self.run)
+                params = make_params(self.rnd, list(nodes), self.layout, self.settings, index, self.run, self.nonce)
                 session = ServerSession(params, {m: self.directory[m] for m in nodes}, lenient=True)
             except (InvalidInput, KeyError) as exc:
                 self.out.aborted[name] = f"cannot start: {exc}"

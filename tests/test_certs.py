@@ -203,3 +203,34 @@ def test_join_refuses_a_roster_that_does_not_register_this_member(tmp_path: Path
                   "--key", str(tmp_path / "acme" / "keys" / "auth_key"), "--state-dir", str(tmp_path / "acme"),
                   "--base", str(base), "--metrics-port", "0", "--roster", str(roster_path(layout)))
     assert result.returncode == 2 and "does not list member 'acme'" in result.stderr, result.stderr
+
+
+def test_names_paths_and_shared_keys_are_refused_where_the_roster_is_built(tmp_path: Path) -> None:
+    import json as _json
+
+    from privacy.certs import load_cert
+    from privacy.roster import Registration, member_keys, register, revoke, roster_path, sign_roster, verify_roster
+    from privacy.certs import _load_key
+
+    layout = issue(tmp_path / "certs", []).layout
+    acme, path = member_keys("acme", tmp_path / "acme")
+    register(layout, acme)
+    # a second name with acme's identity (or node) key: refused, so one signature never counts twice
+    with pytest.raises(CertError, match="its identity key is already registered to 'acme'"):
+        register(layout, Registration("evil", member_keys("evil", tmp_path / "evil")[0].auth_key, acme.identity))
+    with pytest.raises(CertError, match="its node key is already registered to 'acme'"):
+        register(layout, Registration("evil", acme.auth_key, member_keys("evil2", tmp_path / "evil2")[0].identity))
+    with pytest.raises(CertError, match="have the same identity key"):
+        verify_roster(sign_roster(_load_key(layout.ca_key), {"acme": acme.identity, "evil": acme.identity}),
+                      load_cert(layout.ca_cert), "roster")
+    # a look-alike name with a trailing newline, a list for a name, a path for --revoke
+    with pytest.raises(CertError, match="not a member name"):
+        verify_roster(_json.dumps({"members": {"acme\n": "00" * 32}}).encode(), None, "roster")
+    path.write_text(_json.dumps({"member": ["x"], "auth_key": acme.auth_key, "identity": acme.identity.hex()}))
+    with pytest.raises(CertError, match="unreadable"):
+        Registration.from_file(path)
+    (layout.root / "operator" / "keep.pub").write_text("keep")
+    with pytest.raises(CertError, match="not a member name"):
+        revoke(layout, "../keep")
+    assert (layout.root / "operator" / "keep.pub").is_file()
+    assert verify_roster(roster_path(layout).read_bytes(), load_cert(layout.ca_cert), "roster") == {"acme": acme.identity}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fedmoe.app_signing import ensure_app_key, trusted_entities_path
 from fedmoe.flower_deploy import CONNECTION, write_connection
 from fedmoe.processes import free_port, process_tree
 from server.workspace import Workspace
@@ -137,6 +138,7 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
     issued = issue(root / "certs", ["rogue"])
     layout = issued.layout
     layout.registered_key("rogue").unlink()  # rogue has a key pair and the CA, but is not registered
+    ensure_app_key(layout)  # the proxy signs the operator's app; members trust only that key
     # the members make their keys on their own machines and hand over public halves only
     for member in MEMBERS:
         registration, _ = member_keys(member, root / "nodes" / member)
@@ -315,6 +317,33 @@ def test_members_reach_only_the_fleet_api_through_the_proxy(deployment: Deployme
     [superlink] = [c for c in commands if any(part.endswith(b"flower-superlink") for part in c)]
     assert superlink[superlink.index(b"--host") + 1] == b"127.0.0.1"
     assert superlink[superlink.index(b"--port") + 1] == str(d.superlink_port).encode()
+
+
+@slow
+def test_members_refuse_an_app_bundle_that_is_not_the_operators(deployment: Deployment, tmp_path: Path) -> None:
+    d = deployment
+    for member in ("changelogs", "code"):  # the members run with the operator's app-signing key
+        assert "no trusted-entities" not in d.output(member) and trusted_entities_path(d.layout).is_file()
+    # someone submits the fedmoe app with one line changed (as a run reaching the Control API could)
+    app = tmp_path / "app"
+    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".fedmoe", "*.egg-info"))
+    with (app / "client" / "app.py").open("a") as handle:
+        handle.write("# exfiltrate the member's data here\n")
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(d.ws.corpora, ws.corpora)
+    shutil.copytree(d.ws.base, ws.base)
+    logs = {m: (d.root / f"{m}-supernode.log") for m in ("changelogs", "code")}
+    before = {m: p.read_text(errors="replace").count("could not be verified") for m, p in logs.items()}
+    submit = subprocess.run(
+        [sys.executable, "-m", "fedmoe.deploy_cmd", "submit", "--flwr-home", str(d.root / "operator" / "flwr-home"),
+         "--app", str(app), "-c", f"workspace={ws.root}", "-c", "num-rounds=1"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    _wait("the SuperNodes refuse the unsigned bundle",
+          lambda: all(p.read_text(errors="replace").count("could not be verified") > before[m] for m, p in logs.items()), 120)
+    assert "app bundle sent unsigned" in d.output("serve") and "client/app.py differs" in d.output("serve")
+    assert Checkpoints(ws.run_dir("default")).latest_round() in (None, 0)  # nothing trained on the members
 
 
 @slow

@@ -174,3 +174,16 @@ def test_a_group_with_members_outside_the_directory_is_refused() -> None:
     invented = make_params(tuple(sorted(members[:1] + ("zz-fake",))), 2, 1)
     with pytest.raises(InvalidInput, match="group member 'zz-fake' is not in the directory"):
         MemberSession(invented, members[0], keys[members[0]], directory)
+
+
+def test_a_signature_counts_for_its_signer_only_and_shared_keys_are_refused() -> None:
+    params, sessions, _, _, _ = masked_round(4, 3)
+    a, b, c, d = params.members
+    signed = {m: sessions[m].sign_survivors(list(params.members)) for m in (a, b, c)}
+    # d never signed: a's signature passed off as d's does not verify
+    with pytest.raises(ProtocolViolation, match=f"member '{d}': its signature is not over this survivor list"):
+        sessions[b].unmask({**signed, d: signed[a]})
+    members, keys, directory = consortium(3)
+    twin = {**directory, members[2]: directory[members[1]]}  # two names, one key
+    with pytest.raises(InvalidInput, match="two group members share one identity key"):
+        MemberSession(make_params(members, 2, 2), members[0], keys[members[0]], twin)

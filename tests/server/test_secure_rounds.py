@@ -8,12 +8,14 @@ refuse stage messages they should not answer.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from aggregation.codec_config import CodecConfig
 from aggregation.secure import TOKENS, SecureLayout
 from client.app import app
 from client.secure import handle_stage, identity_key, keep_input, load_roster, round_dir, simulated_roster, write_roster
@@ -362,3 +364,38 @@ def test_a_node_that_replies_as_another_member_than_it_said_is_refused(ws: Works
     assert "node 1000 spoke as 'mallory' after speaking as" in caplog.text
     manifests = Checkpoints(ws.run_dir("impostor")).manifests()
     assert all("mallory" not in {r["member"] for r in m.get("members", [])} for m in manifests)
+
+
+def test_a_member_advertises_in_a_session_once_even_when_its_round_is_rerun(tmp_path: Path) -> None:
+    """A re-run under the same session could let a server replay one attempt's signatures in the
+    next; the member refuses the session, and a fresh one (the server's per-attempt nonce) passes."""
+    roster = _roster(tmp_path, "a", "b")
+    keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))
+    handle_stage(_stage("advertise", 2, **SETUP), tmp_path / "a", "a", roster)
+    keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))  # the round is re-run: folder reset
+    with pytest.raises(ProtocolViolation, match="already advertised in this session of run 'r' round 2"):
+        handle_stage(_stage("advertise", 2, **SETUP), tmp_path / "a", "a", roster)
+    keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))
+    fresh = dict(SETUP, **{"graph-seed": b"t" * 16})
+    assert len(handle_stage(_stage("advertise", 2, **fresh), tmp_path / "a", "a", roster).fields["signature"]) == 64
+
+
+def test_each_attempt_at_a_round_is_a_new_session() -> None:
+    from server.secure import SecureSettings, make_params
+
+    layout = SecureLayout(shapes={"w": (4,)}, groups={"w": TOKENS}, codec=CodecConfig.parse("int8", clip=0.1), codec_seed=0, budget=8)
+    settings = SecureSettings(threshold=0, neighbours=0, ring_bits=0, min_group=2, timeout=1.0, seed=0)
+    first, second = (make_params(1, ["a", "b", "c"], layout, settings, 0, "r", os.urandom(16)) for _ in range(2))
+    assert first.session_id != second.session_id
+    assert make_params(1, ["a", "b", "c"], layout, settings, 0, "r", b"n").session_id != make_params(1, ["a", "b", "c"], layout, settings, 0, "s", b"n").session_id
+
+
+def test_a_refused_stage_ends_the_members_session(tmp_path: Path) -> None:
+    roster = _roster(tmp_path, "a", "b")
+    keep_input(tmp_path / "a", "r", 2, torch.zeros(10, dtype=torch.int64))
+    handle_stage(_stage("advertise", 2, **SETUP), tmp_path / "a", "a", roster)
+    bad = _stage("share", 2, senders=["zz"], **{"c-pubs": [b"x"], "s-pubs": [b"x"], "b-commitments": [b"x"], "signatures": [b"x"]})
+    with pytest.raises(ProtocolViolation, match="not a neighbour"):
+        handle_stage(bad, tmp_path / "a", "a", roster)
+    with pytest.raises(ProtocolViolation, match="share before advertise"):  # no second try at the stage
+        handle_stage(bad, tmp_path / "a", "a", roster)
