@@ -234,3 +234,17 @@ def test_names_paths_and_shared_keys_are_refused_where_the_roster_is_built(tmp_p
         revoke(layout, "../keep")
     assert (layout.root / "operator" / "keep.pub").is_file()
     assert verify_roster(roster_path(layout).read_bytes(), load_cert(layout.ca_cert), "roster") == {"acme": acme.identity}
+
+
+def test_keys_then_register_through_the_cli_hands_over_public_halves_only(tmp_path: Path) -> None:
+    made = _cli("keys", "--member", "acme", "--state-dir", str(tmp_path / "acme"))
+    assert made.returncode == 0, made.stderr
+    registration = tmp_path / "acme" / "keys" / "acme.registration.json"
+    assert str(registration) in made.stderr.replace("\n", "") and "PRIVATE" not in registration.read_text()
+    done = _cli("certs", "--out", str(tmp_path / "certs"), "--register", str(registration))
+    assert done.returncode == 0 and "member acme: registered" in done.stderr, done.stderr
+    layout = CertLayout(tmp_path / "certs")
+    assert layout.registered_members() == ["acme"] and not layout.member_dir("acme").exists()  # no member keys here
+    assert (layout.root / "operator" / "trusted-entities.yaml").is_file()
+    bad = _cli("certs", "--out", str(tmp_path / "certs"), "--revoke", "../ca/ca")
+    assert bad.returncode == 2 and len([line for line in bad.stderr.splitlines() if line.strip()]) == 1, bad.stderr
