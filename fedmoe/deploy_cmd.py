@@ -143,7 +143,7 @@ def serve_command(
     price_gpu_hour: Annotated[float, typer.Option(help="Price of a GPU-hour, for the cost metrics.")] = 0.0,
     price_million_tokens: Annotated[float, typer.Option(help="Price per million training tokens.")] = 0.0,
     log_file: Annotated[Path | None, typer.Option(help="SuperLink log (default: terminal).")] = None,
-    app_dir: Annotated[Path, typer.Option("--app", help="The operator's fedmoe checkout: only app bundles identical to it are signed for members.")] = Path(__file__).resolve().parents[1],
+    app_dir: Annotated[Path | None, typer.Option("--app", help="The operator's fedmoe project folder: only app bundles identical to it are signed for members (default: this checkout, else the current folder).")] = None,
 ) -> None:
     """Operator: start the SuperLink with TLS, node authentication and persistent state; register
     every member key in <certs>/operator/members/; stop cleanly on SIGTERM."""
@@ -162,7 +162,9 @@ def serve_command(
         for name, path in keys.items():
             check_readable(path, f"member {name!r} public key")
         check_readable(app_key_path(layout), "app-signing key (run `fedmoe certs` again to create it)", private=True)
-        app_key, app_dir = load_app_key(app_key_path(layout)), app_dir.resolve()
+        source = Path(__file__).resolve().parents[1]
+        app_key = load_app_key(app_key_path(layout))
+        app_dir = (app_dir or (source if (source / "pyproject.toml").is_file() else Path.cwd())).resolve()
         if not (app_dir / "pyproject.toml").is_file():
             raise DeployError(f"--app {app_dir}: no pyproject.toml (the fedmoe project folder)")
         state.mkdir(parents=True, exist_ok=True)
