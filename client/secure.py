@@ -15,13 +15,12 @@ a round is unmasked for one set of survivors only, even when the server re-runs 
 
 The roster of a SuperNode is the file `fedmoe certs` hands each member (node config `roster`,
 default <state-dir>/roster.json); without one the node refuses secure aggregation. The
-embedded simulation's consortium is this machine's: its roster lists the identity keys of the
-workspace's own simulated members (created here, under a lock, on first need).
+embedded simulation's consortium is this machine's: its roster is the identity keys of the
+workspace's own simulated members, read from their key files (each created on first need).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -44,7 +43,6 @@ from privacy.secagg import ProtocolViolation, SecAggError, SecAggParams
 from privacy.secagg_member import MemberSession
 from privacy.secagg_wire import KeyAdvert
 
-ROSTER = "roster.json"
 _SESSION_ROUNDS_KEPT = 256  # rounds per run whose sessions a member remembers (client/secure.py _claim_session)
 _REVEALS_KEPT = 256  # updates whose unmask survivors a member remembers (a re-run is of a recent round)
 
@@ -113,8 +111,7 @@ def handle_stage(
         )
     key = identity_key(state_dir)
     session_file = folder / f"session-{msg.group}.json"
-    if roster.get(member) is None or roster[member].public_bytes_raw() != public_bytes(key):
-        raise ProtocolViolation(f"member {member!r}: the roster does not register this node's identity key")
+    _check_own_key(roster, member, key, "the roster")
     if msg.stage == "advertise":
         if any(folder.glob("session-*.json")) or (folder / "advertised").exists():
             # one group per round: the same input in two groups would let sums be differenced
@@ -243,45 +240,46 @@ def _reveals(state_dir: Path) -> dict[str, list[str]]:
     return dict(json.loads(path.read_text())) if path.is_file() else {}
 
 
-def load_roster(path: Path, ca: Path | None) -> dict[str, Ed25519PublicKey]:
+def load_roster(path: Path, ca: Path) -> dict[str, Ed25519PublicKey]:
     """The consortium's roster (privacy/roster.py), its signature checked with the CA at `ca`;
-    `ca` None only for the embedded simulation's own unsigned roster. One-line
-    ProtocolViolation naming the file for anything else."""
+    one-line ProtocolViolation naming the file for anything else."""
     if not path.is_file():
         raise ProtocolViolation(
             f"no roster at {path}: secure aggregation needs the consortium's roster "
             "(roster.json from `fedmoe certs`; node config `roster`)"
         )
     try:
-        members = verify_roster(path.read_bytes(), None if ca is None else load_cert(ca), str(path))
+        members = verify_roster(path.read_bytes(), load_cert(ca), str(path))
     except (OSError, CertError) as exc:
         raise ProtocolViolation(str(exc)) from None
     return {m: Ed25519PublicKey.from_public_bytes(k) for m, k in members.items()}
 
 
-def write_roster(path: Path, keys: Mapping[str, bytes]) -> None:
-    """Write a roster of member -> raw Ed25519 public key (whole, via a temp file)."""
-    data = {"members": {m: k.hex() for m, k in sorted(keys.items())}}
-    _write_private(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), mode=0o644)
+def check_registered(path: Path, ca: Path, member: str, state_dir: Path) -> None:
+    """That the roster at `path` verifies with the CA and registers this node's identity key."""
+    _check_own_key(load_roster(path, ca), member, identity_key(state_dir), f"roster {path}")
+
+
+def _check_own_key(roster: Mapping[str, Ed25519PublicKey], member: str, key: Ed25519PrivateKey, source: str) -> None:
+    if member not in roster:
+        raise ProtocolViolation(f"{source} does not list member {member!r} (ask the operator to register it)")
+    if roster[member].public_bytes_raw() != public_bytes(key):
+        raise ProtocolViolation(f"member {member!r}: {source} does not register this node's identity key")
 
 
 def simulated_roster(nodes_dir: Path, members: Sequence[str]) -> dict[str, Ed25519PublicKey]:
     """The embedded consortium's roster: the identity keys of this workspace's own simulated
-    members (nodes_dir/<member>/), each created on first need, under a lock (the simulation's
-    actors run in parallel). Names the server sends are never added."""
-    nodes_dir.mkdir(parents=True, exist_ok=True)
-    with open(nodes_dir / ".roster.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        keys = {m: public_bytes(identity_key(nodes_dir / m)) for m in sorted(set(members))}
-        write_roster(nodes_dir / ROSTER, keys)  # for the operator's eyes: what the members accept
-    return {m: Ed25519PublicKey.from_public_bytes(k) for m, k in keys.items()}
+    members (nodes_dir/<member>/), each created on first need (safely from parallel actors:
+    identity_key links a new key into place only if none is there). Names the server sends are
+    never added."""
+    return {m: identity_key(nodes_dir / m).public_key() for m in sorted(set(members))}
 
 
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Owner-only (or `mode`) file, written whole (temp file, fsync, rename)."""
+def _write_private(path: Path, data: bytes) -> None:
+    """Owner-only file, written whole (temp file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()

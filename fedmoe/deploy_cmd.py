@@ -278,8 +278,9 @@ def join_command(
 def _check_roster(member: str, roster: Path, ca: Path, key: Path, state_dir: Path) -> Path:
     """The member's identity key in its state dir (moved there from beside --key when `fedmoe
     certs -m` made it) and, when the roster is there, that it verifies and registers that key."""
-    from privacy.certs import load_cert
-    from privacy.roster import IDENTITY, identity_public, verify_roster
+    from client.secure import check_registered
+    from privacy.roster import IDENTITY
+    from privacy.secagg import ProtocolViolation
 
     own, handed = state_dir / IDENTITY, key.parent / IDENTITY
     if not own.exists() and handed.is_file():
@@ -290,11 +291,10 @@ def _check_roster(member: str, roster: Path, ca: Path, key: Path, state_dir: Pat
         console.print(f"[yellow]warning:[/yellow] no roster at {roster}: this member will refuse secure aggregation "
                       "until it has the consortium's roster.json (from the operator's `fedmoe certs`)")
         return roster.resolve()
-    members = verify_roster(roster.read_bytes(), load_cert(ca), str(roster))
-    if member not in members:
-        raise DeployError(f"roster {roster}: does not list member {member!r} (ask the operator to register it)")
-    if members[member] != identity_public(own):
-        raise DeployError(f"roster {roster}: registers another identity key for {member!r} than {own}")
+    try:
+        check_registered(roster, ca, member, state_dir)  # what the ClientApp checks at every stage
+    except ProtocolViolation as exc:
+        raise DeployError(str(exc)) from None
     return roster.resolve()
 
 

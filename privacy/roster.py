@@ -83,9 +83,8 @@ def sign_roster(ca_key: ec.EllipticCurvePrivateKey, members: Mapping[str, bytes]
     return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
 
 
-def verify_roster(raw: bytes, ca_cert: x509.Certificate | None, source: str) -> dict[str, bytes]:
-    """A roster's members, its CA signature checked (unless `ca_cert` is None: an unsigned,
-    local roster such as the embedded simulation's); CertError naming `source` otherwise."""
+def verify_roster(raw: bytes, ca_cert: x509.Certificate, source: str) -> dict[str, bytes]:
+    """A roster's members, its CA signature checked; CertError naming `source` otherwise."""
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -93,8 +92,6 @@ def verify_roster(raw: bytes, ca_cert: x509.Certificate | None, source: str) -> 
     if not isinstance(data, dict) or "members" not in data:
         raise CertError(f"{source}: no 'members' table")
     members = _check_entries(data["members"], source)
-    if ca_cert is None:
-        return members
     public = ca_cert.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise CertError(f"{source}: the CA key is not EC, cannot check the roster")

@@ -227,7 +227,8 @@ class MemberSession:
         shares of the survivors and s_sk shares of the neighbours that dropped; never both, once.
 
         What to reveal comes from the signed list alone; the signatures must be valid, from
-        survivors, this member's own among them, and at least `params.min_signers` of them.
+        survivors, this member's own among them, and at least max(`params.min_signers`, this
+        member's minimum group size) of them.
         """
         if self._stage == _MEMBER_STAGES.index("done"):
             raise ProtocolViolation(

@@ -225,7 +225,9 @@ def test_names_paths_and_shared_keys_are_refused_where_the_roster_is_built(tmp_p
                       load_cert(layout.ca_cert), "roster")
     # a look-alike name with a trailing newline, a list for a name, a path for --revoke
     with pytest.raises(CertError, match="not a member name"):
-        verify_roster(_json.dumps({"members": {"acme\n": "00" * 32}}).encode(), None, "roster")
+        sign_roster(_load_key(layout.ca_key), {"acme\n": acme.identity})
+    with pytest.raises(CertError, match="not a member name"):
+        verify_roster(_json.dumps({"members": {"acme\n": acme.identity.hex()}}).encode(), load_cert(layout.ca_cert), "roster")
     path.write_text(_json.dumps({"member": ["x"], "auth_key": acme.auth_key, "identity": acme.identity.hex()}))
     with pytest.raises(CertError, match="unreadable"):
         Registration.from_file(path)

@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from aggregation.codec_config import CodecConfig
 from aggregation.secure import TOKENS, SecureLayout
 from client.app import app
-from client.secure import handle_stage, identity_key, keep_input, load_roster, round_dir, simulated_roster, write_roster
+from client.secure import handle_stage, identity_key, keep_input, load_roster, round_dir, simulated_roster
+from privacy.certs import _load_key, issue
+from privacy.roster import sign_roster
 from server.config import ConfigError, RunConfig
 from protos.messages import HELLO, SecAggMessage, secagg_message_type
 from server.workspace import Workspace
@@ -193,16 +195,22 @@ def test_members_refuse_stages_they_should_not_answer(tmp_path: Path) -> None:
 
 def test_roster_files_are_checked_where_they_are_read(tmp_path: Path) -> None:
     keys = {n: k.public_bytes_raw() for n, k in _roster(tmp_path, "a", "b").items()}
-    write_roster(tmp_path / "roster.json", keys)
-    assert {n: k.public_bytes_raw() for n, k in load_roster(tmp_path / "roster.json", None).items()} == keys
+    layout = issue(tmp_path / "certs", []).layout
+    ca = layout.ca_cert
+    signed = sign_roster(_load_key(layout.ca_key), keys)
+    (tmp_path / "roster.json").write_bytes(signed)
+    assert {n: k.public_bytes_raw() for n, k in load_roster(tmp_path / "roster.json", ca).items()} == keys
     with pytest.raises(ProtocolViolation, match="no roster at .*fedmoe certs"):
-        load_roster(tmp_path / "missing.json", None)
+        load_roster(tmp_path / "missing.json", ca)
     (tmp_path / "bad.json").write_text('{"members": {"a": "00ff"}}')
     with pytest.raises(ProtocolViolation, match="bad.json: the key of 'a' is 2 bytes, expected 32"):
-        load_roster(tmp_path / "bad.json", None)
+        load_roster(tmp_path / "bad.json", ca)
     (tmp_path / "bad.json").write_text('{"members": {"../x": "' + "00" * 32 + '"}}')
     with pytest.raises(ProtocolViolation, match="is not a member name"):
-        load_roster(tmp_path / "bad.json", None)
+        load_roster(tmp_path / "bad.json", ca)
+    (tmp_path / "bad.json").write_text('{"members": {"a": "' + keys["a"].hex() + '"}}')  # unsigned
+    with pytest.raises(ProtocolViolation, match="bad.json: the roster's signature does not verify"):
+        load_roster(tmp_path / "bad.json", ca)
 
 
 def test_a_simulated_roster_holds_the_workspace_members_only_and_keeps_their_keys(tmp_path: Path) -> None:
