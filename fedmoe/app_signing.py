@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.proto.fab_pb2 import GetFabResponse  # type: ignore[attr-defined]
 from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
 
-from privacy.certs import CertLayout
+from privacy.certs import CertError, CertLayout
 
 KEY_ID = "fedmoe-operator"
 
@@ -68,9 +68,13 @@ def ensure_app_key(layout: CertLayout) -> bool:
 
 
 def load_app_key(path: Path) -> Ed25519PrivateKey:
-    key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    """The operator's app-signing key; CertError naming the file for anything else."""
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CertError(f"app-signing key {path}: not an unencrypted OpenSSH private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: not an Ed25519 key")
+        raise CertError(f"app-signing key {path}: not an Ed25519 key")
     return key
 
 

@@ -110,3 +110,23 @@ def test_forged_forwarding_headers_odd_encodings_and_queries_do_not_pass(tmp_pat
     odd = client.post("/v1/fleet/pull-messages", content=b"x", headers={"X-Foo": b"\xe9"})
     assert odd.status_code == 400 and "malformed request" in odd.text
     assert len(seen) == 1  # only the first request reached the SuperLink
+
+
+def test_a_corrupt_app_signing_key_is_one_line_at_serve(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from fedmoe.app_signing import app_key_path, ensure_app_key
+    from privacy.roster import member_keys, register
+
+    layout = issue(tmp_path / "certs", []).layout
+    ensure_app_key(layout)
+    register(layout, member_keys("acme", tmp_path / "acme")[0])
+    app_key_path(layout).write_text("not a key\n")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "fedmoe.deploy_cmd", "serve", "--certs", str(layout.root),
+                             "--state", str(tmp_path / "state")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root), "COLUMNS": "400"}, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "app-signing key" in lines[0], result.stderr
