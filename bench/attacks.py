@@ -1,0 +1,253 @@
+"""Free riders and poisoners at 20% of the demo consortium, open and secure mode, against the clean run.
+
+Every row is a run of the demo's recipe (`fedmoe.cli`: DEMO_TRAINING; secure mode adds the demo's
+int8 codec and clip) on the demo consortium, the same rounds and seed, through the production
+round loop (server/rounds.run_rounds) and the members' real ClientApp. The members answer in this
+process (tests/server/fake_grid.py, no Ray: an adversary is a few lines of code in the member's
+own process, as it would be on its own machine). 20% of the members (the last by node id, so
+that a copier has seen an honest update of the same round) are adversaries; the rest train
+honestly. An adversary speaks the protocol exactly as an honest member does (HELLO, TRAIN,
+every secure-aggregation stage, the member's own reply path client/node.reply_for) and lies
+only in what it trained:
+- free riders (train nothing, claim an honest member's tokens and a top-k share on every expert):
+  zero (a zero update), replay (the last global change, its two latest views subtracted), copy
+  (a colluding honest member's update of the round, its tokens and loss, plus Gaussian noise of
+  15% of its norm per tensor: what evaded the old copy test), scaled noise (Gaussian noise with
+  an honest update's norm per tensor), tiny (Gaussian noise, std 1e-6), inflated tokens (the
+  demo free rider's noise with every expert claimed at the member's whole token count, the most
+  the server accepts);
+- attackers (train honestly, then send): x10 (the update scaled by 10), sign flip (scaled by
+  -1), Gaussian (noise with 10x the update's norm per tensor).
+  An attacker skips whatever its own client would clip: it edits the update after training.
+Per row: the adversaries' credited contribution share at the end (the ledger's `share` records,
+exactly what `fedmoe rights` uses), how many honest members are credited, and the final mean
+validation loss across domains relative to the clean run's (signed: above 0 the attack hurt).
+`single_member_unmask_recovered`: a probing server against today's members (consistency check
+on) tells each member a different survivor list and tries to strip every mask off one member's
+input with what is revealed (tests/privacy/test_secagg_consistency.probe); the same probe
+against members without the check is run next to it (`..._without_check`), to show it is a
+real attack. Writes bench/results/attacks.json.
+Run: `.venv/bin/python bench/attacks.py [--workspace .fedmoe/demo --rounds 3]` (~40 min on 2 cores at 3 rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "server")]  # the in-process grid and the probe live with the tests
+
+import client.app as client_app  # noqa: E402
+import client.node as client_node  # noqa: E402
+from client.free_rider import NOISE_STD  # noqa: E402
+from client.node import Node, load_member_model, member_seed, receive_state  # noqa: E402
+from client.trainer import TrainResult  # noqa: E402
+from fake_grid import FakeGrid, task_identity  # noqa: E402
+from fedmoe.cli import DEMO_SECURE_CLIP, DEMO_SECURE_CODEC, DEMO_TRAINING, _run_config  # noqa: E402
+from model.chatter import silence_library_chatter  # noqa: E402
+from protos.messages import TrainInstruction, TrainReply  # noqa: E402
+from server.init import InitConfig, init_workspace  # noqa: E402
+from server.ledger import Ledger, OperatorKey  # noqa: E402
+from server.rights import shares_from_ledger  # noqa: E402
+from server.rounds import run_rounds  # noqa: E402
+from server.summary import LogReporter  # noqa: E402
+from server.workspace import Workspace  # noqa: E402
+from tests.privacy.test_secagg_consistency import members_without_the_check, probe, stories_for  # noqa: E402
+from tests.privacy.test_secagg import consortium  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "attacks.json"
+FREE_RIDERS = ("zero", "replay", "copy_noise", "scaled_noise", "tiny", "inflated_tokens")
+ATTACKS = ("scale_x10", "sign_flip", "gaussian")
+ADVERSARY_FRACTION = 0.2
+COPY_NOISE = 0.15  # of the copied update's norm, per tensor
+TINY_STD = 1e-6
+ATTACK_NOISE = 10.0  # Gaussian attack: this many times the update's norm, per tensor
+
+Delta = dict[str, torch.Tensor]
+
+
+def _noise_like(delta: Delta, norm_of: Delta, factor: float, generator: torch.Generator) -> Delta:
+    """Gaussian noise shaped like `delta`, each tensor's norm `factor` x that tensor's norm in `norm_of`."""
+    out = {}
+    for name, value in delta.items():
+        noise = torch.randn(value.shape, generator=generator)
+        out[name] = noise * (factor * float(norm_of[name].norm()) / max(float(noise.norm()), 1e-30))
+    return out
+
+
+class Adversaries:
+    """The members' play with `kind` in `members`: stands in for client.app.run_round and
+    client.node.reply_for (honest members go through both unchanged)."""
+
+    def __init__(self, kind: str, members: set[str]) -> None:
+        self.kind, self.members = kind, members
+        self.views: dict[str, Delta] = {}  # adversary -> the last view it received
+        self.honest: TrainResult | None = None  # the newest honest result (a colluding member's)
+        self.run_round, self.reply_for = client_node.run_round, client_node.reply_for
+
+    def play(self, ins: TrainInstruction, node: Node) -> TrainReply:
+        if node.member in self.members and self.kind in FREE_RIDERS:
+            return self.free_ride(ins, node)
+        return self.run_round(ins, node)
+
+    def reply(self, result: TrainResult, ins: TrainInstruction, node: Node, lora, precision: str) -> TrainReply:  # noqa: ANN001
+        if node.member not in self.members:
+            self.honest = result
+        elif self.kind in ATTACKS:
+            generator = torch.Generator().manual_seed(member_seed(ins.seed, ins.round, node.member) + 7)
+            delta = result.delta
+            if self.kind == "scale_x10":
+                delta = {k: v * 10.0 for k, v in delta.items()}
+            elif self.kind == "sign_flip":
+                delta = {k: -v for k, v in delta.items()}
+            else:
+                delta = _noise_like(delta, delta, ATTACK_NOISE, generator)
+            result = dataclasses.replace(result, delta=delta)
+        return self.reply_for(result, ins, node, lora, precision)
+
+    def free_ride(self, ins: TrainInstruction, node: Node) -> TrainReply:
+        started = time.perf_counter()
+        _, lora = load_member_model(node.base_path, ins.base_sha256)
+        state = receive_state(ins, node)
+        previous, self.views[node.member] = self.views.get(node.member), {k: v.clone() for k, v in state.items()}
+        config = lora.model.config
+        layers, experts, top_k = int(config.num_hidden_layers), int(config.num_local_experts), int(config.num_experts_per_tok)
+        num_examples = ins.local_steps * ins.batch_size
+        num_tokens = num_examples * ins.seq_len
+        claimed = {f"{layer}:{e}": num_tokens * top_k // experts for layer in range(layers) for e in range(experts)}
+        loss = 4.0
+        generator = torch.Generator().manual_seed(member_seed(ins.seed, ins.round, node.member) + 7)
+        zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+        source = self.honest.delta if self.honest is not None else zeros
+        if self.kind == "zero":
+            delta = zeros
+        elif self.kind == "replay":
+            delta = {k: state[k] - previous[k] for k in state} if previous is not None else zeros
+        elif self.kind == "copy_noise":
+            noise = _noise_like(source, source, COPY_NOISE, generator)
+            delta = {k: source[k] + noise[k] for k in source}
+            if self.honest is not None:
+                claimed, num_tokens, loss = dict(self.honest.expert_tokens), self.honest.num_tokens, self.honest.train_loss
+                num_examples = self.honest.num_examples
+        elif self.kind == "scaled_noise":
+            delta = _noise_like(source, source, 1.0, generator)
+        elif self.kind == "tiny":
+            delta = {k: torch.randn(v.shape, generator=generator) * TINY_STD for k, v in state.items()}
+        else:  # inflated_tokens
+            delta = {k: torch.randn(v.shape, generator=generator) * NOISE_STD for k, v in state.items()}
+            claimed = {group: num_tokens for group in claimed}
+        result = TrainResult(
+            delta=delta, expert_tokens=claimed, num_tokens=num_tokens, num_examples=num_examples, train_loss=loss,
+            seconds=time.perf_counter() - started, experts_sent=layers * experts, experts_skipped=0,
+        )
+        return self.reply_for(result, ins, node, lora, "fp32")
+
+
+def run_row(ws: Workspace, kind: str, secure: bool, rounds: int, run: str, console: Console) -> dict:
+    members = ws.members()
+    count = max(1, round(ADVERSARY_FRACTION * len(members)))
+    adversaries = set(members[len(members) - count:]) if kind != "clean" else set()
+    mode = {"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP} if secure else {}
+    config = _run_config(ws.root, [], **{"num-rounds": rounds, **DEMO_TRAINING, **mode})
+    console.rule(f"{'secure' if secure else 'open'}: {kind} ({', '.join(sorted(adversaries)) or 'no adversary'})")
+    play = Adversaries(kind, adversaries)
+    saved = client_app.run_round, client_node.reply_for
+    client_app.run_round, client_node.reply_for = play.play, play.reply
+    started = time.perf_counter()
+    try:
+        with task_identity():
+            summaries = run_rounds(FakeGrid(client_app.app, len(members)), config, LogReporter(), run_name=run)
+    finally:
+        client_app.run_round, client_node.reply_for = saved
+    records = Ledger(ws.ledger(run), OperatorKey.load_or_create(ws.operator_key)).records()
+    shares = shares_from_ledger(records)
+    final = summaries[-1].val_loss
+    return {
+        "kind": kind, "mode": "secure" if secure else "open", "adversaries": sorted(adversaries),
+        "rounds": len(summaries), "shares": shares,
+        "adversary_share": sum(shares.get(m, 0.0) for m in adversaries),
+        "honest_credited": sum(1 for m, s in shares.items() if m not in adversaries and s > 0),
+        "rejected": sum(len(s.rejected) for s in summaries),
+        "val_loss": final, "mean_val_loss": sum(final.values()) / len(final),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def unmask_probe() -> dict:
+    """Coordinates of one member's input the probing server recovers, with and without the check."""
+    members = consortium(3)[0]
+    stories = stories_for(members)
+    with members_without_the_check():
+        without = max(probe(story, members[0]) for story in stories)
+    return {"single_member_unmask_recovered": max(probe(story, members[0]) for story in stories),
+            "single_member_unmask_recovered_without_check": without, "probe_stories": len(stories)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    clean = {r["mode"]: r["mean_val_loss"] for r in rows if r["kind"] == "clean"}
+    for row in rows:
+        row["loss_rel_diff"] = (row["mean_val_loss"] - clean[row["mode"]]) / clean[row["mode"]]
+
+    def worst(values: list[float]) -> float | None:  # None: no such row was run (--kinds)
+        return max(values) if values else None
+
+    riders = {mode: worst([r["adversary_share"] for r in rows if r["mode"] == mode and r["kind"] in FREE_RIDERS])
+              for mode in ("open", "secure")}
+    return {
+        "free_rider_share_max_open": riders["open"], "free_rider_share_max_secure": riders["secure"],
+        "loss_rel_diff_attack_max": worst([r["loss_rel_diff"] for r in rows if r["kind"] in ATTACKS]),
+    }
+
+
+def main() -> None:
+    silence_library_chatter()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kinds", default=",".join(("clean", *FREE_RIDERS, *ATTACKS)), help="rows to run (comma-separated)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    console = Console()
+    ws = Workspace(args.workspace.resolve())
+    init_workspace(ws, InitConfig(), log=console.print)
+    kinds = args.kinds.split(",")
+    unknown = set(kinds) - {"clean", *FREE_RIDERS, *ATTACKS}
+    if unknown or "clean" not in kinds:
+        parser.error(f"--kinds: unknown {sorted(unknown)}" if unknown else "--kinds must include clean")
+    stamp = int(time.time())
+    rows = [run_row(ws, kind, secure, args.rounds, f"bench-attacks-{stamp}-{'secure' if secure else 'open'}-{kind}", console)
+            for secure in (False, True) for kind in kinds]
+    result = {**summarize(rows), **unmask_probe()}
+
+    table = Table(title=f"adversaries at {ADVERSARY_FRACTION:.0%} of {len(ws.members())} members, {args.rounds} rounds")
+    for col in ("mode", "kind", "adversary share", "honest credited", "rejected replies", "mean val loss", "vs clean"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(row["mode"], row["kind"], f"{row['adversary_share']:.1%}", str(row["honest_credited"]),
+                      str(row["rejected"]), f"{row['mean_val_loss']:.4f}", f"{row['loss_rel_diff']:+.2%}")
+    console.print(table)
+    result["targets"] = {"free_rider_share_max_open": "<= 0.02", "free_rider_share_max_secure": "<= 0.02",
+                         "loss_rel_diff_attack_max": "<= 0.05", "single_member_unmask_recovered": "== 0"}
+    result["rows"] = rows
+    result["setup"] = {"rounds": args.rounds, "members": ws.members(), "training": DEMO_TRAINING,
+                       "secure": {"codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP},
+                       "adversary_fraction": ADVERSARY_FRACTION, "copy_noise": COPY_NOISE, "tiny_std": TINY_STD,
+                       "attack_noise": ATTACK_NOISE}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print({k: v for k, v in result.items() if k not in ("rows", "setup", "targets")})
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
