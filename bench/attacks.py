@@ -12,7 +12,9 @@ only in what it trained:
 - free riders (train nothing, claim an honest member's tokens and a top-k share on every expert):
   zero (a zero update), replay (the last global change, its two latest views subtracted), copy
   (a colluding honest member's update of the round, its tokens and loss, plus Gaussian noise of
-  15% of its norm per tensor: what evaded the old copy test), scaled noise (Gaussian noise with
+  15% of its norm per tensor: what evaded the old copy test), loud copy (the same with noise as
+  large as the update: a cosine of about 0.7, which no threshold between it and two honest
+  members' 0.01-0.1 would be safe to rely on), scaled noise (Gaussian noise with
   an honest update's norm per tensor), tiny (Gaussian noise, std 1e-6), inflated tokens (the
   demo free rider's noise with every expert claimed at the member's whole token count, the most
   the server accepts);
@@ -27,7 +29,7 @@ on) tells each member a different survivor list and tries to strip every mask of
 input with what is revealed (tests/privacy/test_secagg_consistency.probe); the same probe
 against members without the check is run next to it (`..._without_check`), to show it is a
 real attack. Writes bench/results/attacks.json.
-Run: `.venv/bin/python bench/attacks.py [--workspace .fedmoe/demo --rounds 3]` (~40 min on 2 cores at 3 rounds).
+Run: `.venv/bin/python bench/attacks.py [--workspace .fedmoe/demo --rounds 3]` (~45 min on 2 cores at 3 rounds).
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ from tests.privacy.test_secagg_consistency import members_without_the_check, pro
 from tests.privacy.test_secagg import consortium  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "attacks.json"
-FREE_RIDERS = ("zero", "replay", "copy_noise", "scaled_noise", "tiny", "inflated_tokens")
+FREE_RIDERS = ("zero", "replay", "copy_noise", "copy_loud", "scaled_noise", "tiny", "inflated_tokens")
 ATTACKS = ("scale_x10", "sign_flip", "gaussian")
 ADVERSARY_FRACTION = 0.2
 COPY_NOISE = 0.15  # of the copied update's norm, per tensor
+COPY_NOISE_LOUD = 1.0
 TINY_STD = 1e-6
 ATTACK_NOISE = 10.0  # Gaussian attack: this many times the update's norm, per tensor
 
@@ -133,8 +136,8 @@ class Adversaries:
             delta = zeros
         elif self.kind == "replay":
             delta = {k: state[k] - previous[k] for k in state} if previous is not None else zeros
-        elif self.kind == "copy_noise":
-            noise = _noise_like(source, source, COPY_NOISE, generator)
+        elif self.kind in ("copy_noise", "copy_loud"):
+            noise = _noise_like(source, source, COPY_NOISE if self.kind == "copy_noise" else COPY_NOISE_LOUD, generator)
             delta = {k: source[k] + noise[k] for k in source}
             if self.honest is not None:
                 claimed, num_tokens, loss = dict(self.honest.expert_tokens), self.honest.num_tokens, self.honest.train_loss
@@ -241,7 +244,7 @@ def main() -> None:
     result["rows"] = rows
     result["setup"] = {"rounds": args.rounds, "members": ws.members(), "training": DEMO_TRAINING,
                        "secure": {"codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP},
-                       "adversary_fraction": ADVERSARY_FRACTION, "copy_noise": COPY_NOISE, "tiny_std": TINY_STD,
+                       "adversary_fraction": ADVERSARY_FRACTION, "copy_noise": COPY_NOISE, "copy_noise_loud": COPY_NOISE_LOUD, "tiny_std": TINY_STD,
                        "attack_noise": ATTACK_NOISE}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

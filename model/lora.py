@@ -86,6 +86,14 @@ class _Slot:
         out = data.shape[0]
         return data.reshape(out, -1, self.num_experts)[..., self.expert].clone()  # (out, r)
 
+    def read_grad(self) -> torch.Tensor:
+        grad = self.param.grad
+        if grad is None:
+            return torch.zeros(self.read().shape, dtype=torch.float32)
+        if self.expert is None:
+            return grad.detach().float().clone()
+        return grad.detach().reshape(grad.shape[0], -1, self.num_experts)[..., self.expert].float().clone()
+
     def write(self, value: torch.Tensor) -> None:
         with torch.no_grad():
             value = value.to(self.param.dtype)
@@ -185,6 +193,10 @@ class LoraMoE:
 
     def get_state(self) -> dict[str, torch.Tensor]:
         return {name: slot.read().float() for name, slot in self._slots.items()}
+
+    def get_grad(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors' accumulated gradients, named and shaped as `get_state` (zeros where none)."""
+        return {name: slot.read_grad() for name, slot in self._slots.items()}
 
     def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
         unknown = sorted(set(state) - set(self._slots))

@@ -110,8 +110,29 @@ def evaluate_loss(
     autocast_dtype: torch.dtype | None,
 ) -> float:
     """Mean next-token cross-entropy over `blocks` (num_blocks, T), weighted by tokens."""
+    with torch.no_grad():
+        return _mean_loss(model, blocks, batch_size, device, autocast_dtype, backward=False)
+
+
+def loss_backward(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> float:
+    """`evaluate_loss`, with the gradient of that mean accumulated into the parameters' .grad."""
+    return _mean_loss(model, blocks, batch_size, device, autocast_dtype, backward=True)
+
+
+def _mean_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device,
+               autocast_dtype: torch.dtype | None, *, backward: bool) -> float:
     model.eval()
-    total, count = 0.0, 0
+    count = blocks[:, 1:].numel()
+    if count == 0:
+        raise ValueError("evaluate_loss: no validation blocks")
+    total = 0.0
     for start in range(0, blocks.shape[0], batch_size):
         batch = blocks[start : start + batch_size].to(device)  # (B, T)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -121,8 +142,7 @@ def evaluate_loss(
             batch[:, 1:].reshape(-1),
             reduction="sum",
         )
+        if backward:
+            (loss / count).backward()
         total += float(loss)
-        count += batch[:, 1:].numel()
-    if count == 0:
-        raise ValueError("evaluate_loss: no validation blocks")
     return total / count

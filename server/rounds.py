@@ -327,7 +327,8 @@ def score_round(
         scores = scored_open.scores
         run.book = run.book.add(rnd, scores)
         how = {"mode": "open", "evaluations": scored_open.evaluations, "null_members": scored_open.null_members,
-               "duplicates": [list(p) for p in scored_open.duplicates]}
+               "duplicates": [list(p) for p in scored_open.duplicates],
+               "novel_descent_z": {m: round(z, 2) for m, z in scored_open.novelty.items()}}
     shares = contribution_shares(run.estimator.totals()) if config.contribution_mode == "secure" else run.book.shares()
     return scores, how, shares
 

@@ -15,17 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aggregation.free_riders import duplicate_members, is_null_update
+from aggregation.free_riders import duplicate_members, is_null_update, novel_descent
 from aggregation.robust import update_norm
 from aggregation.groups import group_shapley
 from aggregation.shapley import Coalition, ShapleyEstimate, gtg_shapley
 from aggregation.fedavg import Update
 from model.precision import Precision
 from model.lora import LoraMoE, expert_of
-from model.moe import evaluate_loss
+from model.moe import evaluate_loss, loss_backward
 
 TINY = 1e-3  # an update this small next to the round's median norm moves nothing: a free rider's
 COPY_COSINE = 0.95  # a copy with noise up to ~1/3 of the update's size still points this way
+NOVEL_Z = 4.0  # descent z of what nobody else sent, below which an update adds nothing (aggregation/free_riders.py)
 LAST = "(the consortium's last change)"  # not a member name: it cannot collide with one
 
 
@@ -67,6 +68,19 @@ class CoalitionValue:
         self.evaluations += 1
         return sum(losses) / len(losses)
 
+    def gradients(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per validation domain, the gradient of its mean loss at the round's starting state."""
+        self.lora.set_state(dict(self.state))
+        model = self.lora.model.to(self.precision.device)
+        out = {}
+        for domain, blocks in self.val_sets.items():
+            model.zero_grad(set_to_none=True)
+            loss_backward(model, blocks, batch_size=self.batch_size, device=self.precision.device,
+                          autocast_dtype=self.precision.autocast_dtype)
+            out[domain] = self.lora.get_grad()
+        model.zero_grad(set_to_none=True)
+        return out
+
     def __call__(self, coalition: Coalition) -> float:
         if not coalition:
             return 0.0
@@ -82,6 +96,7 @@ class RoundScores:
     null_members: list[str]
     duplicates: list[tuple[str, str]]
     group_values: dict[str, float] = field(default_factory=dict)  # secure mode: "a+b+c" -> value
+    novelty: dict[str, float] = field(default_factory=dict)  # open mode: member -> descent z of what only it sent
 
 
 def score_open(
@@ -90,19 +105,22 @@ def score_open(
 ) -> RoundScores:
     """Per-member Shapley values from individual updates; free riders get no credit:
     - a null update (zeros), or one far smaller than the round's others (< TINY x the median
-      norm: it moves nothing), or a replay of the consortium's last change (`last_change`, the
-      difference of the two views a member holds: cosine >= COPY_COSINE) scores 0;
-    - copies of each other (cosine >= COPY_COSINE: a copy with noise up to about a third of the
-      update's size) share one value (aggregation/free_riders.py).
-    Noise needs no rule: its estimates scatter around zero, and the score book sums them before
-    it clips (aggregation/contribution.py)."""
+      norm: it moves nothing) scores 0;
+    - so does one whose part that the round's other updates and the consortium's last change
+      (`last_change`, the difference of the two views a member holds) do not explain shows no
+      descent on any validation domain (z < NOVEL_Z, aggregation/free_riders.novel_descent): a
+      replay of the last change, a copy of another member's update, pure noise, each with any
+      noise added; the original of a copy keeps its credit unless the copy is nearly exact;
+    - copies of each other that both pass (cosine >= COPY_COSINE) share one value.
+    Whatever scores 0 is left out of the Shapley game; its update is still aggregated (bounded
+    by the norm rule, server/validate.py). Noise the test misses (a false pass, about once in
+    30,000 per domain) scatters around zero, and the score book sums before it clips."""
     norms = {u.member: update_norm(u) for u in updates}
     median = statistics.median(norms.values()) if norms else 0.0
     null = {u.member for u in updates if is_null_update(u.delta) or norms[u.member] < TINY * median}
-    if last_change:
-        replayed = duplicate_members({**{u.member: u.delta for u in updates if u.member not in null}, LAST: last_change},
-                                     threshold=COPY_COSINE)
-        null |= {a if b == LAST else b for a, b in replayed if LAST in (a, b)}
+    kept = {u.member: u.delta for u in updates if u.member not in null}
+    novelty = novel_descent(kept, value.gradients(), {LAST: last_change} if last_change else None) if kept else {}
+    null |= {m for m, z in novelty.items() if z < NOVEL_Z}
     scored = [u for u in updates if u.member not in null]
     pairs = duplicate_members({u.member: u.delta for u in scored}, threshold=COPY_COSINE)
     scores = dict.fromkeys(sorted(null), 0.0)
@@ -112,7 +130,7 @@ def score_open(
             max_permutations=max_permutations, duplicates=pairs,
         )
         scores.update({m: float(v) for m, v in estimate.values.items()})
-    return RoundScores(scores, value.evaluations, sorted(null), pairs)
+    return RoundScores(scores, value.evaluations, sorted(null), pairs, novelty=novelty)
 
 
 def open_value(lora: LoraMoE, state: Mapping[str, torch.Tensor], updates: Sequence[Update],

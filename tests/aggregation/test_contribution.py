@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregation.contribution import ContributionError, ScoreBook, contribution_shares
-from aggregation.free_riders import duplicate_members, is_null_update
+from aggregation.free_riders import descent_z, duplicate_members, is_null_update, novel_descent
 from aggregation.group_estimator import GroupValueEstimator
 from aggregation.groups import group_shapley, random_groups, rotating_subsets
 from aggregation.shapley import Valuation, exact_shapley, gtg_shapley
@@ -455,6 +455,86 @@ def test_duplicates_count_once_in_a_coalition_and_split_the_value() -> None:
     assert exact.values == pytest.approx({"rich": 0.5, "copy": 0.5, "small": 0.2})
     est = gtg_shapley(list(w), naive, rng=random.Random(0), duplicates=pairs)
     assert est.values == pytest.approx(exact.values, abs=0.03)
+
+
+def _like(shape_of: Mapping[str, torch.Tensor], g: torch.Generator, norm: float) -> dict[str, torch.Tensor]:
+    """Gaussian noise shaped like `shape_of`, each coordinate's scale drawn log-normally (not
+    isotropic: the z statistic must not rely on that), scaled to L2 norm `norm` overall."""
+    raw = {k: torch.randn(v.shape, generator=g) * torch.exp(torch.randn(v.shape, generator=g)) for k, v in shape_of.items()}
+    total = math.sqrt(sum(float(t.square().sum()) for t in raw.values()))
+    return {k: t * (norm / total) for k, t in raw.items()}
+
+
+def _norm(u: Mapping[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.square().sum()) for t in u.values()))
+
+
+def _planted_round(seed: int = 0):  # noqa: ANN202
+    """Three honest members on three domains: each update steps down its own domain's validation
+    gradient, plus a direction all members share, plus its own SGD noise as large as the step."""
+    g = torch.Generator().manual_seed(seed)
+    shape = {"shared.lora_B": torch.zeros(64, 16), **{f"experts.e{e}.lora_B": torch.zeros(32, 8) for e in range(6)}}
+    gradients = {d: {k: torch.randn(v.shape, generator=g) * 10.0 ** (i % 3 - 1) for i, (k, v) in enumerate(shape.items())}
+                 for d in ("code", "legal", "manuals")}  # scales differ by layer
+    common = _like(shape, g, 1.0)
+    honest = {}
+    for member, domain in (("a", "code"), ("b", "legal"), ("c", "manuals")):
+        noise = _like(shape, g, 1.0)
+        honest[member] = {k: -gradients[domain][k] + common[k] + noise[k] for k in shape}
+    return g, gradients, honest
+
+
+def test_descent_z_of_noise_is_a_standard_normal_whatever_its_scales() -> None:
+    """The false-alarm rate the threshold of 4 is chosen for holds: z of noise independent of
+    the gradient is about N(0, 1) (its scale would be wrong with the cosine x sqrt(d) instead)."""
+    g, gradients, _ = _planted_round()
+    zs = torch.tensor([descent_z(_like(gradients["code"], g, 10.0 ** (i % 5 - 2)), gradients["code"]) for i in range(400)])
+    assert abs(float(zs.mean())) < 0.2 and 0.85 < float(zs.std()) < 1.15
+    assert float(zs.abs().max()) < 4.0
+    assert descent_z({k: -v for k, v in gradients["code"].items()}, gradients["code"]) > 20
+
+
+@pytest.mark.parametrize("eps", [0.15, 0.5, 1.0, 3.0])
+def test_a_copy_with_any_noise_brings_nothing_new_and_its_original_keeps_its_credit(eps: float) -> None:
+    g, gradients, honest = _planted_round()
+    copier = {k: v + n for (k, v), n in zip(honest["a"].items(), _like(honest["a"], g, eps * _norm(honest["a"])).values())}
+    z = novel_descent({**honest, "copier": copier}, gradients)
+    assert z["copier"] < 4.0
+    assert min(z["a"], z["b"], z["c"]) >= 4.0
+    # the cosine test alone misses every copy beyond a third of the update's size
+    assert bool(duplicate_members({"a": honest["a"], "copier": copier}, threshold=0.95)) == (eps < 0.3)
+
+
+def test_a_mix_of_two_members_a_noisy_replay_and_pure_noise_bring_nothing_new() -> None:
+    g, gradients, honest = _planted_round(1)
+    # last round: the same three steps, with that round's own SGD noise
+    steps = {k: sum(-gradients[d][k] for d in gradients) for k in honest["a"]}
+    last_change = {k: steps[k] + n for k, n in _like(honest["a"], g, 2.0 * _norm(steps)).items()}
+    size = _norm(honest["a"])
+    riders = {
+        "mix": {k: 0.6 * honest["a"][k] + 0.4 * honest["b"][k] + n for k, n in _like(honest["a"], g, 0.5 * size).items()},
+        "replay": {k: 0.8 * last_change[k] + n for k, n in _like(honest["a"], g, 0.5 * size).items()},
+        "noise": _like(honest["a"], g, 3.0 * size),
+        "flipped": {k: n - honest["b"][k] for k, n in _like(honest["b"], g, 0.5 * size).items()},
+    }
+    z = novel_descent({**honest, **riders}, gradients, {"(last change)": last_change})
+    assert max(z[m] for m in riders) < 4.0
+    assert min(z[m] for m in honest) >= 4.0
+
+
+def test_a_nearly_exact_copy_takes_its_original_down_with_it() -> None:
+    """The documented limit: under noise of 1% of the update the residuals of both are noise
+    (only a colluding member can hold another's update within a round)."""
+    g, gradients, honest = _planted_round(2)
+    copier = {k: v + n for (k, v), n in zip(honest["a"].items(), _like(honest["a"], g, 0.01 * _norm(honest["a"])).values())}
+    z = novel_descent({**honest, "copier": copier}, gradients)
+    assert z["copier"] < 4.0 and z["a"] < 4.0 and min(z["b"], z["c"]) >= 4.0
+
+
+def test_novel_descent_refuses_a_reference_named_like_a_member() -> None:
+    _, gradients, honest = _planted_round()
+    with pytest.raises(ContributionError, match="reference 'a' has a member's name"):
+        novel_descent(honest, gradients, {"a": honest["b"]})
 
 
 # ------------------------------------------------------------------------------ score book
