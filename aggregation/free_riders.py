@@ -9,25 +9,32 @@ Pure helpers over update tensors, open mode only (secure mode never sees an upda
   in every coalition, so the cluster's value is split equally among its members.
   `novel_descent` is the test that does not depend on how much noise a free rider adds: the part
   of a member's update that the round's other updates and the references (the consortium's last
-  change) do not explain, by least squares, must point downhill on some validation domain, by a
-  self-normalized z statistic (below). A copy of another member's update plus noise of any size,
-  a replay of the last change plus noise, and pure noise all leave only noise in that residual.
+  change) do not explain must point downhill on some validation domain. The fit is per tensor
+  (least squares of the member's tensor on the same tensor of the others), and so is the test,
+  in the same geometry: rescaling, zeroing or sign-flipping some tensors of a copy or a replay
+  leaves them explained, and tensors the member did not send do not count (members send only
+  the experts they routed to). A copy of another member's update plus noise of any size, a
+  replay of the last change plus noise, and pure noise all leave only noise in the residual.
   The original of a copy keeps the part of its update that the copier's noise took away: its
   residual still points downhill (z about eps x its own z, for noise eps x its norm), so the
   copier is caught and the original is not, unless the noise is tiny (eps of a few percent, when
-  the copy is also a cosine duplicate and both fail the test: within one round only a colluding
-  member can hold another member's update, since members never see each other's).
+  both fail the test: within one round only a colluding member can hold another member's update,
+  since members never see each other's).
+  Limits: members with the same data bring little that the others do not (their residuals are
+  mostly their own SGD noise), so they may score 0 together; a nonlinear function of the last
+  change (e.g. its signs) is not in the span the fit removes, which is why the replay cosine rule
+  of server/scoring.py stays as well.
 
 The z statistic: for a residual r and a validation gradient g, per tensor t, z_t = -sum_i r_i
-g_i / sqrt(sum_i r_i^2 g_i^2), combined over the tensors as sum_t z_t / sqrt(T) (Stouffer). When r
-is noise independent of g with zero-mean coordinates of any scales, each z_t is close to a
-standard normal (a self-normalized sum), and so is their combination, so a threshold of 4 is a
-false alarm about once in 30,000 per domain. Per tensor, because gradient scales differ by
-orders of magnitude between layers: over the whole update a few large coordinates would set the
-denominator and cap z near the square root of their number. Measured on the demo: honest updates
-score 34-69 on their own domain (the whole-update statistic gave 7.5-18.5), 10x-norm Gaussian
-noise -0.7 to 2.2. Passing needs a direction that lowers validation loss and that nobody else
-sent: training.
+g_i / sqrt(sum_i r_i^2 g_i^2), combined over the T tensors sent as sum_t z_t / sqrt(T)
+(Stouffer). When r is noise independent of g with zero-mean coordinates of any scales, each z_t
+is close to a standard normal (a self-normalized sum), and so is their combination, so a
+threshold of 4 is a false alarm about once in 30,000 per domain. Per tensor, because gradient
+scales differ by orders of magnitude between layers: over the whole update a few large
+coordinates would set the denominator and cap z near the square root of their number. Measured
+on the demo (before the fit was per tensor): honest updates 15-64 on their own domain (the
+whole-update statistic gave 7.5-18.5), 10x-norm Gaussian noise -0.7 to 2.2. Passing needs a
+direction that lowers validation loss and that nobody else sent: training.
 
 These statistics (least squares over a ragged set of named tensors, a self-normalized sum) are
 not in torch or scipy, hence the few lines here.
@@ -86,25 +93,27 @@ def is_null_update(
 EXPLAINED = 1e-6  # a residual this small next to its update is rounding error: nothing new
 
 
+def _rows(vectors: Mapping[str, Mapping[str, torch.Tensor]], name: str) -> tuple[list[str], torch.Tensor]:
+    """(the vectors that hold tensor `name`, in name order; their values as fp64 CPU rows)."""
+    holders = sorted(v for v in vectors if name in vectors[v])
+    shape = vectors[holders[0]][name].shape
+    for holder in holders:
+        if vectors[holder][name].shape != shape:
+            raise ContributionError(
+                f"member {holder!r}: tensor {name!r} has shape "
+                f"{tuple(vectors[holder][name].shape)}, expected {tuple(shape)}"
+            )
+    return holders, torch.stack([vectors[h][name].detach().to("cpu", torch.float64).reshape(-1) for h in holders])
+
+
 def _gram(vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
     """(names in order, their (n, n) fp64 inner products); a tensor one vector lacks counts as zeros."""
     members = sorted(vectors)
-    n = len(members)
-    gram = torch.zeros(n, n, dtype=torch.float64)  # (members, members) inner products
-    names = sorted({name for u in vectors.values() for name in u})
-    for name in names:
-        holders = [i for i, m in enumerate(members) if name in vectors[m]]
-        shape = vectors[members[holders[0]]][name].shape
-        for i in holders:
-            if vectors[members[i]][name].shape != shape:
-                raise ContributionError(
-                    f"member {members[i]!r}: tensor {name!r} has shape "
-                    f"{tuple(vectors[members[i]][name].shape)}, expected {tuple(shape)}"
-                )
-        rows = torch.stack(
-            [vectors[members[i]][name].detach().to(torch.float64).reshape(-1) for i in holders]
-        )  # (holders, numel)
-        idx = torch.tensor(holders)
+    index = {m: i for i, m in enumerate(members)}
+    gram = torch.zeros(len(members), len(members), dtype=torch.float64)  # (members, members)
+    for name in sorted({name for u in vectors.values() for name in u}):
+        holders, rows = _rows(vectors, name)  # (holders, numel)
+        idx = torch.tensor([index[h] for h in holders])
         gram[idx.unsqueeze(1), idx.unsqueeze(0)] += rows @ rows.T
     return members, gram
 
@@ -130,48 +139,49 @@ def duplicate_members(
     return pairs
 
 
-def descent_z(residual: Mapping[str, torch.Tensor], gradient: Mapping[str, torch.Tensor]) -> float:
-    """Stouffer's combination of each tensor's z = -sum r g / sqrt(sum r^2 g^2), over the tensors
-    both hold where that is not 0/0 (0.0 when there is none)."""
-    zs = []
-    for name, r in residual.items():
-        if name in gradient:
-            product = r.detach().to(torch.float64) * gradient[name].detach().to(torch.float64)
-            spread = float(product.square().sum())
-            if spread > 0:
-                zs.append(-float(product.sum()) / math.sqrt(spread))
-    return math.fsum(zs) / math.sqrt(len(zs)) if zs else 0.0
-
-
 def novel_descent(
     updates: Mapping[str, Mapping[str, torch.Tensor]],
     gradients: Mapping[str, Mapping[str, torch.Tensor]],
     references: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
-    """Per member: the largest `descent_z`, over the validation `gradients` (domain -> tensors),
-    of the residual of its update after least squares on the other members' updates and the
-    `references` (names that are not members, e.g. the consortium's last change)."""
+    """Per member: the largest, over the validation `gradients` (domain -> tensors), Stouffer z of
+    what only it sent. Per tensor it sent: the residual after least squares on that tensor of the
+    other members and the `references` that hold it (names that are not members, e.g. the
+    consortium's last change), and its z = -sum r g / sqrt(sum r^2 g^2); a tensor the others
+    explain to rounding (or with no gradient) scores 0. Combined: sum of z over sqrt(tensors sent)."""
     references = dict(references or {})
     clash = sorted(set(references) & set(updates))
     if clash:
         raise ContributionError(f"reference {clash[0]!r} has a member's name")
-    names, gram = _gram({**updates, **references})
-    index = {m: i for i, m in enumerate(names)}
     vectors = {**updates, **references}
-    out: dict[str, float] = {}
-    for member in sorted(updates):
-        i = index[member]
-        others = [j for j in range(len(names)) if j != i and gram[j, j] > 0]
-        residual = {k: v.detach().to(torch.float64) for k, v in updates[member].items()}
-        if others:
-            sub = gram[others][:, others]
-            coef = torch.linalg.pinv(sub, hermitian=True, rtol=1e-10) @ gram[others, i]  # least squares
-            for c, j in zip(coef.tolist(), others):
-                for name, t in vectors[names[j]].items():
-                    term = c * t.detach().to(torch.float64)
-                    residual[name] = residual[name] - term if name in residual else -term
-        if delta_norm(residual) <= EXPLAINED * math.sqrt(float(gram[i, i])):
-            out[member] = 0.0  # the others explain it to rounding: z of rounding error means nothing
-        else:
-            out[member] = max((descent_z(residual, g) for g in gradients.values()), default=0.0)
-    return out
+    totals = {m: dict.fromkeys(gradients, 0.0) for m in updates}
+    sent = dict.fromkeys(updates, 0)
+    for name in sorted({name for u in updates.values() for name in u}):
+        holders, rows = _rows(vectors, name)  # (holders, numel)
+        gram = rows @ rows.T
+        # per member here: a, its residual as a combination of the rows (its own minus the fit)
+        combos: dict[str, torch.Tensor] = {}
+        for i, member in enumerate(holders):
+            if member not in updates:
+                continue
+            sent[member] += 1
+            a = torch.zeros(len(holders), dtype=torch.float64)
+            a[i] = 1.0
+            others = [j for j in range(len(holders)) if j != i and gram[j, j] > 0]
+            if others:
+                coef = torch.linalg.pinv(gram[others][:, others], hermitian=True, rtol=1e-10) @ gram[others, i]
+                a[others] = -coef
+            if float(a @ gram @ a) > (EXPLAINED ** 2) * float(gram[i, i]):
+                combos[member] = a
+        for domain, gradient in gradients.items():
+            if name not in gradient or not combos:
+                continue
+            g = gradient[name].detach().to("cpu", torch.float64).reshape(-1)
+            along = rows @ g  # (holders,)
+            spread = (rows * g.square()) @ rows.T  # (holders, holders): sum_i x_i y_i g_i^2
+            for member, a in combos.items():
+                variance = float(a @ spread @ a)
+                if variance > 0:
+                    totals[member][domain] += -float(a @ along) / math.sqrt(variance)
+    return {m: max((t / math.sqrt(sent[m]) for t in totals[m].values()), default=0.0) if sent[m] else 0.0
+            for m in sorted(updates)}

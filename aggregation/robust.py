@@ -29,7 +29,7 @@ members, hence these few lines.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,6 +49,16 @@ class Bounded:
 
 def update_norm(update: Update) -> float:
     return delta_norm(update.delta)
+
+
+def clip_l2(delta: Mapping[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
+    """`delta` scaled down to L2 norm `bound` when it is longer (`bound` 0: unchanged). The
+    member's side of the bound (run config `update-clip`): under secure aggregation nobody else
+    can apply it."""
+    norm = delta_norm(delta)
+    if bound <= 0 or norm <= bound:
+        return dict(delta)
+    return {k: v * (bound / norm) for k, v in delta.items()}
 
 
 def bound_norms(updates: Sequence[Update], bound: float) -> Bounded:

@@ -29,7 +29,10 @@ on) tells each member a different survivor list and tries to strip every mask of
 input with what is revealed (tests/privacy/test_secagg_consistency.probe); the same probe
 against members without the check is run next to it (`..._without_check`), to show it is a
 real attack. Writes bench/results/attacks.json.
-Run: `.venv/bin/python bench/attacks.py [--workspace .fedmoe/demo --rounds 3]` (~45 min on 2 cores at 3 rounds).
+Every row records the commit it was measured at. `--modes open` runs only the open rows and
+keeps the secure rows of the results file as they are (with their commit), for a change that
+touches open-mode scoring only.
+Run: `.venv/bin/python bench/attacks.py [--workspace .fedmoe/demo --rounds 3 --modes open,secure]` (~50 min on 2 cores at 3 rounds).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -186,6 +190,13 @@ def run_row(ws: Workspace, kind: str, secure: bool, rounds: int, run: str, conso
     }
 
 
+def commit() -> str:
+    """HEAD's hash, with "+changes" when the work tree differs from it."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return f"{head}+changes" if dirty else head
+
+
 def unmask_probe() -> dict:
     """Coordinates of one member's input the probing server recovers, with and without the check."""
     members = consortium(3)[0]
@@ -218,6 +229,7 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kinds", default=",".join(("clean", *FREE_RIDERS, *ATTACKS)), help="rows to run (comma-separated)")
+    parser.add_argument("--modes", default="open,secure", help="modes to run; rows of the others are kept from --out")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     console = Console()
@@ -227,9 +239,19 @@ def main() -> None:
     unknown = set(kinds) - {"clean", *FREE_RIDERS, *ATTACKS}
     if unknown or "clean" not in kinds:
         parser.error(f"--kinds: unknown {sorted(unknown)}" if unknown else "--kinds must include clean")
-    stamp = int(time.time())
-    rows = [run_row(ws, kind, secure, args.rounds, f"bench-attacks-{stamp}-{'secure' if secure else 'open'}-{kind}", console)
-            for secure in (False, True) for kind in kinds]
+    modes = args.modes.split(",")
+    if not modes or set(modes) - {"open", "secure"}:
+        parser.error(f"--modes: {args.modes!r} is not a comma-separated list of open, secure")
+    kept = []
+    if set(modes) != {"open", "secure"}:
+        if not args.out.exists():
+            parser.error(f"--modes {args.modes}: {args.out} has no rows to keep for the other mode")
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if r["mode"] not in modes]
+    stamp, measured_at = int(time.time()), commit()
+    rows = [{**run_row(ws, kind, secure, args.rounds, f"bench-attacks-{stamp}-{'secure' if secure else 'open'}-{kind}", console),
+             "commit": measured_at}
+            for secure in (False, True) if ("secure" if secure else "open") in modes for kind in kinds]
+    rows = sorted(rows + kept, key=lambda r: r["mode"] == "secure")
     result = {**summarize(rows), **unmask_probe()}
 
     table = Table(title=f"adversaries at {ADVERSARY_FRACTION:.0%} of {len(ws.members())} members, {args.rounds} rounds")

@@ -8,7 +8,7 @@ import json
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +18,7 @@ from aggregation.broadcast import OPT_PREFIX, PatchError, apply_patch, decode_st
 from aggregation.server_opt import ServerOptError, ServerOptimizer, check_state
 from aggregation.codec_config import CodecConfig
 from aggregation.feedback import ErrorFeedback
+from aggregation.robust import clip_l2
 from client import secure
 from model.precision import select_precision
 from client.trainer import TrainConfig, TrainResult, train_local
@@ -259,6 +260,7 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
 def reply_for(result: TrainResult, ins: TrainInstruction, node: Node, lora: LoraMoE, precision: str) -> TrainReply:
     """The round's reply for a training result: the update encoded (or kept for the SecAgg stages)."""
     update_seed = member_seed(ins.seed, ins.round, node.member) + 1
+    result = replace(result, delta=clip_l2(result.delta, ins.update_clip))
     identity = b""
     if ins.secure:
         # the update stays here: pre-scaled by its weights, compressed, kept for the SecAgg stages

@@ -147,6 +147,7 @@ def _export(root: Path, run_name: str, out: Path | None) -> Path:
 
 
 DEMO_SECURE_CODEC, DEMO_SECURE_CLIP = "int8", 0.05
+DEMO_UPDATE_CLIP = 3.0  # members' own L2 bound under secure aggregation: 2-3x an honest demo update (0.9-1.4)
 # Local SGD with a server FedYogi (adaptive federated optimization): on the demo's one-domain-per-
 # member consortium, averaging members' local-AdamW updates cancels most of their gains (README).
 # 12 local steps (6 before) put training at ~2/3 of a secure round; the server lr ramps up over 3
@@ -178,7 +179,7 @@ def demo(
     run_name = "demo" if secure else "demo-open"
     if fresh:
         shutil.rmtree(ws.run_dir(run_name), ignore_errors=True)
-    mode = {"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP} if secure else {}
+    mode = {"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP, "update-clip": DEMO_UPDATE_CLIP} if secure else {}
     cfg = _run_config(ws.root, [], **{"num-rounds": rounds}, **DEMO_TRAINING, **mode)
     rider = " + free-rider (labelled: claims tokens, sends noise)" if free_rider else ""
     console.print(f"consortium: {', '.join(ws.members()[: members or None])}{rider} ({os.cpu_count()} CPU cores)")

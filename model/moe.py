@@ -144,5 +144,5 @@ def _mean_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, de
         )
         if backward:
             (loss / count).backward()
-        total += float(loss)
+        total += float(loss.detach())
     return total / count

@@ -8,17 +8,19 @@ bytes inside a ConfigRecord (never pickle); the codec issue replaces the payload
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 6  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
+PROTOCOL_VERSION = 7  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
 # 3: TRAIN carries the expert balance (`balance`, the consortium's `expert_load`, `balance_weight`)
 # 4: TRAIN carries the members' local optimizer (`local_opt`)
 # 5: TRAIN `state_kind` "step" (the member replays the server optimizer's step, `server_optimizer`)
 # 6: SecAgg's survivor-list check stage; sessions bound to run and group; no identities on the wire
+# 7: TRAIN carries the member-side L2 bound of the update (`update_clip`)
 
 
 LOCAL_OPTIMIZERS = ("adamw", "sgd")  # TRAIN `local_opt`: the members' optimizer for their local steps
@@ -62,6 +64,7 @@ class TrainInstruction:
     min_expert_tokens: int
     codec: str  # aggregation/codec.py spec
     codec_clip: float  # 0: none
+    update_clip: float  # the member scales its update down to this L2 norm before encoding it; 0: none
     codec_seed: int  # the round's shared seed (randk coordinates)
     precision: str
     secure: bool  # secure aggregation: keep the update on the node for the SecAgg stages
@@ -89,6 +92,10 @@ class TrainInstruction:
         if config.pop("version", None) != PROTOCOL_VERSION:
             raise ProtocolError(f"TRAIN message has protocol version other than {PROTOCOL_VERSION}")
         ins = cls(state=_typed("state", state, bytes), **_typed_fields(cls, config, skip={"state"}))
+        for name in ("lr", "codec_clip", "update_clip"):
+            value = getattr(ins, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ProtocolError(f"TRAIN {name} {value!r} is not a finite number >= 0")
         if not RUN_NAME.fullmatch(ins.run):  # members keep state under the run's name
             raise ProtocolError(f"TRAIN run {ins.run[:80]!r} is not a run name (1-64 letters, digits, '.', '_', '-')")
         return ins

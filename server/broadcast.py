@@ -70,7 +70,7 @@ def broadcast(run: Run, roster: Roster, rnd: int, codec_seed: int) -> tuple[list
             members_dir=str(ws.members_dir), nodes_dir=str(ws.root / "nodes"),
             local_steps=config.local_steps, batch_size=config.batch_size, seq_len=config.seq_len,
             lr=config.lr, local_opt=config.local_opt, seed=config.seed, min_expert_tokens=config.min_expert_tokens,
-            codec=codec, codec_clip=config.codec_clip, codec_seed=codec_seed,
+            codec=codec, codec_clip=config.codec_clip, update_clip=config.update_clip, codec_seed=codec_seed,
             precision=config.precision, secure=config.secagg == "on",
             balance=config.expert_balance, expert_load=load_payload, balance_weight=run.load_weight,
             server_optimizer=server_optimizer,

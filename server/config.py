@@ -7,6 +7,7 @@ Every key is documented in README.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ class RunConfig:
     broadcast: str = "delta"  # "delta": int8 patches of the view; "step": the mean update, replayed; "full"
     codec: str = "fp16"  # update encoding, aggregation/codec.py: e.g. "int8", "randk0.05+int8", "topk0.01+int8"
     codec_clip: float = 0.0  # > 0: shared range [-clip, clip] for int8/int4 (secure-aggregation summable)
+    update_clip: float = 0.0  # > 0: each member scales its update down to this L2 norm before encoding it
     max_update_bytes: int = 64 * 1024 * 1024  # a larger update is refused before it is parsed
     precision: str = "auto"
     eval_batches: int = 8
@@ -104,6 +106,7 @@ class RunConfig:
             (self.min_expert_tokens >= 0, "min-expert-tokens must be >= 0"),
             (self.broadcast in ("delta", "step", "full"), "broadcast must be 'delta', 'step' or 'full'"),
             (self.codec_clip >= 0, "codec-clip must be >= 0"),
+            (math.isfinite(self.update_clip) and self.update_clip >= 0, "update-clip must be a finite number >= 0 (0: off)"),
             (self.max_update_bytes > 0, "max-update-bytes must be > 0"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.eval_batches >= 1, "eval-batches must be >= 1"),

@@ -73,12 +73,14 @@ class CoalitionValue:
         self.lora.set_state(dict(self.state))
         model = self.lora.model.to(self.precision.device)
         out = {}
-        for domain, blocks in self.val_sets.items():
+        try:
+            for domain, blocks in self.val_sets.items():
+                model.zero_grad(set_to_none=True)
+                loss_backward(model, blocks, batch_size=self.batch_size, device=self.precision.device,
+                              autocast_dtype=self.precision.autocast_dtype)
+                out[domain] = {k: v.cpu() for k, v in self.lora.get_grad().items()}
+        finally:
             model.zero_grad(set_to_none=True)
-            loss_backward(model, blocks, batch_size=self.batch_size, device=self.precision.device,
-                          autocast_dtype=self.precision.autocast_dtype)
-            out[domain] = self.lora.get_grad()
-        model.zero_grad(set_to_none=True)
         return out
 
     def __call__(self, coalition: Coalition) -> float:
@@ -104,8 +106,9 @@ def score_open(
     last_change: Mapping[str, torch.Tensor] | None = None,
 ) -> RoundScores:
     """Per-member Shapley values from individual updates; free riders get no credit:
-    - a null update (zeros), or one far smaller than the round's others (< TINY x the median
-      norm: it moves nothing) scores 0;
+    - a null update (zeros), one far smaller than the round's others (< TINY x the median
+      norm: it moves nothing), or a replay of the consortium's last change (cosine >=
+      COPY_COSINE) scores 0;
     - so does one whose part that the round's other updates and the consortium's last change
       (`last_change`, the difference of the two views a member holds) do not explain shows no
       descent on any validation domain (z < NOVEL_Z, aggregation/free_riders.novel_descent): a
@@ -118,9 +121,13 @@ def score_open(
     norms = {u.member: update_norm(u) for u in updates}
     median = statistics.median(norms.values()) if norms else 0.0
     null = {u.member for u in updates if is_null_update(u.delta) or norms[u.member] < TINY * median}
+    if last_change:
+        replayed = duplicate_members({**{u.member: u.delta for u in updates if u.member not in null}, LAST: last_change},
+                                     threshold=COPY_COSINE)
+        null |= {a if b == LAST else b for a, b in replayed if LAST in (a, b)}
     kept = {u.member: u.delta for u in updates if u.member not in null}
     novelty = novel_descent(kept, value.gradients(), {LAST: last_change} if last_change else None) if kept else {}
-    null |= {m for m, z in novelty.items() if z < NOVEL_Z}
+    null |= {m for m, z in novelty.items() if not z >= NOVEL_Z}  # NaN included
     scored = [u for u in updates if u.member not in null]
     pairs = duplicate_members({u.member: u.delta for u in scored}, threshold=COPY_COSINE)
     scores = dict.fromkeys(sorted(null), 0.0)

@@ -29,6 +29,8 @@ def test_every_run_config_key_is_documented_in_the_readme() -> None:
     ("user", "message"),
     [
         ({"num-rounds": 0}, "num-rounds must be >= 1"),
+        ({"update-clip": -1.0}, "update-clip must be a finite number >= 0"),
+        ({"update-clip": float("inf")}, "update-clip must be a finite number >= 0"),
         ({"lr": "fast"}, "lr = 'fast' must be float"),
         ({"no-such-key": 1}, "unknown key 'no-such-key'"),
         ({"precision": "fp8"}, "precision must be one of"),
@@ -45,7 +47,7 @@ def _ins() -> TrainInstruction:
     return TrainInstruction(
         round=3, run="default", state=b"\x00\x01", state_kind="full", base_view_sha256="", view_sha256="cd" * 32, base_sha256="ab" * 32, base_path="/b", members_dir="/m", nodes_dir="/n",
         local_steps=2, batch_size=4, seq_len=64, lr=0.01, local_opt="sgd", seed=7, min_expert_tokens=5,
-        codec="randk0.1+int8", codec_clip=0.5, codec_seed=99, precision="auto", secure=False,
+        codec="randk0.1+int8", codec_clip=0.5, update_clip=2.0, codec_seed=99, precision="auto", secure=False,
         balance="consortium", expert_load=b"\x07" * 16, balance_weight=0.25, server_optimizer="",
     )
 
@@ -69,6 +71,11 @@ def test_malformed_messages_are_refused() -> None:
     content.config_records["config"]["version"] = 99
     with pytest.raises(ProtocolError, match="protocol version"):
         TrainInstruction.from_record(content)
+    for field, value in (("update_clip", float("nan")), ("update_clip", -1.0), ("codec_clip", float("inf")), ("lr", -0.1)):
+        content = _ins().to_record()
+        content.config_records["config"][field] = value
+        with pytest.raises(ProtocolError, match=f"TRAIN {field} .* is not a finite number >= 0"):
+            TrainInstruction.from_record(content)
     for run in ("../../home/acme", "a/b", "", ".hidden", "x" * 65):  # members keep state under the run's name
         content = _ins().to_record()
         content.config_records["config"]["run"] = run

@@ -61,7 +61,7 @@ def test_a_member_refuses_an_expert_load_that_does_not_fit_its_model(tiny_base_p
     ins = TrainInstruction(
         round=2, run="r", state=b"", state_kind="full", base_view_sha256="", view_sha256="", base_sha256="",
         base_path="", members_dir="", nodes_dir="", local_steps=1, batch_size=1, seq_len=8, lr=0.1, local_opt="adamw", seed=0,
-        min_expert_tokens=0, codec="fp16", codec_clip=0.0, codec_seed=0, precision="auto", secure=False,
+        min_expert_tokens=0, codec="fp16", codec_clip=0.0, update_clip=0.0, codec_seed=0, precision="auto", secure=False,
         balance="consortium", expert_load=tensors_to_bytes({"load": good}), balance_weight=0.5, server_optimizer="",
     )
     assert torch.equal(expert_load_of(ins, lora), good)

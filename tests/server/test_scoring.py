@@ -116,8 +116,9 @@ def test_free_riders_beyond_zeros_get_nothing_in_open_mode(planted) -> None:
     honest = [u for u in updates if u.member in ("rich", "small", "noisy")]
     rich = next(u for u in honest if u.member == "rich")
     g = torch.Generator().manual_seed(7)
-    last_change = {k: 0.5 * v + 0.5 * next(u for u in honest if u.member == "small").delta.get(k, v)
-                   for k, v in rich.delta.items()}  # what the consortium's state moved by last round
+    # what the consortium's state moved by last round: an update trained on the rich member's data
+    # with another seed (not a combination of this round's updates, which would explain them)
+    last_change = {k: v.clone() for k, v in next(u for u in updates if u.member == "duplicate").delta.items()}
 
     def noise_like(delta, scale):  # noqa: ANN001, ANN202
         return {k: torch.randn(v.shape, generator=g) * v.norm() / v.numel() ** 0.5 * scale for k, v in delta.items()}
