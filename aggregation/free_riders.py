@@ -23,7 +23,10 @@ Pure helpers over update tensors, open mode only (secure mode never sees an upda
   Limits: members with the same data bring little that the others do not (their residuals are
   mostly their own SGD noise), so they may score 0 together; a nonlinear function of the last
   change (e.g. its signs) is not in the span the fit removes, which is why the replay cosine rule
-  of server/scoring.py stays as well.
+  of server/scoring.py stays as well; and only the last change is a reference, so an older
+  round's change (public history), its part along the last change removed, passes (a reviewer's
+  simulation: z 19 and a real Shapley share). More past changes as references would close that
+  one and explain away more of a steady honest member's update.
 
 The z statistic: for a residual r and a validation gradient g, per tensor t, z_t = -sum_i r_i
 g_i / sqrt(sum_i r_i^2 g_i^2), combined over the T tensors sent as sum_t z_t / sqrt(T)
@@ -148,40 +151,42 @@ def novel_descent(
     what only it sent. Per tensor it sent: the residual after least squares on that tensor of the
     other members and the `references` that hold it (names that are not members, e.g. the
     consortium's last change), and its z = -sum r g / sqrt(sum r^2 g^2); a tensor the others
-    explain to rounding (or with no gradient) scores 0. Combined: sum of z over sqrt(tensors sent)."""
+    explain to rounding scores 0. Combined: sum of z over sqrt(tensors counted), counting the
+    nonzero tensors it sent where the domain's gradient is not zero (a tensor no validation token
+    reaches, or a LoRA A while B is still 0, would only dilute). The fit is on unit rows, so that
+    one huge row does not push the others under the pseudo-inverse's cut-off."""
     references = dict(references or {})
     clash = sorted(set(references) & set(updates))
     if clash:
         raise ContributionError(f"reference {clash[0]!r} has a member's name")
     vectors = {**updates, **references}
     totals = {m: dict.fromkeys(gradients, 0.0) for m in updates}
-    sent = dict.fromkeys(updates, 0)
+    counted = {m: dict.fromkeys(gradients, 0) for m in updates}  # tensors it sent where the domain has a gradient
     for name in sorted({name for u in updates.values() for name in u}):
         holders, rows = _rows(vectors, name)  # (holders, numel)
+        norms = rows.norm(dim=1)
+        rows = rows / norms.clamp_min(1e-300).unsqueeze(1)  # unit rows: the fit's cut-off is not set by scale
         gram = rows @ rows.T
-        # per member here: a, its residual as a combination of the rows (its own minus the fit)
-        combos: dict[str, torch.Tensor] = {}
+        residuals: dict[str, torch.Tensor | None] = {}  # member -> what only it sent (None: explained)
         for i, member in enumerate(holders):
-            if member not in updates:
+            if member not in updates or norms[i] == 0:
                 continue
-            sent[member] += 1
-            a = torch.zeros(len(holders), dtype=torch.float64)
-            a[i] = 1.0
-            others = [j for j in range(len(holders)) if j != i and gram[j, j] > 0]
+            others = [j for j in range(len(holders)) if j != i and norms[j] > 0]
+            residual = rows[i]
             if others:
                 coef = torch.linalg.pinv(gram[others][:, others], hermitian=True, rtol=1e-10) @ gram[others, i]
-                a[others] = -coef
-            if float(a @ gram @ a) > (EXPLAINED ** 2) * float(gram[i, i]):
-                combos[member] = a
+                residual = rows[i] - coef @ rows[others]
+            residuals[member] = residual if float(residual.norm()) > EXPLAINED else None
         for domain, gradient in gradients.items():
-            if name not in gradient or not combos:
-                continue
-            g = gradient[name].detach().to("cpu", torch.float64).reshape(-1)
-            along = rows @ g  # (holders,)
-            spread = (rows * g.square()) @ rows.T  # (holders, holders): sum_i x_i y_i g_i^2
-            for member, a in combos.items():
-                variance = float(a @ spread @ a)
-                if variance > 0:
-                    totals[member][domain] += -float(a @ along) / math.sqrt(variance)
-    return {m: max((t / math.sqrt(sent[m]) for t in totals[m].values()), default=0.0) if sent[m] else 0.0
+            g = gradient[name].detach().to("cpu", torch.float64).reshape(-1) if name in gradient else None
+            if g is None or not bool(g.any()):
+                continue  # no validation signal on this tensor: it neither counts nor dilutes
+            for member, residual in residuals.items():
+                counted[member][domain] += 1
+                if residual is not None:
+                    product = residual * g
+                    variance = float(product.square().sum())
+                    if variance > 0:
+                        totals[member][domain] += -float(product.sum()) / math.sqrt(variance)
+    return {m: max((totals[m][d] / math.sqrt(counted[m][d]) for d in gradients if counted[m][d]), default=0.0)
             for m in sorted(updates)}

@@ -568,6 +568,21 @@ def test_members_that_send_only_their_own_experts_are_judged_on_what_they_sent()
     assert min(z[m] for m in honest) >= 4.0 and z["copier"] < 4.0
 
 
+def test_tensors_without_a_gradient_do_not_dilute_and_a_huge_row_does_not_hide_the_others() -> None:
+    """Tensors with no validation gradient (a LoRA A while B is 0, an expert no token reaches) do
+    not count; an accomplice's row 1e8 times larger than the others on one tensor does not push
+    them out of the fit (an exact copy passed that way before the rows were normalized)."""
+    g, gradients, honest = _planted_round(4)
+    before = novel_descent(honest, gradients)
+    padded = {m: {**u, **{f"frozen{j}": torch.randn(16, 4, generator=g) for j in range(20)}} for m, u in honest.items()}
+    flat = {d: {**grad, **{f"frozen{j}": torch.zeros(16, 4) for j in range(20)}} for d, grad in gradients.items()}
+    assert novel_descent(padded, flat) == pytest.approx(before, rel=1e-9)
+    name = next(iter(honest["a"]))
+    huge = {name: 1e8 * torch.randn(honest["a"][name].shape, generator=g)}
+    z = novel_descent({**honest, "copier": {k: v.clone() for k, v in honest["a"].items()}, "accomplice": huge}, gradients)
+    assert z["copier"] < 4.0 and z["accomplice"] < 4.0
+
+
 def test_the_closer_the_copy_the_less_of_its_original_is_left() -> None:
     """The documented limit: what a copy with noise eps x its size leaves of the original is
     about the noise's part; an exact copy (see the per-tensor test) leaves nothing of either (only
