@@ -79,20 +79,20 @@ class _Slot:
     expert: int | None  # column group of an interleaved per-expert lora_B
     num_experts: int
 
-    def read(self) -> torch.Tensor:
-        data = self.param.detach()
+    def _part(self, data: torch.Tensor) -> torch.Tensor:
+        """This slot's part of `data` (the parameter or its gradient), as a copy."""
         if self.expert is None:
             return data.clone()
-        out = data.shape[0]
-        return data.reshape(out, -1, self.num_experts)[..., self.expert].clone()  # (out, r)
+        return data.reshape(data.shape[0], -1, self.num_experts)[..., self.expert].clone()  # (out, r)
+
+    def read(self) -> torch.Tensor:
+        return self._part(self.param.detach())
 
     def read_grad(self) -> torch.Tensor:
         grad = self.param.grad
         if grad is None:
             return torch.zeros(self.read().shape, dtype=torch.float32)
-        if self.expert is None:
-            return grad.detach().float().clone()
-        return grad.detach().reshape(grad.shape[0], -1, self.num_experts)[..., self.expert].float().clone()
+        return self._part(grad.detach()).float()
 
     def write(self, value: torch.Tensor) -> None:
         with torch.no_grad():

@@ -108,41 +108,26 @@ def evaluate_loss(
     batch_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    backward: bool = False,
 ) -> float:
-    """Mean next-token cross-entropy over `blocks` (num_blocks, T), weighted by tokens."""
-    with torch.no_grad():
-        return _mean_loss(model, blocks, batch_size, device, autocast_dtype, backward=False)
-
-
-def loss_backward(
-    model: torch.nn.Module,
-    blocks: torch.Tensor,
-    *,
-    batch_size: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-) -> float:
-    """`evaluate_loss`, with the gradient of that mean accumulated into the parameters' .grad."""
-    return _mean_loss(model, blocks, batch_size, device, autocast_dtype, backward=True)
-
-
-def _mean_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device,
-               autocast_dtype: torch.dtype | None, *, backward: bool) -> float:
+    """Mean next-token cross-entropy over `blocks` (num_blocks, T), weighted by tokens; with
+    `backward`, the gradient of that mean is accumulated into the parameters' .grad."""
     model.eval()
     count = blocks[:, 1:].numel()
     if count == 0:
         raise ValueError("evaluate_loss: no validation blocks")
     total = 0.0
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size].to(device)  # (B, T)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids=batch).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            batch[:, 1:].reshape(-1),
-            reduction="sum",
-        )
-        if backward:
-            (loss / count).backward()
-        total += float(loss.detach())
+    with torch.set_grad_enabled(backward):
+        for start in range(0, blocks.shape[0], batch_size):
+            batch = blocks[start : start + batch_size].to(device)  # (B, T)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(input_ids=batch).logits  # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                batch[:, 1:].reshape(-1),
+                reduction="sum",
+            )
+            if backward:
+                (loss / count).backward()
+            total += float(loss.detach())
     return total / count

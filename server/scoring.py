@@ -22,7 +22,7 @@ from aggregation.shapley import Coalition, ShapleyEstimate, gtg_shapley
 from aggregation.fedavg import Update
 from model.precision import Precision
 from model.lora import LoraMoE, expert_of
-from model.moe import evaluate_loss, loss_backward
+from model.moe import evaluate_loss
 
 TINY = 1e-3  # an update this small next to the round's median norm moves nothing: a free rider's
 COPY_COSINE = 0.95  # a copy with noise up to ~1/3 of the update's size still points this way
@@ -76,8 +76,8 @@ class CoalitionValue:
         try:
             for domain, blocks in self.val_sets.items():
                 model.zero_grad(set_to_none=True)
-                loss_backward(model, blocks, batch_size=self.batch_size, device=self.precision.device,
-                              autocast_dtype=self.precision.autocast_dtype)
+                evaluate_loss(model, blocks, batch_size=self.batch_size, device=self.precision.device,
+                              autocast_dtype=self.precision.autocast_dtype, backward=True)
                 out[domain] = {k: v.cpu() for k, v in self.lora.get_grad().items()}
         finally:
             model.zero_grad(set_to_none=True)
