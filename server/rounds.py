@@ -126,9 +126,13 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     group_sums = secure_stages(grid, run, roster, received, rnd, codec_seed, reporter.note) if config.secagg == "on" else {}
     laps("secure")
     require_enough(received, config, rnd, reporter.note)
-    scores, how, shares = score_round(run, received, group_sums, rnd, reporter.note)
+    # secure scoring rejects nobody, so it waits for the evaluation: the committed model's head
+    # loss is the value of all groups together, one coalition evaluation fewer
+    score_late = config.contribution_mode == "secure" and bool(group_sums)
+    if not score_late:
+        scores, how, shares = score_round(run, received, group_sums, rnd, reporter.note)
     laps("score")
-    previous = run.state, run.opt_state
+    previous = run.state, run.opt_state, run.contribution_base
     run.state, run.opt_state, step = aggregate_round(run, received, group_sums)
     run.lora.set_state(run.state)
     run.last_change = {k: v - previous[0][k] for k, v in run.state.items()}  # what a replayer would send next
@@ -139,11 +143,15 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     val_loss, run.contribution_base = evaluate_with_head(run.lora, run.val_sets, config, config.contribution_batches)
     laps("evaluate")
     if not all(math.isfinite(v) for v in val_loss.values()):  # a poisoned aggregate: never committed
-        run.state, run.opt_state, run.contribution_base = (*previous, None)
+        run.state, run.opt_state, run.contribution_base = previous
         run.lora.set_state(run.state)
         bad = sorted(d for d, v in val_loss.items() if not math.isfinite(v))
         raise RoundAborted(f"round {rnd} aborted: its aggregate makes validation loss non-finite on {', '.join(bad)}; "
                            f"state stays at round {rnd - 1}")
+    if score_late:
+        scores, how, shares = score_round(run, received, group_sums, rnd, reporter.note, start=previous)
+        run.lora.set_state(run.state)
+        laps("score")
     summary = RoundSummary(
         round=rnd, val_loss=val_loss, members=sorted(received.reports, key=lambda r: r.member),
         rejected=received.rejected, seconds=time.perf_counter() - started,
@@ -271,27 +279,33 @@ def require_enough(received: Received, config: RunConfig, rnd: int, note: Callab
 
 
 def score_round(
-    run: Run, received: Received, group_sums: dict[frozenset[str], Sums], rnd: int, note: Callable[[str], None]
+    run: Run, received: Received, group_sums: dict[frozenset[str], Sums], rnd: int, note: Callable[[str], None],
+    start: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float | None] | None = None,
 ) -> tuple[dict[str, float], dict[str, object], dict[str, float]]:
     """(this round's scores, how they were computed, cumulative shares).
 
-    Contribution is each member's effect on held-out loss, never what it claims.
+    Contribution is each member's effect on held-out loss, never what it claims. `start`: the
+    round's starting (state, optimizer state, head loss) when scoring follows the round's step
+    and evaluation (secure mode); `run.contribution_base` is then the committed model's head loss.
     """
     config = run.config
     scores: dict[str, float] = {}
     how: dict[str, object] = {}
+    state, opt_state, start_head = start if start is not None else (run.state, run.opt_state, run.contribution_base)
 
     def step(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Coalitions are valued on the model the round's own optimizer step would give them."""
-        return run.optimizer.step(state, delta, run.opt_state)[0]
+        return run.optimizer.step(state, delta, opt_state)[0]
 
-    base = run.contribution_base if run.optimizer.name == "fedavg" else None  # else a zero step still moves
+    base = start_head if run.optimizer.name == "fedavg" else None  # else a zero step still moves
 
     if config.contribution_mode == "secure" and group_sums:
+        everybody = frozenset().union(*group_sums)
+        known = {everybody: run.contribution_base} if start is not None and run.contribution_base is not None else {}
         scored = score_groups(
             group_sums,
-            lambda combine: CoalitionValue(run.lora, run.state, combine, run.contribution_sets, config.batch_size,
-                                           run.precision, step, _base=base),
+            lambda combine: CoalitionValue(run.lora, state, combine, run.contribution_sets, config.batch_size,
+                                           run.precision, step, _base=base, known=known),
             seed=config.seed * 100_003 + rnd,
         )
         values = {frozenset(key.split("+")): v for key, v in scored.group_values.items()}
@@ -311,7 +325,7 @@ def score_round(
             )
     elif config.contribution_mode == "open":
         def value_of(updates: list[Update]) -> CoalitionValue:
-            return open_value(run.lora, run.state, updates, run.contribution_sets, config.batch_size, run.precision, step, base=base)
+            return open_value(run.lora, state, updates, run.contribution_sets, config.batch_size, run.precision, step, base=base)
 
         def scored() -> RoundScores:
             return score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,

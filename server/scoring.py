@@ -52,6 +52,9 @@ class CoalitionValue:
     moved: frozenset[str] = frozenset()
     evaluations: int = 0
     _base: float | None = field(default=None, repr=False)
+    # losses already measured on these val_sets: coalition -> loss. Secure rounds are scored after
+    # the round's evaluation, whose head is the loss of the model all groups together commit.
+    known: dict[Coalition, float] = field(default_factory=dict)
 
     def loss(self, delta: Mapping[str, torch.Tensor]) -> float:
         if self.step is not None:
@@ -88,7 +91,8 @@ class CoalitionValue:
             return 0.0
         if self._base is None:
             self._base = self.loss({})
-        return self._base - self.loss(self.combine(coalition))
+        known = self.known.get(frozenset(coalition))
+        return self._base - (known if known is not None else self.loss(self.combine(coalition)))
 
 
 @dataclass(frozen=True)

@@ -211,3 +211,36 @@ def test_under_server_momentum_a_member_sending_zeros_is_worth_exactly_nothing(p
     assert value(frozenset({"free_rider", "rich"})) == value(frozenset({"rich"}))
     against_unchanged = CoalitionValue(lora, state, value.combine, val, 8, precision, step)  # moved: none
     assert abs(against_unchanged(frozenset({"free_rider"}))) > 1e-4  # the momentum's value, credited to zeros
+
+
+def test_secure_scoring_takes_all_groups_value_from_the_rounds_evaluation(planted) -> None:
+    """Secure rounds are scored after the round's step and evaluation: the committed model's head
+    loss is the loss of all groups together, so scoring skips that evaluation. The group values
+    must be exactly those of scoring that evaluates it, with one evaluation fewer."""
+    from aggregation.server_opt import ServerOptimizer
+    from server.evaluation import evaluate_with_head
+    from server.scoring import CoalitionValue, group_sum, score_groups
+
+    lora, state, updates, val, precision = planted
+    by_name = {u.member: u for u in updates}
+    groups = {frozenset(g): group_sum([by_name[m] for m in g]) for g in (("rich", "noisy"), ("duplicate", "small", "free_rider"))}
+    opt = ServerOptimizer("fedyogi", lr=0.03, warmup=3)
+    _, opt_state = opt.step(state, updates[0].delta, {})  # some history, so a zero step moves too
+    committed, _ = opt.step(state, combine_group_sums(list(groups.values())), opt_state)
+    config = RunConfig(workspace="unused", seq_len=64, batch_size=8, eval_batches=2, contribution_batches=1)
+    lora.set_state(committed)
+    _, head = evaluate_with_head(lora, val, config, config.contribution_batches)
+    head_sets = {d: b[:8] for d, b in val.items()}
+
+    def step(x, d):  # noqa: ANN001, ANN202
+        return opt.step(x, d, opt_state)[0]
+
+    def scored(known):  # noqa: ANN001, ANN202
+        return score_groups(groups, lambda combine: CoalitionValue(lora, state, combine, head_sets, 8, precision, step, known=known), seed=3)
+
+    fresh = scored({})
+    reused = scored({frozenset(by_name): head})
+    assert reused.group_values == fresh.group_values  # exactly: the same model, the same batches
+    assert reused.evaluations == fresh.evaluations - 1 == 3  # the zero round and each group alone
+    wrong = scored({frozenset(by_name): head + 0.5})  # the known loss is used, not recomputed
+    assert sum(wrong.group_values.values()) == pytest.approx(sum(fresh.group_values.values()) - 0.5, abs=1e-9)

@@ -141,6 +141,9 @@ def test_secure_contribution_groups_are_summed_apart_and_valued(ws: Workspace) -
         assert all(len(g) >= 2 for g in groups)
         held = inputs.by_round[rnd]
         assert_applied(ws, "groups", rnd, expected_delta(ws, cfg, rnd, [{m: held[m] for m in g} for g in groups]))
+    # scored after the round's evaluation: all groups' value is its head, and under fedavg the
+    # zero round is the model the last round committed (evaluated then): base, each group; each group
+    assert [manifests[rnd]["contribution"]["evaluations"] for rnd in (1, 2)] == [3, 2]
     shares = summaries[-1].shares
     assert set(shares) == set(ws.members())
     assert all(v >= 0 for v in shares.values()) and (abs(sum(shares.values()) - 1) < 1e-9 or not any(shares.values()))
