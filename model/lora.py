@@ -67,6 +67,18 @@ class LoraSpec:
         return asdict(self)
 
 
+KINDS = ("attention", "experts", "router", "head")  # the trainable state's parameter kinds
+
+
+def kind_of(name: str) -> str:
+    """The kind of a trainable-state tensor (canonical name): one of KINDS."""
+    if _EXPERT_KEY.search(name):
+        return "experts"
+    if name.startswith(f"{HEAD_MODULE}."):
+        return "head"
+    return "router" if f".mlp.{ROUTER_MODULE}." in name else "attention"
+
+
 def expert_of(name: str) -> str | None:
     """'l:e' for a per-expert trainable tensor, None for shared ones (adapters, router)."""
     match = _EXPERT_KEY.search(name)

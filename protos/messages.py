@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 7  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
+PROTOCOL_VERSION = 8  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
 # 3: TRAIN carries the expert balance (`balance`, the consortium's `expert_load`, `balance_weight`)
 # 4: TRAIN carries the members' local optimizer (`local_opt`)
 # 5: TRAIN `state_kind` "step" (the member replays the server optimizer's step, `server_optimizer`)
 # 6: SecAgg's survivor-list check stage; sessions bound to run and group; no identities on the wire
 # 7: TRAIN carries the member-side L2 bound of the update (`update_clip`)
+# 8: TRAIN's `server_optimizer` carries the server lr's multiplier per parameter kind
 
 
 LOCAL_OPTIMIZERS = ("adamw", "sgd")  # TRAIN `local_opt`: the members' optimizer for their local steps

@@ -73,6 +73,10 @@ class RunConfig:
     server_beta2: float = 0.99  # fedadam, fedyogi
     server_tau: float = 1e-3  # fedadam, fedyogi: adaptivity
     server_warmup: int = 0  # the server lr ramps linearly over each tensor's first N steps
+    server_lr_attention: float = 1.0  # server-lr's multiplier for the attention adapters
+    server_lr_experts: float = 1.0  # ... the experts' adapters
+    server_lr_router: float = 1.0  # ... the router
+    server_lr_head: float = 1.0  # ... the output head's adapter
 
     @classmethod
     def from_user_config(cls, user: Mapping[str, Any]) -> RunConfig:
@@ -183,7 +187,8 @@ class RunConfig:
             return ServerOptimizer(
                 name=self.server_opt, lr=self.server_lr, momentum=self.server_momentum,
                 beta1=self.server_beta1, beta2=self.server_beta2, tau=self.server_tau,
-                warmup=self.server_warmup,
+                warmup=self.server_warmup, lr_attention=self.server_lr_attention, lr_experts=self.server_lr_experts,
+                lr_router=self.server_lr_router, lr_head=self.server_lr_head,
             )
         except ServerOptError as exc:
             raise ConfigError(f"run config: {exc}") from None

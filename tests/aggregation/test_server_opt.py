@@ -145,3 +145,36 @@ def test_optimizer_state_of_the_wrong_dtype_is_refused() -> None:
         check_state({"m/w": torch.zeros(3, dtype=torch.float64)}, shapes, "view")
     with pytest.raises(ServerOptError, match="expected torch.int64"):
         check_state({"t/w": torch.tensor(1.0)}, shapes, "view")
+
+
+KINDED = {
+    "model.layers.0.self_attn.q_proj.lora_B": torch.tensor([1.0, -1.0]),
+    "model.layers.0.mlp.experts.down_proj.lora_B.e3": torch.tensor([2.0, 0.5]),
+    "model.layers.0.mlp.gate.weight": torch.tensor([0.25, -4.0]),
+    "lm_head.lora_B": torch.tensor([-2.0, 8.0]),
+}
+
+
+def test_the_server_lr_is_scaled_per_parameter_kind() -> None:
+    """server-lr-{attention,experts,router,head} multiply η for their kind of tensor only; the
+    optimizer's moments are the same whatever the scale (only the move is scaled)."""
+    from model.lora import kind_of
+
+    assert [kind_of(n) for n in KINDED] == ["attention", "experts", "router", "head"]
+    zeros = {k: torch.zeros_like(v) for k, v in KINDED.items()}
+    scaled = ServerOptimizer(lr=1.0, lr_attention=0.5, lr_experts=0.25, lr_router=0.0, lr_head=2.0)
+    state, _ = scaled.step(zeros, KINDED, {})
+    assert [state[n].tolist() for n in KINDED] == [[0.5, -0.5], [0.5, 0.125], [0.0, -0.0], [-4.0, 16.0]]
+    plain = ServerOptimizer("fedyogi", lr=0.03, warmup=2)
+    kinded = ServerOptimizer("fedyogi", lr=0.03, warmup=2, lr_attention=0.1, lr_experts=0.2, lr_router=0.05, lr_head=1.0)
+    x_plain, opt_plain = plain.step(zeros, KINDED, {})
+    x_kinded, opt_kinded = kinded.step(zeros, KINDED, {})
+    x_plain, opt_plain = plain.step(x_plain, KINDED, opt_plain)
+    for name, scale in zip(KINDED, (0.1, 0.2, 0.05, 1.0)):
+        x_kinded_2, opt_kinded_2 = kinded.step(x_kinded, KINDED, opt_kinded)
+        assert torch.allclose(x_kinded_2[name], scale * x_plain[name], rtol=1e-6)  # both steps scaled alike
+    assert all(torch.equal(opt_plain[k], opt_kinded_2[k]) for k in opt_plain)
+    with pytest.raises(ServerOptError, match="server-lr-router must be a finite number >= 0"):
+        ServerOptimizer(lr_router=-1.0)
+    with pytest.raises(ServerOptError, match="server-lr-head must be a finite number >= 0"):
+        ServerOptimizer(lr_head=math.inf)

@@ -96,14 +96,16 @@ def test_step_broadcast_members_replay_the_server_step_and_train_from_exactly_th
     assert abs(down["resumed"][2] - down["step"][2]) < 64  # then steps again (the run names differ)
 
 
-GOOD_SETTINGS = {"name": "fedyogi", "lr": 0.03, "momentum": 0.9, "beta1": 0.9, "beta2": 0.99, "tau": 0.001, "warmup": 3}
+GOOD_SETTINGS = {"name": "fedyogi", "lr": 0.03, "momentum": 0.9, "beta1": 0.9, "beta2": 0.99, "tau": 0.001, "warmup": 3,
+                 "lr_attention": 0.1, "lr_experts": 0.2, "lr_router": 0.1, "lr_head": 1.0}
 
 
 @pytest.mark.parametrize(
     "settings",
     [
         *(json.dumps({**GOOD_SETTINGS, **bad}) for bad in ({"lr": "big"}, {"lr": True}, {"warmup": 1.5}, {"name": "sgd"},
-                                                            {"beta2": 1.0}, {"extra": 1})),
+                                                            {"beta2": 1.0}, {"extra": 1}, {"lr_router": -0.1},
+                                                            {"lr_head": "1"})),
         json.dumps({k: v for k, v in GOOD_SETTINGS.items() if k != "tau"}),
         '{"lr": 1' + "0" * 400 + "}", "[" * 100_000, '["fedyogi"]', "{",
     ],
