@@ -31,6 +31,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # LOCAL_OPTIMIZERS
     expert_load: torch.Tensor | None = None  # (L, E) consortium load to balance against; None: own batch
     balance_weight: float = 1.0  # this member's part of the consortium's tokens
+    # SCAFFOLD: c - c_i, added to every step's (clipped) gradient; None: no drift correction
+    correction: Mapping[str, torch.Tensor] | None = None
+    track_gradient: bool = False  # return the mean clipped gradient (the member's next c_i)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class TrainResult:
     seconds: float
     experts_sent: int
     experts_skipped: int
+    mean_gradient: dict[str, torch.Tensor] | None = None  # track_gradient: mean clipped raw gradient
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -83,6 +87,7 @@ def train_local(
 
     routed = torch.zeros(model.config.num_hidden_layers, model.config.num_local_experts, dtype=torch.int64)
     losses: list[float] = []
+    gradient_sum: dict[str, torch.Tensor] | None = None
     stream = batches(blocks, config.batch_size, seed=config.seed)
     for _ in range(config.local_steps):
         batch = next(stream).to(precision.device)  # (B, T)
@@ -100,6 +105,11 @@ def train_local(
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if config.track_gradient:  # the member's own gradient, before any correction
+            raw = lora.get_grad()
+            gradient_sum = raw if gradient_sum is None else {k: v + raw[k] for k, v in gradient_sum.items()}
+        if config.correction is not None:  # SCAFFOLD: step along g - c_i + c
+            lora.add_to_grad(config.correction)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -134,4 +144,5 @@ def train_local(
         seconds=time.perf_counter() - started,
         experts_sent=len(sent),
         experts_skipped=len(skipped),
+        mean_gradient={k: v / config.local_steps for k, v in gradient_sum.items()} if gradient_sum is not None else None,
     )

@@ -106,6 +106,18 @@ class _Slot:
             return torch.zeros(self.read().shape, dtype=torch.float32)
         return self._part(grad.detach()).float()
 
+    def add_grad(self, value: torch.Tensor) -> None:
+        """Add `value` (shaped as `read()`) to this slot's part of the parameter's gradient."""
+        param = self.param
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        with torch.no_grad():
+            value = value.to(param.grad.device, param.grad.dtype)
+            if self.expert is None:
+                param.grad.add_(value)
+            else:
+                param.grad.view(param.shape[0], -1, self.num_experts)[..., self.expert] += value
+
     def write(self, value: torch.Tensor) -> None:
         with torch.no_grad():
             value = value.to(self.param.dtype)
@@ -210,12 +222,21 @@ class LoraMoE:
         """The trainable tensors' accumulated gradients, named and shaped as `get_state` (zeros where none)."""
         return {name: slot.read_grad() for name, slot in self._slots.items()}
 
+    def add_to_grad(self, named: Mapping[str, torch.Tensor]) -> None:
+        """Add tensors named and shaped as `get_state` to the trainable tensors' gradients."""
+        for name, value in self._known(named).items():
+            self._slots[name].add_grad(value)
+
     def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        unknown = sorted(set(state) - set(self._slots))
+        for name, value in self._known(state).items():
+            self._slots[name].write(value)
+
+    def _known(self, named: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """`named` when every name is a trainable tensor's, else KeyError naming the first that is not."""
+        unknown = sorted(set(named) - set(self._slots))
         if unknown:
             raise KeyError(f"unknown trainable tensor {unknown[0]!r}")
-        for name, value in state.items():
-            self._slots[name].write(value)
+        return named
 
     def trainable_fraction(self) -> float:
         trainable = sum(p.numel() for p in self.trainable_parameters())

@@ -190,3 +190,40 @@ def test_an_unknown_local_optimizer_is_refused() -> None:
     cfg = TrainConfig(local_steps=1, batch_size=2, lr=0.01, seed=0, min_expert_tokens=0, optimizer="lion")
     with pytest.raises(ValueError, match="local-opt must be one of adamw, sgd, not 'lion'"):
         train_local(lora, lora.get_state(), blocks, cfg, select_precision("fp32", "cpu"))
+
+
+def test_gradients_added_by_name_land_in_their_own_slots_and_read_back_exactly() -> None:
+    """add_to_grad writes named tensors (per-expert columns of the fused lora_B included) into the
+    parameters' gradients where get_grad reads them: SCAFFOLD's correction depends on it."""
+    lora = small_lora()
+    g = torch.Generator().manual_seed(3)
+    named = {k: torch.randn(s, generator=g) for k, s in lora.shapes().items()}
+    lora.model.zero_grad(set_to_none=True)
+    lora.add_to_grad(named)
+    lora.add_to_grad({k: v for k, v in named.items() if expert_of(k) == "1:5"})  # one expert twice
+    read = lora.get_grad()
+    assert all(torch.equal(read[k], 2 * v if expert_of(k) == "1:5" else v) for k, v in named.items())
+    with pytest.raises(KeyError, match="unknown trainable tensor"):
+        lora.add_to_grad({"model.layers.9.nothing": torch.zeros(1)})
+
+
+def test_a_scaffold_step_follows_the_clipped_gradient_plus_the_correction() -> None:
+    """One plain SGD step with a correction c - c_i moves the state by -lr (g + c - c_i), g the
+    clipped gradient the member reports as its next c_i (`mean_gradient`)."""
+    lora = small_lora()
+    start = lora.get_state()
+    blocks = torch.randint(0, SMALL.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(4)
+    correction = {k: 0.01 * torch.randn(s, generator=g) for k, s in lora.shapes().items()}
+    precision = select_precision("fp32", "cpu")
+    config = TrainConfig(local_steps=1, batch_size=4, lr=0.5, seed=0, min_expert_tokens=0, optimizer="sgd",
+                         correction=correction, track_gradient=True)
+    result = train_local(lora, start, blocks, config, precision)
+    assert result.mean_gradient is not None and set(result.mean_gradient) == set(start)
+    assert sum(float(v.pow(2).sum()) for v in result.mean_gradient.values()) ** 0.5 <= 1.0 + 1e-5  # clipped
+    for name, delta in result.delta.items():
+        expected = -0.5 * (result.mean_gradient[name] + correction[name])
+        assert torch.allclose(delta, expected, atol=1e-6), name
+    plain = train_local(lora, start, blocks, TrainConfig(1, 4, 0.5, 0, 0, optimizer="sgd"), precision)
+    assert plain.mean_gradient is None
+    assert all(torch.allclose(plain.delta[k], -0.5 * result.mean_gradient[k], atol=1e-6) for k in plain.delta)
