@@ -31,3 +31,30 @@ def test_both_tables_fit_80_columns_with_nothing_cut() -> None:
     assert max(len(line) for line in text.splitlines()) <= 80
     for word in (*DOMAINS, "members", "sent per member", "received per member", "260.0", "2.4 MB", "49.8 KB"):
         assert word in text, word
+
+
+def test_the_demo_refuses_to_resume_a_run_trained_with_another_recipe_and_says_how_to_start_over(tmp_path, capsys) -> None:  # noqa: ANN001
+    """A workspace whose demo run was trained before the demo's server optimizer changed cannot
+    resume it (the round loop refuses other server-* settings); the demo says to use --fresh,
+    before it starts anything, and leaves the committed rounds alone."""
+    import pytest
+    import torch
+    import typer
+
+    from fedmoe.cli import DEMO_TRAINING, _refuse_another_recipe
+    from server.checkpoint import Checkpoints
+    from server.config import RunConfig
+
+    demo = RunConfig.from_user_config({"workspace": str(tmp_path), **DEMO_TRAINING})
+    run_dir = tmp_path / "runs" / "demo"
+    _refuse_another_recipe(run_dir, demo)  # no run yet: nothing to refuse
+    checkpoints = Checkpoints(run_dir)
+    older = {**demo.as_user_config(), "server-lr": 0.03}
+    for rnd in (0, 1):
+        checkpoints.commit(rnd, {"x": torch.zeros(2)}, {"run_config": older})
+    with pytest.raises(typer.Exit):
+        _refuse_another_recipe(run_dir, demo)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "trained with server-lr 0.03" in said and "`fedmoe demo --fresh` starts the demo's run over" in said
+    assert checkpoints.latest_round() == 1  # nothing lost
+    _refuse_another_recipe(run_dir, RunConfig.from_user_config({**older, "workspace": str(tmp_path)}))  # same recipe: resumes
