@@ -3,7 +3,8 @@
     sample -> broadcast -> train (TRAIN exchange) -> validate -> secure stages (secagg on)
            -> enough? -> score -> aggregate -> evaluate -> commit -> ledger
 
-each a named function here or in the module that holds its idea (server/sampling.py,
+(secure contribution scores after the evaluation instead: it rejects nobody, and the evaluated
+model's head loss is the value of all groups together), each a named function here or in the module that holds its idea (server/sampling.py,
 server/validate.py, server/secure.py, server/scoring.py, server/evaluation.py). It talks to
 Flower only through the `Grid` it is given, so the same loop runs in Flower's simulation
 engine and in a real SuperLink deployment.
@@ -151,6 +152,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     if score_late:
         scores, how, shares = score_round(run, received, group_sums, rnd, reporter.note, start=previous)
         run.lora.set_state(run.state)
+        run.lora.model.to("cpu")  # scoring left it on the device; the evaluation used to move it back
         laps("score")
     summary = RoundSummary(
         round=rnd, val_loss=val_loss, members=sorted(received.reports, key=lambda r: r.member),
