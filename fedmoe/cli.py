@@ -203,10 +203,11 @@ def demo(
 def _refuse_another_recipe(run_dir: Path, cfg) -> None:  # type: ignore[no-untyped-def]
     """A demo run trained with another server optimizer cannot resume: say how to start it over."""
     from server.checkpoint import Checkpoints
+    from server.config import changed_server_settings
 
     manifests = Checkpoints(run_dir).manifests() if run_dir.is_dir() else []
     was, now = (manifests[-1].get("run_config", {}) if manifests else {}), cfg.as_user_config()
-    changed = [k for k in sorted(now) if k.startswith("server-") and k in was and was[k] != now[k]]
+    changed = changed_server_settings(was, now)
     if len(manifests) > 1 and changed:
         raise _fail(f"{run_dir}: trained with {changed[0]} {was[changed[0]]!r}, the demo's recipe now has "
                     f"{now[changed[0]]!r}; `fedmoe demo --fresh` starts the demo's run over")

@@ -199,3 +199,9 @@ class RunConfig:
 
     def as_user_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def changed_server_settings(was: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The server-optimizer keys (`server-*`) a committed run's config `was` gives another value
+    than `now`, sorted: a run resumed under any of them would continue its optimizer state wrongly."""
+    return [k for k in sorted(now) if k.startswith("server-") and k in was and was[k] != now[k]]

@@ -3,11 +3,11 @@
     sample -> broadcast -> train (TRAIN exchange) -> validate -> secure stages (secagg on)
            -> enough? -> score -> aggregate -> evaluate -> commit -> ledger
 
-(secure contribution scores after the evaluation instead: it rejects nobody, and the evaluated
-model's head loss is the value of all groups together), each a named function here or in the module that holds its idea (server/sampling.py,
-server/validate.py, server/secure.py, server/scoring.py, server/evaluation.py). It talks to
-Flower only through the `Grid` it is given, so the same loop runs in Flower's simulation
-engine and in a real SuperLink deployment.
+each a named function here or in the module that holds its idea (server/sampling.py,
+server/validate.py, server/secure.py, server/scoring.py, server/evaluation.py). Secure
+contribution scores after the evaluation instead: it rejects nobody, and the evaluated model's
+head loss is the value of all groups together. It talks to Flower only through the `Grid` it is
+given, so the same loop runs in Flower's simulation engine and in a real SuperLink deployment.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from model.base import Base, load_base
 from model.lora import LoraMoE, expert_of
 from model.precision import Precision, select_precision
 from server.checkpoint import Checkpoints
-from server.config import RunConfig
+from server.config import RunConfig, changed_server_settings
 from server.balance import observe_expert_load
 from server.broadcast import broadcast
 from server.evaluation import evaluate, evaluate_with_head, validation_sets
@@ -199,7 +199,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
             raise RuntimeError(f"{checkpoints.run_dir}: committed state does not match the base's trainable state")
         state, view, opt_state = committed.state, committed.view, committed.optimizer
         was, now = committed.manifest.get("run_config", {}), config.as_user_config()
-        changed = [k for k in sorted(now) if k.startswith("server-") and k in was and was[k] != now[k]]
+        changed = changed_server_settings(was, now)
         if opt_state and changed:
             raise RuntimeError(
                 f"{checkpoints.run_dir}: committed with {changed[0]} {was[changed[0]]!r}, resumed with "
