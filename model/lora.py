@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -163,6 +164,21 @@ def _walk(model: PeftModel) -> tuple[dict[str, _Slot], dict[str, torch.nn.Parame
     return dict(sorted(slots.items())), dict(sorted(frozen_a.items()))
 
 
+def _base_weight(layer: LoraLayer) -> torch.nn.Parameter | None:
+    """The base weight a LoRA layer's merge writes: the wrapped parameter (experts) or `weight`."""
+    name = layer.parameter_name if isinstance(layer, ParamWrapper) else "weight"
+    weight = getattr(layer.get_base_layer(), name, None)
+    return weight if isinstance(weight, torch.nn.Parameter) else None
+
+
+def _shared_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters registered under more than one name (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
 class LoraMoE:
     """A base MoE with the fedmoe LoRA attached; reads and writes the trainable state."""
 
@@ -237,6 +253,37 @@ class LoraMoE:
         if unknown:
             raise KeyError(f"unknown trainable tensor {unknown[0]!r}")
         return named
+
+    @contextmanager
+    def merged(self) -> Iterator[PeftModel]:
+        """The model with the adapters folded into their base weights while inside, for
+        evaluation only (no gradients reach the trainable state): one matmul per weight instead of
+        the base's plus LoRA's two, which on the demo base makes an evaluation about a quarter faster
+        (the per-expert factors dominate). peft's safe merge writes each merged weight to a new
+        tensor, so on exit every base weight is given its original tensor back, bit for bit; an
+        unmerge would subtract the delta again and round. A weight another module shares (the head
+        tied to the embedding) stays unmerged, and so does a non-float (quantized) weight or a merge
+        that peft refuses for non-finite values: its adapter runs as usual."""
+        shared = _shared_parameters(self.model)
+        restored: list[tuple[LoraLayer, torch.nn.Parameter, torch.Tensor]] = []
+        try:
+            for layer in self.model.modules():
+                if not isinstance(layer, LoraLayer) or layer.merged:
+                    continue
+                weight = _base_weight(layer)
+                if weight is None or id(weight) in shared or not weight.is_floating_point():
+                    continue
+                original = weight.data
+                try:
+                    layer.merge(safe_merge=True)
+                except ValueError:  # a non-finite merged weight: evaluate it unmerged (loss NaN)
+                    continue
+                restored.append((layer, weight, original))
+            yield self.model
+        finally:
+            for layer, weight, original in restored:
+                layer.merged_adapters.clear()  # the adapter runs again; the weight is restored below
+                weight.data = original
 
     def trainable_fraction(self) -> float:
         trainable = sum(p.numel() for p in self.trainable_parameters())

@@ -122,10 +122,11 @@ def evaluate_loss(
             batch = blocks[start : start + batch_size].to(device)  # (B, T)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(input_ids=batch).logits  # (B, T, V)
+            # the next token of every position but the last; the last is ignored rather than sliced
+            # off, so that fp32 logits are read in place (a slice would copy B x T x V floats)
+            targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100)
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                batch[:, 1:].reshape(-1),
-                reduction="sum",
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
             )
             if backward:
                 (loss / count).backward()

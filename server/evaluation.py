@@ -39,21 +39,22 @@ def evaluate_with_head(
     round's contribution sets), so the next round's scoring starts from this model's head loss
     instead of evaluating it again. head_batches 0: no head (None)."""
     precision = select_precision(config.precision)
-    model = lora.model.to(precision.device)
+    lora.model.to(precision.device)
     head_rows = head_batches * config.batch_size
-
-    def loss(blocks: torch.Tensor) -> float:
-        return evaluate_loss(model, blocks, batch_size=config.batch_size, device=precision.device,
-                             autocast_dtype=precision.autocast_dtype)
-
     losses, heads = {}, []
-    for domain, blocks in sets.items():
-        if 0 < head_rows < blocks.shape[0]:  # the full loss from the head's and the rest's, by tokens
-            head, rest = blocks[:head_rows], blocks[head_rows:]
-            heads.append(loss(head))
-            losses[domain] = (heads[-1] * head[:, 1:].numel() + loss(rest) * rest[:, 1:].numel()) / blocks[:, 1:].numel()
-        else:
-            losses[domain] = loss(blocks)
-            heads.append(losses[domain])
-    model.to("cpu")
+    with lora.merged() as model:
+
+        def loss(blocks: torch.Tensor) -> float:
+            return evaluate_loss(model, blocks, batch_size=config.batch_size, device=precision.device,
+                                 autocast_dtype=precision.autocast_dtype)
+
+        for domain, blocks in sets.items():
+            if 0 < head_rows < blocks.shape[0]:  # the full loss from the head's and the rest's, by tokens
+                head, rest = blocks[:head_rows], blocks[head_rows:]
+                heads.append(loss(head))
+                losses[domain] = (heads[-1] * head[:, 1:].numel() + loss(rest) * rest[:, 1:].numel()) / blocks[:, 1:].numel()
+            else:
+                losses[domain] = loss(blocks)
+                heads.append(losses[domain])
+    lora.model.to("cpu")
     return losses, (sum(heads) / len(heads) if head_rows and heads else None)

@@ -62,12 +62,13 @@ class CoalitionValue:
             self.lora.set_state(dict(self.step(self.state, padded)))
         else:
             self.lora.set_state({k: v + delta[k] if k in delta else v for k, v in self.state.items()})
-        model = self.lora.model.to(self.precision.device)
-        losses = [
-            evaluate_loss(model, blocks, batch_size=self.batch_size, device=self.precision.device,
-                          autocast_dtype=self.precision.autocast_dtype)
-            for blocks in self.val_sets.values()
-        ]
+        self.lora.model.to(self.precision.device)
+        with self.lora.merged() as model:  # the same forward as the round's evaluation (`known`)
+            losses = [
+                evaluate_loss(model, blocks, batch_size=self.batch_size, device=self.precision.device,
+                              autocast_dtype=self.precision.autocast_dtype)
+                for blocks in self.val_sets.values()
+            ]
         self.evaluations += 1
         return sum(losses) / len(losses)
 

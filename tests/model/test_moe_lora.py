@@ -227,3 +227,38 @@ def test_a_scaffold_step_follows_the_clipped_gradient_plus_the_correction() -> N
     plain = train_local(lora, start, blocks, TrainConfig(1, 4, 0.5, 0, 0, optimizer="sgd"), precision)
     assert plain.mean_gradient is None
     assert all(torch.allclose(plain.delta[k], -0.5 * result.mean_gradient[k], atol=1e-6) for k in plain.delta)
+
+
+def test_a_merged_evaluation_matches_the_adapters_and_gives_every_base_weight_back_bit_for_bit() -> None:
+    lora = small_lora(LoraSpec(rank=4, alpha=8, train_head=True))
+    g = torch.Generator().manual_seed(3)
+    lora.set_state({k: 0.05 * torch.randn(s, generator=g) for k, s in lora.shapes().items()})
+    before = {k: v.clone() for k, v in lora.model.state_dict().items()}
+    embedding = lora.model.get_input_embeddings().weight
+    tokens = torch.randint(0, SMALL.vocab_size, (4, 16), generator=g)
+    lora.model.eval()
+    with torch.no_grad():
+        adapted = lora.model(input_ids=tokens).logits
+        with lora.merged() as model:
+            merged = model(input_ids=tokens).logits
+            # the experts' and attention's weights now hold the adapters; the tied head/embedding does not
+            experts = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp.experts") and hasattr(m, "get_delta_weight"))
+            assert experts.merged
+            assert not torch.equal(experts.get_base_layer().down_proj, before[next(k for k in before if k.endswith("layers.0.mlp.experts.base_layer.base_layer.down_proj"))])
+            assert torch.equal(embedding, before[next(k for k in before if k.endswith("embed_tokens.weight"))])
+        after = lora.model(input_ids=tokens).logits
+    assert torch.allclose(merged, adapted, atol=1e-5)
+    assert torch.equal(after, adapted)  # the adapters run again, on the original weights
+    assert all(torch.equal(before[k], v) for k, v in lora.model.state_dict().items())
+    assert not any(getattr(m, "merged", False) for m in lora.model.modules())
+
+
+def test_a_non_finite_adapter_is_evaluated_unmerged_so_its_loss_stays_non_finite() -> None:
+    lora = small_lora()
+    name = "model.layers.0.mlp.experts.down_proj.lora_B.e0"
+    lora.set_state({name: torch.full(lora.shapes()[name], float("nan"))})
+    tokens = torch.arange(32).reshape(2, 16)
+    with torch.no_grad(), lora.merged() as model:
+        logits = model(input_ids=tokens).logits
+    assert not torch.isfinite(logits).all()
+    assert not any(getattr(m, "merged", False) for m in lora.model.modules())
