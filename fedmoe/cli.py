@@ -154,9 +154,9 @@ DEMO_UPDATE_CLIP = 3.0  # members' own L2 bound under secure aggregation: 2-3x a
 # rounds) and is set per parameter kind: the output head takes the full 0.1, the adapters and the
 # router, which a step of that size makes worse, a fraction of it (bench/recipes.py; README).
 DEMO_TRAINING = {"local-opt": "sgd", "lr": 1.0, "server-opt": "fedyogi", "server-lr": 0.1, "server-warmup": 3,
-                 "local-steps": 12, "server-lr-attention": 0.2, "server-lr-experts": 0.3, "server-lr-router": 0.1,
+                 "local-steps": 14, "server-lr-attention": 0.2, "server-lr-experts": 0.3, "server-lr-router": 0.1,
                  "server-lr-head": 1.0}
-DEMO_ROUNDS = 13
+DEMO_ROUNDS = 12
 
 
 @app.command()
@@ -209,8 +209,9 @@ def _refuse_another_recipe(run_dir: Path, cfg) -> None:  # type: ignore[no-untyp
     was, now = (manifests[-1].get("run_config", {}) if manifests else {}), cfg.as_user_config()
     changed = changed_server_settings(was, now)
     if len(manifests) > 1 and changed:
-        raise _fail(f"{run_dir}: trained with {changed[0]} {was[changed[0]]!r}, the demo's recipe now has "
-                    f"{now[changed[0]]!r}; `fedmoe demo --fresh` starts the demo's run over")
+        key, before, after = changed[0]
+        raise _fail(f"{run_dir}: trained with {key} {before!r}, the demo's recipe now has "
+                    f"{after!r}; `fedmoe demo --fresh` starts the demo's run over")
 
 
 def _demo_verdict(ws, run_name: str, summaries: list, free_rider: bool) -> None:  # type: ignore[no-untyped-def]

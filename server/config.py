@@ -201,7 +201,11 @@ class RunConfig:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
 
-def changed_server_settings(was: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """The server-optimizer keys (`server-*`) a committed run's config `was` gives another value
-    than `now`, sorted: a run resumed under any of them would continue its optimizer state wrongly."""
-    return [k for k in sorted(now) if k.startswith("server-") and k in was and was[k] != now[k]]
+def changed_server_settings(was: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, committed value, value now) for each server-optimizer key (`server-*`) that a
+    committed run's config `was` gives another value than `now`, sorted by key: a run resumed under
+    any of them would continue its optimizer state wrongly. A key `was` lacks was committed before
+    the key existed, when the run behaved as its default does."""
+    defaults = RunConfig().as_user_config()
+    committed = {k: was.get(k, defaults.get(k)) for k in now}
+    return [(k, committed[k], now[k]) for k in sorted(now) if k.startswith("server-") and committed[k] != now[k]]

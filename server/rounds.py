@@ -201,9 +201,10 @@ def open_run(config: RunConfig, run_name: str) -> Run:
         was, now = committed.manifest.get("run_config", {}), config.as_user_config()
         changed = changed_server_settings(was, now)
         if opt_state and changed:
+            key, before, after = changed[0]
             raise RuntimeError(
-                f"{checkpoints.run_dir}: committed with {changed[0]} {was[changed[0]]!r}, resumed with "
-                f"{now[changed[0]]!r}; resume with the same server optimizer settings or start a new run"
+                f"{checkpoints.run_dir}: committed with {key} {before!r}, resumed with "
+                f"{after!r}; resume with the same server optimizer settings or start a new run"
             )
         check_state(opt_state, shapes, str(checkpoints.round_dir(committed.round)))
         if committed.manifest.get("expert_load"):

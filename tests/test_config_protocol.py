@@ -108,3 +108,15 @@ def test_secure_aggregation_stage_messages_round_trip_and_refuse_bad_ones() -> N
         SecAggMessage.from_record(uneven.to_record(), stage="mask", reply=False).pairs("senders", "ciphertexts")
     with pytest.raises(ProtocolError, match="unknown secure-aggregation stage"):
         SecAggMessage(**{**msg.__dict__, "stage": "reveal-all"})
+
+
+def test_a_server_setting_missing_from_a_committed_config_counts_as_its_default_when_resuming() -> None:
+    """A run committed before the per-kind server lr keys existed ran at multiplier 1.0: resuming
+    it with another multiplier would continue its optimizer state wrongly, with 1.0 it would not."""
+    from server.config import changed_server_settings
+
+    now = RunConfig(server_opt="fedyogi", server_lr=0.1, server_lr_router=0.1).as_user_config()
+    old = {k: v for k, v in now.items() if not k.startswith("server-lr-")}  # as such a run committed it
+    assert changed_server_settings(old, now) == [("server-lr-router", 1.0, 0.1)]
+    assert changed_server_settings(old, {**now, "server-lr-router": 1.0}) == []
+    assert changed_server_settings({**old, "server-lr": 0.03}, now)[0] == ("server-lr", 0.03, 0.1)
