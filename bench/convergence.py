@@ -6,7 +6,8 @@ in one run, on the demo consortium (one member per domain):
 - data-limited: each member holds only a third of what it trains on at the consortium's compute
   (>= 3 passes over its own data), made by cutting its files; the block count is measured.
 Rows per regime:
-- consortium (secure): `fedmoe demo`'s own settings (secure aggregation, int8, local SGD + FedYogi);
+- consortium (secure): `fedmoe demo`'s own settings and consortium (secure aggregation, int8, the
+  update clip, local SGD + FedYogi, the labelled free rider: six members train in two groups of 3);
 - consortium (open): the same without secure aggregation;
 - centralized: one AdamW trainer on the union of the members' data, as many steps as the secure
   consortium's members took in all (counted from its round manifests);
@@ -34,7 +35,8 @@ from rich.table import Table
 
 from client.node import member_seed
 from client.trainer import TrainConfig, train_local
-from fedmoe.cli import DEMO_ROUNDS, DEMO_SECURE_CLIP, DEMO_SECURE_CODEC, DEMO_TRAINING
+from client.free_rider import FREE_RIDER
+from fedmoe.cli import DEMO_ROUNDS, DEMO_SECURE_CLIP, DEMO_SECURE_CODEC, DEMO_TRAINING, DEMO_UPDATE_CLIP
 from fedmoe.simulation import simulate
 from model.base import load_base
 from model.chatter import silence_library_chatter
@@ -55,7 +57,7 @@ ALONE_LR = 0.003  # AdamW, the trainer's own default: what a member alone (or on
 def _config(ws: Workspace, secure: bool) -> RunConfig:
     user = {"workspace": str(ws.root), "num-rounds": DEMO_ROUNDS, **DEMO_TRAINING}
     if secure:
-        user.update({"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP})
+        user.update({"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP, "update-clip": DEMO_UPDATE_CLIP})
     return RunConfig.from_user_config(user)
 
 
@@ -87,7 +89,8 @@ def _steps_by_member(manifests: list[dict]) -> dict[str, int]:  # type: ignore[t
         schedule = m.get("schedule")
         local = int(schedule["local_steps"]) if isinstance(schedule, dict) else int(m["run_config"]["local-steps"])
         for report in m["members"]:
-            steps[report["member"]] = steps.get(report["member"], 0) + local
+            if report["member"] != FREE_RIDER:  # it trains nothing
+                steps[report["member"]] = steps.get(report["member"], 0) + local
     return steps
 
 
@@ -110,7 +113,9 @@ def _regime(name: str, ws: Workspace, extra_steps: int, console: Console) -> dic
         # a fresh copy per run: members refuse to unmask an identical update (same start, same
         # seed) for another survivor set, across runs too, so runs must not share node state
         run_ws = _fresh_copy(ws, ws.root.parent / f"{ws.root.name}-bench-{'secure' if secure else 'open'}")
-        simulate(_config(run_ws, secure), LogReporter(), run_name="bench")
+        # secure: the demo's own consortium, its labelled free rider included; without it five
+        # members make one group of 3 per round and two of them sit each round out
+        simulate(_config(run_ws, secure), LogReporter(), run_name="bench", free_rider=secure)
         checkpoints = Checkpoints(run_ws.run_dir("bench"))
         committed = checkpoints.load()
         assert committed is not None
