@@ -122,12 +122,15 @@ def evaluate_loss(
             batch = blocks[start : start + batch_size].to(device)  # (B, T)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(input_ids=batch).logits  # (B, T, V)
-            # the next token of every position but the last; the last is ignored rather than sliced
-            # off, so that fp32 logits are read in place (a slice would copy B x T x V floats)
-            targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100)
-            loss = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-            )
+            # the next token of every position but the last. fp32 logits are read in place, the last
+            # position ignored (slicing it off would copy B x T x V floats); lower-precision logits
+            # are copied to fp32 anyway, so without the last position
+            if logits.dtype == torch.float32:
+                flat = logits.reshape(-1, logits.shape[-1])
+                targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100).reshape(-1)
+            else:
+                flat, targets = logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+            loss = torch.nn.functional.cross_entropy(flat, targets, ignore_index=-100, reduction="sum")
             if backward:
                 (loss / count).backward()
             total += float(loss.detach())

@@ -6,7 +6,8 @@ import torch
 from model.precision import PrecisionError, select_precision
 from client.trainer import TrainConfig, train_local
 from model.base import BaseModelError, load_base
-from model.lora import LoraMoE, LoraSpec, expert_of
+from model.lora import LoraMoE, LoraSpec, _mergeable, expert_of
+from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from model.moe import MoEConfig, build_model, routed_token_counts
 
 SMALL = MoEConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
@@ -234,23 +235,32 @@ def test_a_merged_evaluation_matches_the_adapters_and_gives_every_base_weight_ba
     g = torch.Generator().manual_seed(3)
     lora.set_state({k: 0.05 * torch.randn(s, generator=g) for k, s in lora.shapes().items()})
     before = {k: v.clone() for k, v in lora.model.state_dict().items()}
-    embedding = lora.model.get_input_embeddings().weight
     tokens = torch.randint(0, SMALL.vocab_size, (4, 16), generator=g)
     lora.model.eval()
     with torch.no_grad():
         adapted = lora.model(input_ids=tokens).logits
         with lora.merged() as model:
             merged = model(input_ids=tokens).logits
-            # the experts' and attention's weights now hold the adapters; the tied head/embedding does not
+            # the experts' weights now hold their adapters; attention and the (tied) head run theirs
             experts = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp.experts") and hasattr(m, "get_delta_weight"))
-            assert experts.merged
-            assert not torch.equal(experts.get_base_layer().down_proj, before[next(k for k in before if k.endswith("layers.0.mlp.experts.base_layer.base_layer.down_proj"))])
-            assert torch.equal(embedding, before[next(k for k in before if k.endswith("embed_tokens.weight"))])
+            down = next(k for k in before if k.endswith("layers.0.mlp.experts.base_layer.base_layer.down_proj"))
+            assert experts.merged and not torch.equal(experts.get_base_layer().down_proj, before[down])
+            linear = [m for m in model.modules() if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)]
+            assert linear and not any(m.merged for m in linear)
+            assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "experts" not in k)
         after = lora.model(input_ids=tokens).logits
     assert torch.allclose(merged, adapted, atol=1e-5)
     assert torch.equal(after, adapted)  # the adapters run again, on the original weights
     assert all(torch.equal(before[k], v) for k, v in lora.model.state_dict().items())
     assert not any(getattr(m, "merged", False) for m in lora.model.modules())
+
+
+def test_only_plain_float_weights_on_the_cpu_are_merged() -> None:
+    plain = torch.nn.Parameter(torch.zeros(4, 4))
+    assert _mergeable(plain) and _mergeable(torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.bfloat16)))
+    assert not _mergeable(torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False))  # quantized
+    assert not _mergeable(torch.nn.Parameter(torch.empty(4, 4, device="meta")))  # off the CPU
+    assert not _mergeable(plain.data) and not _mergeable(None)
 
 
 def test_a_non_finite_adapter_is_evaluated_unmerged_so_its_loss_stays_non_finite() -> None:
@@ -262,3 +272,17 @@ def test_a_non_finite_adapter_is_evaluated_unmerged_so_its_loss_stays_non_finite
         logits = model(input_ids=tokens).logits
     assert not torch.isfinite(logits).all()
     assert not any(getattr(m, "merged", False) for m in lora.model.modules())
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_the_evaluation_loss_is_the_mean_next_token_cross_entropy(autocast: torch.dtype | None) -> None:
+    from model.moe import evaluate_loss
+
+    lora = small_lora()
+    blocks = torch.randint(0, SMALL.vocab_size, (5, 12), generator=torch.Generator().manual_seed(4))
+    lora.model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        logits = lora.model(input_ids=blocks).logits.float()
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+    loss = evaluate_loss(lora.model, blocks, batch_size=2, device=torch.device("cpu"), autocast_dtype=autocast)
+    assert loss == pytest.approx(float(expected), rel=1e-6)
