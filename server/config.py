@@ -207,5 +207,5 @@ def changed_server_settings(was: Mapping[str, Any], now: Mapping[str, Any]) -> l
     any of them would continue its optimizer state wrongly. A key `was` lacks was committed before
     the key existed, when the run behaved as its default does."""
     defaults = RunConfig().as_user_config()
-    committed = {k: was.get(k, defaults.get(k)) for k in now}
-    return [(k, committed[k], now[k]) for k in sorted(now) if k.startswith("server-") and committed[k] != now[k]]
+    committed = {k: was.get(k, defaults.get(k)) for k in sorted(now) if k.startswith("server-")}
+    return [(k, value, now[k]) for k, value in committed.items() if value != now[k]]
