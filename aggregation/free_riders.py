@@ -8,13 +8,14 @@ Pure helpers over update tensors, open mode only (secure mode never sees an upda
   aggregation/shapley.py's `gtg_shapley` as `duplicates=`, which counts each flagged cluster once
   in every coalition, so the cluster's value is split equally among its members.
   `novel_descent` is the test that does not depend on how much noise a free rider adds: the part
-  of a member's update that the round's other updates and the references (the consortium's last
-  change) do not explain must point downhill on some validation domain. The fit is per tensor
+  of a member's update that the round's other updates and the references (the consortium's
+  public history, server/history.py: past rounds' changes and the path so far) do not explain
+  must point downhill on some validation domain. The fit is per tensor
   (least squares of the member's tensor on the same tensor of the others), and so is the test,
   in the same geometry: rescaling, zeroing or sign-flipping some tensors of a copy or a replay
   leaves them explained, and tensors the member did not send do not count (members send only
   the experts they routed to). A copy of another member's update plus noise of any size, a
-  replay of the last change plus noise, and pure noise all leave only noise in the residual.
+  replay of a referenced change plus noise, and pure noise all leave only noise in the residual.
   The original of a copy keeps the part of its update that the copier's noise took away: its
   residual still points downhill (z about eps x its own z, for noise eps x its norm), so the
   copier is caught and the original is not, unless the noise is tiny (eps of a few percent, when
@@ -23,10 +24,9 @@ Pure helpers over update tensors, open mode only (secure mode never sees an upda
   Limits: members with the same data bring little that the others do not (their residuals are
   mostly their own SGD noise), so they may score 0 together; a nonlinear function of the last
   change (e.g. its signs) is not in the span the fit removes, which is why the replay cosine rule
-  of server/scoring.py stays as well; and only the last change is a reference, so an older
-  round's change (public history), its part along the last change removed, passes (a reviewer's
-  simulation: z 19 and a real Shapley share). More past changes as references would close that
-  one and explain away more of a steady honest member's update.
+  of server/scoring.py stays as well; and only what the caller references is explained: with the
+  last change alone, an older round's change with its part along the last change removed passed
+  (a reviewer's simulation: z 19 and a real Shapley share), hence the window of past changes.
 
 The z statistic: for a residual r and a validation gradient g, per tensor t, z_t = -sum_i r_i
 g_i / sqrt(sum_i r_i^2 g_i^2), combined over the T tensors sent as sum_t z_t / sqrt(T)

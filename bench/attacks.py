@@ -10,7 +10,12 @@ honestly. An adversary speaks the protocol exactly as an honest member does (HEL
 every secure-aggregation stage, the member's own reply path client/node.reply_for) and lies
 only in what it trained:
 - free riders (train nothing, claim an honest member's tokens and a top-k share on every expert):
-  zero (a zero update), replay (the last global change, its two latest views subtracted), copy
+  zero (a zero update), replay (the last global change, its two latest views subtracted), stale
+  replay (the change of two rounds before, its part along the last change removed per tensor so
+  that neither the cosine rule nor a fit on the last change alone sees it, scaled to a colluding
+  honest member's update norm, plus 15% noise: a reviewer's attack on the last-change-only rule;
+  its row is run twice, against server/history.py's references and against the last change
+  alone, `references` in the row), copy
   (a colluding honest member's update of the round, its tokens and loss, plus Gaussian noise of
   15% of its norm per tensor: what evaded the old copy test), loud copy (the same with noise as
   large as the update: a cosine of about 0.7, which no threshold between it and two honest
@@ -32,7 +37,7 @@ real attack. Writes bench/results/attacks.json.
 Every row records the commit it was measured at. `--modes open` runs only the open rows and
 keeps the secure rows of the results file as they are (with their commit), for a change that
 touches open-mode scoring only.
-Run: `.venv/bin/python bench/attacks.py [--workspace .fedmoe/demo --rounds 3 --modes open,secure]` (~50 min on 2 cores at 3 rounds).
+Run: `.venv/bin/python bench/attacks.py [--workspace .fedmoe/demo --rounds 3 --modes open,secure]` (~55 min on 2 cores at 3 rounds).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from model.chatter import silence_library_chatter  # noqa: E402
 from protos.messages import TrainInstruction, TrainReply  # noqa: E402
 from server.init import InitConfig, init_workspace  # noqa: E402
 from server.ledger import Ledger, OperatorKey  # noqa: E402
+from server.history import PublicHistory, change_name  # noqa: E402
 from server.rights import shares_from_ledger  # noqa: E402
 from server.rounds import run_rounds  # noqa: E402
 from server.summary import LogReporter  # noqa: E402
@@ -72,7 +78,7 @@ from tests.privacy.test_secagg_consistency import members_without_the_check, pro
 from tests.privacy.test_secagg import consortium  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "attacks.json"
-FREE_RIDERS = ("zero", "replay", "copy_noise", "copy_loud", "scaled_noise", "tiny", "inflated_tokens")
+FREE_RIDERS = ("zero", "replay", "stale_replay", "copy_noise", "copy_loud", "scaled_noise", "tiny", "inflated_tokens")
 ATTACKS = ("scale_x10", "sign_flip", "gaussian")
 ADVERSARY_FRACTION = 0.2
 COPY_NOISE = 0.15  # of the copied update's norm, per tensor
@@ -92,13 +98,28 @@ def _noise_like(delta: Delta, norm_of: Delta, factor: float, generator: torch.Ge
     return out
 
 
+def _stale(views: list[Delta], honest: Delta) -> Delta:
+    """The change two rounds back, its part along the last change removed per tensor, at `honest`'s
+    norm, plus 15% noise (views: the adversary's last three, oldest first)."""
+    older = {k: views[1][k] - views[0][k] for k in views[2]}
+    last = {k: views[2][k] - views[1][k] for k in views[2]}
+    out = {}
+    for k, v in older.items():
+        along = float(last[k].square().sum())
+        out[k] = v - (float((v * last[k]).sum()) / along) * last[k] if along > 0 else v
+    norm = sum(float(t.square().sum()) for t in out.values()) ** 0.5
+    target = sum(float(t.square().sum()) for t in honest.values()) ** 0.5
+    out = {k: v * (target / norm) for k, v in out.items()} if norm > 0 else out
+    return {k: v + n for (k, v), n in zip(out.items(), _noise_like(out, out, COPY_NOISE, torch.Generator().manual_seed(11)).values())}
+
+
 class Adversaries:
     """The members' play with `kind` in `members`: stands in for client.app.run_round and
     client.node.reply_for (honest members go through both unchanged)."""
 
     def __init__(self, kind: str, members: set[str]) -> None:
         self.kind, self.members = kind, members
-        self.views: dict[str, Delta] = {}  # adversary -> the last view it received
+        self.views: dict[str, list[Delta]] = {}  # adversary -> the views it received, oldest first (last 3)
         self.honest: TrainResult | None = None  # the newest honest result (a colluding member's)
         self.run_round, self.reply_for = client_node.run_round, client_node.reply_for
 
@@ -126,7 +147,9 @@ class Adversaries:
         started = time.perf_counter()
         _, lora = load_member_model(node.base_path, ins.base_sha256)
         state = receive_state(ins, node)
-        previous, self.views[node.member] = self.views.get(node.member), {k: v.clone() for k, v in state.items()}
+        views = self.views.setdefault(node.member, [])
+        previous = views[-1] if views else None
+        views[:] = [*views[-2:], {k: v.clone() for k, v in state.items()}]
         config = lora.model.config
         layers, experts, top_k = int(config.num_hidden_layers), int(config.num_local_experts), int(config.num_experts_per_tok)
         num_examples = ins.local_steps * ins.batch_size
@@ -140,6 +163,8 @@ class Adversaries:
             delta = zeros
         elif self.kind == "replay":
             delta = {k: state[k] - previous[k] for k in state} if previous is not None else zeros
+        elif self.kind == "stale_replay":
+            delta = _stale(views, source) if len(views) == 3 else zeros
         elif self.kind in ("copy_noise", "copy_loud"):
             noise = _noise_like(source, source, COPY_NOISE if self.kind == "copy_noise" else COPY_NOISE_LOUD, generator)
             delta = {k: source[k] + noise[k] for k in source}
@@ -160,32 +185,39 @@ class Adversaries:
         return self.reply_for(result, ins, node, lora, "fp32")
 
 
-def run_row(ws: Workspace, kind: str, secure: bool, rounds: int, run: str, console: Console) -> dict:
+def run_row(ws: Workspace, kind: str, secure: bool, rounds: int, run: str, console: Console,
+            references: str = "history") -> dict:
+    """One run; `references` "last-change": the free-rider test sees only the last round's change
+    (the rule before server/history.py), to show what the public history catches."""
     members = ws.members()
     count = max(1, round(ADVERSARY_FRACTION * len(members)))
     adversaries = set(members[len(members) - count:]) if kind != "clean" else set()
     mode = {"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP} if secure else {}
     config = _run_config(ws.root, [], **{"num-rounds": rounds, **DEMO_TRAINING, **mode})
-    console.rule(f"{'secure' if secure else 'open'}: {kind} ({', '.join(sorted(adversaries)) or 'no adversary'})")
+    console.rule(f"{'secure' if secure else 'open'}: {kind} ({', '.join(sorted(adversaries)) or 'no adversary'})"
+                 f"{', references: the last change only' if references == 'last-change' else ''}")
     play = Adversaries(kind, adversaries)
-    saved = client_app.run_round, client_node.reply_for
+    saved = client_app.run_round, client_node.reply_for, PublicHistory.references
     client_app.run_round, client_node.reply_for = play.play, play.reply
+    if references == "last-change":
+        PublicHistory.references = lambda self: {change_name(r): c for r, c in list(self.changes)[-1:]}
     started = time.perf_counter()
     try:
         with task_identity():
             summaries = run_rounds(FakeGrid(client_app.app, len(members)), config, LogReporter(), run_name=run)
     finally:
-        client_app.run_round, client_node.reply_for = saved
+        client_app.run_round, client_node.reply_for, PublicHistory.references = saved
     records = Ledger(ws.ledger(run), OperatorKey.load_or_create(ws.operator_key)).records()
     shares = shares_from_ledger(records)
     final = summaries[-1].val_loss
     return {
-        "kind": kind, "mode": "secure" if secure else "open", "adversaries": sorted(adversaries),
+        "kind": kind, "mode": "secure" if secure else "open", "references": references if not secure else "-", "adversaries": sorted(adversaries),
         "rounds": len(summaries), "shares": shares,
         "adversary_share": sum(shares.get(m, 0.0) for m in adversaries),
         "honest_credited": sum(1 for m, s in shares.items() if m not in adversaries and s > 0),
         "rejected": sum(len(s.rejected) for s in summaries),
         "val_loss": final, "mean_val_loss": sum(final.values()) / len(final),
+        "novel_descent_z": {s.round: s.contribution.get("novel_descent_z", {}) for s in summaries},
         "seconds": time.perf_counter() - started,
     }
 
@@ -215,7 +247,8 @@ def summarize(rows: list[dict]) -> dict:
     def worst(values: list[float]) -> float | None:  # None: no such row was run (--kinds)
         return max(values) if values else None
 
-    riders = {mode: worst([r["adversary_share"] for r in rows if r["mode"] == mode and r["kind"] in FREE_RIDERS])
+    riders = {mode: worst([r["adversary_share"] for r in rows
+                           if r["mode"] == mode and r["kind"] in FREE_RIDERS and r.get("references") != "last-change"])
               for mode in ("open", "secure")}
     return {
         "free_rider_share_max_open": riders["open"], "free_rider_share_max_secure": riders["secure"],
@@ -248,17 +281,21 @@ def main() -> None:
             parser.error(f"--modes {args.modes}: {args.out} has no rows to keep for the other mode")
         kept = [r for r in json.loads(args.out.read_text())["rows"] if r["mode"] not in modes]
     stamp, measured_at = int(time.time()), commit()
-    rows = [{**run_row(ws, kind, secure, args.rounds, f"bench-attacks-{stamp}-{'secure' if secure else 'open'}-{kind}", console),
+    plan = [(secure, kind, references) for secure in (False, True) if ("secure" if secure else "open") in modes
+            for kind in kinds
+            for references in (("history", "last-change") if kind == "stale_replay" and not secure else ("history",))]
+    rows = [{**run_row(ws, kind, secure, args.rounds, f"bench-attacks-{stamp}-{'secure' if secure else 'open'}-{kind}-{references}",
+                       console, references),
              "commit": measured_at}
-            for secure in (False, True) if ("secure" if secure else "open") in modes for kind in kinds]
+            for secure, kind, references in plan]
     rows = sorted(rows + kept, key=lambda r: r["mode"] == "secure")
     result = {**summarize(rows), **unmask_probe()}
 
     table = Table(title=f"adversaries at {ADVERSARY_FRACTION:.0%} of {len(ws.members())} members, {args.rounds} rounds")
-    for col in ("mode", "kind", "adversary share", "honest credited", "rejected replies", "mean val loss", "vs clean"):
+    for col in ("mode", "kind", "references", "adversary share", "honest credited", "rejected replies", "mean val loss", "vs clean"):
         table.add_column(col, justify="right")
     for row in rows:
-        table.add_row(row["mode"], row["kind"], f"{row['adversary_share']:.1%}", str(row["honest_credited"]),
+        table.add_row(row["mode"], row["kind"], row.get("references", "-"), f"{row['adversary_share']:.1%}", str(row["honest_credited"]),
                       str(row["rejected"]), f"{row['mean_val_loss']:.4f}", f"{row['loss_rel_diff']:+.2%}")
     console.print(table)
     result["targets"] = {"free_rider_share_max_open": "<= 0.02", "free_rider_share_max_secure": "<= 0.02",

@@ -51,6 +51,7 @@ class RunConfig:
     contribution_min_group: int = 3  # secure contribution: smallest group whose sum is revealed
     contribution_batches: int = 2  # validation batches per domain for each coalition evaluation
     contribution_permutations: int = 40  # most GTG-Shapley permutations per round
+    replay_window: int = 8  # open contribution: past rounds' changes a replayed update is checked against
     secagg: str = "off"  # "on": the operator sees only sums of updates (privacy/secagg.py)
     secagg_threshold: int = 0  # shares needed to unmask; 0: two thirds of each member's share holders
     secagg_neighbours: int = 0  # neighbours per member (SecAgg+); 0: about 2*log2(members)
@@ -118,6 +119,7 @@ class RunConfig:
             (self.contribution in ("auto", "open", "secure", "off"),
              "contribution must be 'auto', 'open', 'secure' or 'off'"),
             (self.contribution_min_group >= 2, "contribution-min-group must be >= 2"),
+            (0 <= self.replay_window <= 1000, "replay-window must be between 0 and 1000 rounds"),
             (self.secagg in ("on", "off"), "secagg must be 'on' or 'off'"),
             (self.secagg_threshold >= 0, "secagg-threshold must be >= 0 (0: automatic)"),
             (self.secagg_neighbours >= 0, "secagg-neighbours must be >= 0 (0: automatic)"),

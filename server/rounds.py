@@ -35,6 +35,7 @@ from server.balance import observe_expert_load
 from server.broadcast import broadcast
 from server.evaluation import evaluate, evaluate_with_head, validation_sets
 from server.grid import exchange
+from server.history import PublicHistory
 from server.identities import Identities
 from server.ledger import Ledger, OperatorKey, utc_now
 from server.sampling import Roster, plan_round, sample_members
@@ -83,7 +84,7 @@ class Run:
     held_views: dict[str, str] = field(default_factory=dict)  # member -> digest of the view it holds
     node_member: dict[int, str] = field(default_factory=dict)
     binding: MemberBinding = field(default_factory=MemberBinding.from_env)  # names bound to their nodes
-    last_change: dict[str, torch.Tensor] | None = None  # the last round's change of the state (free-rider check)
+    history: PublicHistory | None = None  # open contribution: past changes a free rider could replay
     last_step: dict[str, torch.Tensor] | None = None  # the mean update that moved the state since the broadcast
     step_base: str = ""  # "step" broadcast: digest of the step view sent last
     policy: Policy = field(default_factory=Policy)  # the workspace's usage-rights policy (probation)
@@ -136,7 +137,8 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     previous = run.state, run.opt_state, run.contribution_base
     run.state, run.opt_state, step = aggregate_round(run, received, group_sums)
     run.lora.set_state(run.state)
-    run.last_change = {k: v - previous[0][k] for k, v in run.state.items()}  # what a replayer would send next
+    if run.history is not None:
+        run.history.record(rnd, previous[0], run.state)
     load, weight, specialization = observe_expert_load(run.lora, config.secagg == "on", received, group_sums)
     if load is not None:
         run.expert_load, run.load_weight = load, weight
@@ -218,6 +220,10 @@ def open_run(config: RunConfig, run_name: str) -> Run:
             else:
                 book = book.add(manifest["round"], manifest.get("scores", {}))
         first = committed.round + 1
+    history = None
+    if config.contribution_mode == "open":  # secure mode never sees an update to compare
+        history = (PublicHistory(config.replay_window, state) if committed is None
+                   else PublicHistory.from_checkpoints(checkpoints, committed.round, config.replay_window))
     return Run(
         config=config, round=config, name=run_name, ws=ws, base=base, lora=lora, shapes=shapes, val_sets=val_sets,
         contribution_sets={d: blocks[: config.contribution_batches * config.batch_size] for d, blocks in val_sets.items()},
@@ -225,6 +231,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
         optimizer=config.server_optimizer(), opt_state=opt_state,
         expert_load=expert_load, load_weight=load_weight, book=book, estimator=estimator, first=first, resumed=committed is not None,
         policy=load_policy(ws.policy) if ws.policy.is_file() else Policy(),  # a bad policy stops the run here
+        history=history,
     )
 
 
@@ -332,7 +339,8 @@ def score_round(
 
         def scored() -> RoundScores:
             return score_open(received.updates, value_of(received.updates), seed=config.seed * 100_003 + rnd,
-                              max_permutations=config.contribution_permutations, last_change=run.last_change)
+                              max_permutations=config.contribution_permutations,
+                              references=run.history.references() if run.history is not None else None)
 
         try:
             scored_open = scored()

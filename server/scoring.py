@@ -27,7 +27,6 @@ from model.moe import evaluate_loss
 TINY = 1e-3  # an update this small next to the round's median norm moves nothing: a free rider's
 COPY_COSINE = 0.95  # a copy with noise up to ~1/3 of the update's size still points this way
 NOVEL_Z = 4.0  # descent z of what nobody else sent, below which an update adds nothing (aggregation/free_riders.py)
-LAST = "(the consortium's last change)"  # not a member name: it cannot collide with one
 
 
 @dataclass
@@ -108,17 +107,19 @@ class RoundScores:
 
 def score_open(
     updates: Sequence[Update], value: CoalitionValue, *, seed: int, max_permutations: int = 60,
-    last_change: Mapping[str, torch.Tensor] | None = None,
+    references: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> RoundScores:
     """Per-member Shapley values from individual updates; free riders get no credit:
     - a null update (zeros), one far smaller than the round's others (< TINY x the median
       norm: it moves nothing), or a replay of the consortium's last change (cosine >=
       COPY_COSINE) scores 0;
-    - so does one whose part that the round's other updates and the consortium's last change
-      (`last_change`, the difference of the two views a member holds) do not explain shows no
-      descent on any validation domain (z < NOVEL_Z, aggregation/free_riders.novel_descent): a
-      replay of the last change, a copy of another member's update, pure noise, each with any
-      noise added; the original of a copy keeps its credit unless the copy is nearly exact;
+    - so does one whose part that the round's other updates and the consortium's public history
+      (`references`: name -> tensors, server/history.py: the last rounds' changes and the path
+      so far, all computable from the views a member holds) do not explain shows no descent on
+      any validation domain (z < NOVEL_Z, aggregation/free_riders.novel_descent): a replay of
+      any kept round's change or a mixture of them, a copy of another member's update, pure
+      noise, each with any noise added; the original of a copy keeps its credit unless the copy
+      is nearly exact;
     - copies of each other that both pass (cosine >= COPY_COSINE) share one value.
     Whatever scores 0 is left out of the Shapley game; its update is still aggregated (bounded
     by the norm rule, server/validate.py). Noise the test misses (a false pass, about once in
@@ -126,12 +127,13 @@ def score_open(
     norms = {u.member: update_norm(u) for u in updates}
     median = statistics.median(norms.values()) if norms else 0.0
     null = {u.member for u in updates if is_null_update(u.delta) or norms[u.member] < TINY * median}
-    if last_change:
-        replayed = duplicate_members({**{u.member: u.delta for u in updates if u.member not in null}, LAST: last_change},
+    references = dict(references or {})
+    for name, reference in references.items():  # a replay (or a nonlinear twist of one, e.g. signs, the fit misses)
+        replayed = duplicate_members({**{u.member: u.delta for u in updates if u.member not in null}, name: reference},
                                      threshold=COPY_COSINE)
-        null |= {a if b == LAST else b for a, b in replayed if LAST in (a, b)}
+        null |= {a if b == name else b for a, b in replayed if name in (a, b)}
     kept = {u.member: u.delta for u in updates if u.member not in null}
-    novelty = novel_descent(kept, value.gradients(), {LAST: last_change} if last_change else None) if kept else {}
+    novelty = novel_descent(kept, value.gradients(), references) if kept else {}
     null |= {m for m, z in novelty.items() if not z >= NOVEL_Z}  # NaN included
     scored = [u for u in updates if u.member not in null]
     pairs = duplicate_members({u.member: u.delta for u in scored}, threshold=COPY_COSINE)

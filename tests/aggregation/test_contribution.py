@@ -14,6 +14,7 @@ from aggregation.free_riders import duplicate_members, is_null_update, novel_des
 from aggregation.group_estimator import GroupValueEstimator
 from aggregation.groups import group_shapley, random_groups, rotating_subsets
 from aggregation.shapley import Valuation, exact_shapley, gtg_shapley
+from server.history import PublicHistory
 
 Game = Callable[[frozenset[str]], float]
 
@@ -596,6 +597,53 @@ def test_the_closer_the_copy_the_less_of_its_original_is_left() -> None:
         assert z["copier"] < 4.0 and min(z["b"], z["c"]) >= 4.0
         left.append(z["a"])
     assert alone > left[0] > left[1] and left[1] < 0.5 * alone
+
+
+def _noisy(update: Mapping[str, torch.Tensor], g: torch.Generator, eps: float) -> dict[str, torch.Tensor]:
+    """`update` plus noise of `eps` x its norm."""
+    return {k: v + n for (k, v), n in zip(update.items(), _like(update, g, eps * _norm(update)).values())}
+
+
+def _trajectory(g: torch.Generator, gradients, rounds: int) -> list[dict[str, torch.Tensor]]:  # noqa: ANN001
+    """Committed states of `rounds` past rounds: each round two of the three domains' members
+    stepped down their domain's gradient at that time (today's, turned by a fresh direction as
+    large, per layer), plus SGD noise."""
+    states = [{k: torch.zeros(shape) for k, shape in SHAPES.items()}]
+    domains = sorted(gradients)
+    for rnd in range(rounds):
+        change = {}
+        for k, shape in SHAPES.items():
+            scale = float(gradients[domains[0]][k].abs().mean())
+            then = {d: 0.6 * gradients[d][k] + 0.8 * scale * torch.randn(shape, generator=g) for d in domains}
+            sampled = [d for i, d in enumerate(domains) if i != rnd % 3]
+            change[k] = -0.1 * sum(then[d] for d in sampled) + 0.05 * scale * torch.randn(shape, generator=g)
+        states.append({k: states[-1][k] + change[k] for k in SHAPES})
+    return states
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_a_replay_of_an_older_round_is_explained_by_the_public_history(seed: int) -> None:
+    """A reviewer's free rider: the change from two rounds ago with its part along the last
+    change removed (the cosine rule and a last-change-only fit both miss it), scaled to an honest
+    update's norm, plus noise. The history's references (server/history.py) explain it; honest
+    members keep their credit."""
+    g, gradients, honest = _planted_round(seed)
+    states = _trajectory(g, gradients, 5)
+    history = PublicHistory(8, states[0])
+    for rnd in range(1, len(states)):
+        history.record(rnd, states[rnd - 1], states[rnd])
+    last, older = (history.changes[-1][1], history.changes[-2][1])
+    stale = {}
+    for k, v in older.items():  # its part along the last change removed, per tensor
+        stale[k] = v - (v.flatten() @ last[k].flatten()) / last[k].square().sum() * last[k]
+    stale = _noisy({k: v * (_norm(honest["a"]) / _norm(stale)) for k, v in stale.items()}, g, 0.15)
+    assert not duplicate_members({"stale": stale, "last": last}, threshold=0.99)
+    only_last = novel_descent({**honest, "stale": stale}, gradients, {"last": last})
+    assert only_last["stale"] >= 4.0  # the hole: an older change passes when only the last is a reference
+    z = novel_descent({**honest, "stale": stale}, gradients, history.references())
+    assert z["stale"] < 4.0
+    assert min(z[m] for m in honest) >= 4.0
+    assert novel_descent({**honest, "path": _noisy(history.path, g, 0.15)}, gradients, history.references())["path"] < 4.0
 
 
 def test_novel_descent_refuses_a_reference_named_like_a_member_and_shapes_that_disagree() -> None:

@@ -169,3 +169,37 @@ def test_sitting_members_out_never_leaves_a_round_too_few_to_run(ws: Workspace, 
     assert [s.round for s in summaries] == [1, 2, 3, 4]
     assert all(len(s.members) == 3 for s in summaries)
     assert "round 3: only 1 member(s) past probation are entitled to train, the round needs 2" in caplog.text
+
+
+def test_open_scoring_sees_the_public_history_and_a_resume_sees_the_same(ws: Workspace, monkeypatch) -> None:
+    """The free-rider test's references in round 3: the changes of rounds 2 and 1 (window 2) and
+    the path so far, the same after a restart between rounds 2 and 3 as in one run."""
+    import server.rounds as rounds
+    from server.history import PATH, change_name
+
+    seen: dict[str, dict[int, dict[str, dict[str, torch.Tensor]]]] = {}
+
+    def spy(run_name):  # noqa: ANN001, ANN202
+        def score_open(*args, references=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            seen.setdefault(run_name, {})[len(seen.get(run_name, {})) + 1] = dict(references or {})
+            return real(*args, references=references, **kwargs)
+        return score_open
+
+    real = rounds.score_open
+    with task_identity():
+        monkeypatch.setattr(rounds, "score_open", spy("once"))
+        run_rounds(FakeGrid(app, 3), config(ws, num_rounds=3, replay_window=2), LogReporter(), run_name="once")
+        monkeypatch.setattr(rounds, "score_open", spy("resumed"))
+        run_rounds(FakeGrid(app, 3), config(ws, num_rounds=2, replay_window=2), LogReporter(), run_name="resumed")
+        seen["resumed"] = {}
+        run_rounds(FakeGrid(app, 3), config(ws, num_rounds=3, replay_window=2), LogReporter(), run_name="resumed")
+    assert list(seen["once"][1]) == []
+    assert list(seen["once"][3]) == [change_name(2), change_name(1), PATH]
+    committed = [Checkpoints(ws.run_dir("once")).load(r).state for r in range(3)]
+    for k, v in seen["once"][3][PATH].items():  # the path to the state round 3 started from
+        assert torch.equal(v, committed[2][k] - committed[0][k]), k
+    resumed = seen["resumed"][1]  # round 3, scored after the restart
+    assert list(resumed) == list(seen["once"][3])
+    for name, tensors in resumed.items():
+        for k, v in tensors.items():
+            assert torch.allclose(v, seen["once"][3][name][k], atol=1e-6), (name, k)

@@ -133,7 +133,7 @@ def test_free_riders_beyond_zeros_get_nothing_in_open_mode(planted) -> None:
         claiming("whisper", {k: v * 1e-5 for k, v in noise_like(rich.delta, 1.0).items()}),
     ]
     everyone = honest + riders
-    scores = score_open(everyone, open_value(lora, state, everyone, val, 8, precision), seed=2, last_change=last_change)
+    scores = score_open(everyone, open_value(lora, state, everyone, val, 8, precision), seed=2, references={"last": last_change})
     print({m: round(z, 1) for m, z in scores.novelty.items()})
     assert {u.member for u in riders} <= set(scores.null_members)
     assert "rich" not in scores.null_members and scores.novelty["rich"] >= 4.0
@@ -145,7 +145,7 @@ def test_free_riders_beyond_zeros_get_nothing_in_open_mode(planted) -> None:
     # copy, which only a colluding member can send, takes its original's credit with it)
     close = claiming("copier", {k: v + n for (k, v), n in zip(rich.delta.items(), noise_like(rich.delta, 0.15).values())})
     with_close = score_open([*everyone, close], open_value(lora, state, [*everyone, close], val, 8, precision), seed=2,
-                            last_change=last_change)
+                            references={"last": last_change})
     assert "copier" in with_close.null_members and with_close.scores["copier"] == 0.0
     assert with_close.novelty["rich"] < 0.5 * scores.novelty["rich"]
     assert with_close.novelty["small"] == pytest.approx(scores.novelty["small"], rel=0.2)
