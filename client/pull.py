@@ -1,0 +1,209 @@
+"""A member's side of the hub: pull a release (or the base) into a folder, verified, resumable.
+
+    fedmoe pull --hub HOST:PORT --member acme --state-dir S --ca ca.pem --operator-key op.pem --out DIR
+
+1. The release's manifest is fetched and its Ed25519 signature checked with the operator's
+   public key (`fedmoe ledger public-key`); a manifest that does not verify is not used.
+2. Every file is streamed into a staging folder beside DIR (`.DIR.pull/`), appended from where
+   an earlier, interrupted pull stopped, and its sha256 compared with the manifest's: a file that
+   does not match is deleted and the pull fails naming it (a tampered or corrupt hub copy).
+3. Only when every file matches is the staging folder renamed to DIR, with the signed manifest
+   beside the files (`hub-manifest.json`, `hub-manifest.sig`). Nothing half-pulled is ever at DIR.
+
+A release folder loads as it is:
+    model = AutoModelForCausalLM.from_pretrained("DIR/base")
+    model = PeftModel.from_pretrained(model, "DIR/adapter")
+The base (round 0) is a fedmoe base folder, what `fedmoe join --base` takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from privacy.hub_auth import AuthError, make_token, verify_manifest
+from protos import hub_pb2, hub_pb2_grpc
+
+SERVICE = "/fedmoe.hub.v1.Hub/"
+MANIFEST_FILE, SIGNATURE_FILE = "hub-manifest.json", "hub-manifest.sig"
+RETRIES = 3  # a dropped stream is resumed this many times before the pull gives up
+MAX_MESSAGE = (4 << 20) + (64 << 10)
+
+
+class PullError(RuntimeError):
+    """The pull cannot finish: the message names the file or the refusal."""
+
+
+@dataclass(frozen=True)
+class HubClient:
+    """One member's authenticated calls to a hub."""
+
+    channel: grpc.Channel
+    member: str
+    key: Ed25519PrivateKey
+    audience: str  # privacy/hub_auth.hub_audience of the consortium's CA
+
+    @classmethod
+    def connect(cls, address: str, member: str, key: Ed25519PrivateKey, audience: str, *,
+                ca_pem: bytes | None, server_name: str | None = None) -> HubClient:
+        """TLS to `address`, verifying the hub with the consortium CA; `ca_pem=None`: plaintext (unit tests)."""
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        channel = (grpc.insecure_channel(address, options=options) if ca_pem is None
+                   else grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca_pem), options=options))
+        return cls(channel, member, key, audience)
+
+    def _meta(self, method: str) -> list[tuple[str, str]]:
+        return [("authorization", make_token(self.member, self.key, self.audience, SERVICE + method))]
+
+    @property
+    def stub(self) -> hub_pb2_grpc.HubStub:
+        return hub_pb2_grpc.HubStub(self.channel)
+
+    def releases(self) -> hub_pb2.ListReleasesReply:
+        return self.stub.ListReleases(hub_pb2.ListReleasesRequest(), metadata=self._meta("ListReleases"), timeout=60)
+
+    def manifest(self, rnd: int) -> hub_pb2.SignedManifest:
+        return self.stub.GetManifest(hub_pb2.GetManifestRequest(release=hub_pb2.ReleaseRef(round=rnd)),
+                                     metadata=self._meta("GetManifest"), timeout=60)
+
+    def download(self, rnd: int, path: str, offset: int, chunk_bytes: int = 0) -> Iterator[hub_pb2.Chunk]:
+        request = hub_pb2.DownloadRequest(release=hub_pb2.ReleaseRef(round=rnd), path=path, offset=offset,
+                                          chunk_bytes=chunk_bytes)
+        return self.stub.Download(request, metadata=self._meta("Download"))
+
+    def usage(self) -> hub_pb2.Usage:
+        return self.stub.GetUsage(hub_pb2.GetUsageRequest(), metadata=self._meta("GetUsage"), timeout=60)
+
+
+def refusal(exc: grpc.RpcError) -> str:
+    """A refused call in one line: the status and the hub's sentence."""
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"hub refused ({code.name if code else 'error'}): {detail}"
+
+
+def _entries(manifest: dict) -> list[tuple[str, int, str]]:
+    """(path, size, sha256) of each file, every path checked to stay inside the folder."""
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise PullError("the manifest lists no files")
+    out = []
+    for entry in files:
+        if not isinstance(entry, dict):
+            raise PullError("a manifest file entry is not an object")
+        path, size, digest = entry.get("path"), entry.get("size"), entry.get("sha256")
+        pure = PurePosixPath(path) if isinstance(path, str) else None
+        if (pure is None or pure.is_absolute() or not pure.parts or any(p in ("", ".", "..") for p in pure.parts)
+                or "\\" in path or path in (MANIFEST_FILE, SIGNATURE_FILE)):
+            raise PullError(f"the manifest names an unsafe path {str(path)[:120]!r}: not pulled")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str) or len(digest) != 64:
+            raise PullError(f"the manifest entry of {path!r} has no valid size and sha256")
+        out.append((path, size, digest))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(client: HubClient, rnd: int, path: str, size: int, target: Path, advance: Callable[[int], None]) -> None:
+    """Append `path` to `target` from its current length until `size` bytes, resuming a dropped stream."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(RETRIES + 1):
+        have = target.stat().st_size if target.exists() else 0
+        if have > size:
+            target.unlink()  # longer than the manifest says: start over
+            have = 0
+        if have == size:
+            return
+        try:
+            with target.open("ab") as handle:
+                for chunk in client.download(rnd, path, have):
+                    if chunk.offset != have or have + len(chunk.data) > size:
+                        raise PullError(f"{path}: the hub sent bytes at {chunk.offset}, expected {have}")
+                    handle.write(chunk.data)
+                    have += len(chunk.data)
+                    advance(len(chunk.data))
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL) and attempt < RETRIES:
+                continue
+            raise PullError(f"{path}: {refusal(exc)}") from None
+    if target.stat().st_size != size:
+        raise PullError(f"{path}: stopped at {target.stat().st_size} of {size} bytes after {RETRIES} retries")
+
+
+def pull(client: HubClient, rnd: int, out: Path, operator_public_pem: bytes,
+         progress: Callable[[int, int], None] | None = None) -> dict:
+    """Pull release `rnd` (0: the base) into `out`; returns its verified manifest. `progress(done,
+    total)` is called as bytes arrive. Resumes what an interrupted pull left in the staging folder."""
+    try:
+        signed = client.manifest(rnd)
+        manifest = verify_manifest(signed.manifest_json, signed.signature, operator_public_pem)
+    except grpc.RpcError as exc:
+        raise PullError(refusal(exc)) from None
+    except AuthError as exc:
+        raise PullError(str(exc)) from None
+    if manifest.get("round") != rnd:
+        raise PullError(f"the hub answered with the manifest of round {manifest.get('round')!r}, asked for {rnd}")
+    entries = _entries(manifest)
+    if out.exists():
+        previous = out / MANIFEST_FILE
+        if previous.is_file() and previous.read_bytes() == signed.manifest_json:
+            return manifest  # already pulled and verified
+        raise PullError(f"{out} exists and is not a pull of this release; choose another --out or remove it")
+    staging = out.with_name(f".{out.name}.pull")
+    total = sum(size for _, size, _ in entries)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    for path, size, digest in entries:
+        target = staging / path
+        partial = target.with_name(target.name + ".part")
+        if target.is_file() and target.stat().st_size == size and _sha256(target) == digest:
+            advance(size)
+            continue
+        advance(partial.stat().st_size if partial.is_file() and partial.stat().st_size <= size else 0)
+        _fetch(client, rnd, path, size, partial, advance)
+        if _sha256(partial) != digest:
+            partial.unlink()
+            raise PullError(f"{path}: sha256 does not match the signed manifest (tampered or corrupt on the hub): not used")
+        partial.replace(target)
+    (staging / MANIFEST_FILE).write_bytes(signed.manifest_json)
+    (staging / SIGNATURE_FILE).write_bytes(signed.signature)
+    listed = {str(PurePosixPath(p)) for p, _, _ in entries} | {MANIFEST_FILE, SIGNATURE_FILE}
+    for stray in [p for p in staging.rglob("*") if p.is_file() and p.relative_to(staging).as_posix() not in listed]:
+        stray.unlink()  # left by an earlier pull of another manifest
+    staging.rename(out)
+    return manifest
+
+
+def read_pulled(out: Path, operator_public_pem: bytes) -> dict:
+    """The manifest of a pulled folder, its signature checked again (for `fedmoe join --hub`)."""
+    try:
+        return verify_manifest((out / MANIFEST_FILE).read_bytes(), (out / SIGNATURE_FILE).read_bytes(), operator_public_pem)
+    except OSError as exc:
+        raise PullError(f"{out}: no pulled manifest ({exc})") from None
+    except AuthError as exc:
+        raise PullError(f"{out}: {exc}") from None
+
+
+def clear_staging(out: Path) -> None:
+    shutil.rmtree(out.with_name(f".{out.name}.pull"), ignore_errors=True)
+

@@ -1,0 +1,126 @@
+"""`fedmoe hub` (operator: the model hub over TLS) and `fedmoe pull` (member: a verified, resumable
+download of a release or the base).
+
+    fedmoe hub  --workspace /srv/consortium --run default --certs certs --port 9443
+    fedmoe pull --hub link.example.org:9443 --member acme --state-dir /var/lib/fedmoe \\
+                --ca ca.pem --operator-key operator.pub.pem --out models/latest
+
+The hub serves the workspace's base (round 0) and the run's exported releases
+(<workspace>/releases/<run>-round-N/) to the members in the CA-signed roster, each as far as its
+entitlement allows (server/hub.py). A member signs each call with the identity key `fedmoe
+keys` made in its state dir and checks every pulled byte against the manifest the operator
+signed (`fedmoe ledger public-key` gives the operator's public key).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+console = Console(soft_wrap=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(code=1)
+
+
+def hub_command(
+    workspace: Annotated[Path, typer.Option(help="The consortium workspace (base, releases, ledger, operator key).")] = Path(".fedmoe/demo"),
+    run: Annotated[str, typer.Option(help="The run whose releases and ledger the hub serves.")] = "default",
+    certs: Annotated[Path, typer.Option(help="Folder from `fedmoe certs`: the server certificate, CA and roster.")] = Path("certs"),
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (TLS).")] = 9443,
+    policy: Annotated[Path | None, typer.Option(help="Usage-rights policy TOML (default: the workspace's).")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port of the hub (0: off).")] = 9402,
+    metrics_addr: Annotated[str, typer.Option(help="Address the metrics endpoint binds.")] = "127.0.0.1",
+) -> None:
+    """Operator: serve the base and the releases to members, each as far as its rights allow."""
+    from privacy.certs import CertError, CertLayout, check_readable
+    from server.hub import Hub, Roster, serve
+    from server.ledger import OperatorKey, OperatorKeyError
+    from server.workspace import Workspace
+
+    ws = Workspace(workspace.resolve())
+    layout = CertLayout(certs.resolve())
+    try:
+        for path, what in ((layout.server_cert, "server certificate"), (layout.ca_cert, "CA certificate")):
+            check_readable(path, what)
+        check_readable(layout.server_key, "server key", private=True)
+        key = OperatorKey.load(ws.operator_key)
+        hub = Hub(ws, run, key, Roster(layout), policy.resolve() if policy else None)
+        server, bound = serve(hub, f"{host}:{port}", certs=layout)
+    except (CertError, OperatorKeyError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(metrics_port, addr=metrics_addr)
+        except OSError as exc:
+            server.stop(grace=None)
+            raise _fail(f"metrics port {metrics_addr}:{metrics_port}: {exc}") from None
+    latest = hub.catalog.latest_round()
+    console.print(f"hub on {host}:{bound} (TLS): run {run!r}, base {'ready' if 0 in hub.catalog.folders() else 'missing'}, "
+                  f"newest release round {latest if latest else 'none yet'}; Ctrl-C stops")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    console.print("hub stopped")
+
+
+def pull_command(
+    hub: Annotated[str, typer.Option(help="The hub's address host:port.")],
+    member: Annotated[str, typer.Option(help="This member's name in the consortium.")],
+    state_dir: Annotated[Path, typer.Option(help="This member's node state dir (its identity key from `fedmoe keys`).")],
+    ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
+    operator_key: Annotated[Path, typer.Option(help="The operator's public key (`fedmoe ledger public-key`).")],
+    out: Annotated[Path, typer.Option(help="Folder to create with the pulled files.")],
+    round: Annotated[int | None, typer.Option("--round", help="Release round to pull (default: the newest you may pull).")] = None,
+    base: Annotated[bool, typer.Option("--base", help="Pull the base model (what `fedmoe join` trains on).")] = False,
+    server_name: Annotated[str | None, typer.Option(help="TLS name to expect when it differs from the address.")] = None,
+) -> None:
+    """Member: download a release (or the base) into a folder, verified, resuming an interrupted pull."""
+    manifest = pull_verified(hub, member, state_dir, ca, operator_key, out, 0 if base else round, server_name)
+    what = "base model" if manifest["round"] == 0 else f"release of round {manifest['round']}"
+    console.print(f"{what} pulled into [bold]{escape(str(out))}[/bold]: {len(manifest['files'])} files, every sha256 and the "
+                  "operator's signature verified")
+
+
+def pull_verified(hub: str, member: str, state_dir: Path, ca: Path, operator_key: Path, out: Path,
+                  rnd: int | None, server_name: str | None = None) -> dict:
+    """Connect as `member`, pick the round (None: the newest it may pull), pull with a progress bar."""
+    import grpc
+
+    from client.pull import HubClient, PullError, pull, refusal
+    from privacy.certs import CertError, check_readable, load_cert
+    from privacy.hub_auth import hub_audience
+    from privacy.roster import IDENTITY, identity_key
+
+    try:
+        key_path = check_readable(state_dir / IDENTITY, "identity key (run `fedmoe keys` first)", private=True)
+        ca_pem, operator_pem = check_readable(ca, "CA certificate").read_bytes(), check_readable(operator_key, "operator public key").read_bytes()
+        client = HubClient.connect(hub, member, identity_key(key_path), hub_audience(load_cert(ca)), ca_pem=ca_pem,
+                                   server_name=server_name)
+        if rnd is None:
+            listed = client.releases()
+            rnd = max((r.round for r in listed.releases), default=0)
+            console.print(f"{member}: entitlement {listed.tier}; newest release you may pull: "
+                          f"{'the base model only' if rnd == 0 else f'round {rnd}'} (the consortium is at round {listed.latest_round})")
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("base model" if rnd == 0 else f"round {rnd}", total=None)
+            return pull(client, rnd, out, operator_pem, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except grpc.RpcError as exc:
+        raise _fail(refusal(exc)) from None
+    except (PullError, CertError, OSError) as exc:
+        raise _fail(str(exc)) from None

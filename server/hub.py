@@ -1,0 +1,233 @@
+"""The operator's model hub: a gRPC service (protos/hub.proto) that lets each member list and pull
+the releases its rights allow, checked on every call.
+
+    fedmoe hub --workspace W --run R --certs C    (TLS with the operator's server certificate)
+
+Who calls: a token signed with the member's registered identity key (privacy/hub_auth.py),
+checked against the CA-signed roster, which is re-read when it changes (a revoked member is
+refused from its next call). What it may do: its entitlement, computed from the run's ledger
+and the workspace's policy exactly as `fedmoe rights` prints it (server/rights.entitlements);
+a registered member with no ledger record yet is base-only. The base (round 0) is open to every
+registered member; release N to a member whose entitlement covers round N now.
+
+Refusals are gRPC status codes with a sentence: UNAUTHENTICATED, PERMISSION_DENIED,
+RESOURCE_EXHAUSTED, NOT_FOUND, INVALID_ARGUMENT. A refusal or a bad request touches nothing
+shared: each call reads the catalog and the ledger on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from prometheus_client import Counter
+
+from privacy.certs import CertError, CertLayout, load_cert
+from privacy.hub_auth import AuthError, Caller, check_token, hub_audience
+from privacy.roster import roster_path, verify_roster
+from protos import hub_pb2, hub_pb2_grpc
+from server.hub_catalog import Catalog, CatalogError
+from server.ledger import Ledger, LedgerError, OperatorKey
+from server.rights import Entitlement, Policy, PolicyError, entitlements, load_policy
+from server.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+SERVICE = "/fedmoe.hub.v1.Hub/"
+DEFAULT_CHUNK = 1 << 20
+MAX_CHUNK = 4 << 20
+MAX_MESSAGE = MAX_CHUNK + (64 << 10)
+
+BYTES_SERVED = Counter("fedmoe_hub_bytes_served", "Release bytes the hub streamed, per member", ["member"])
+REFUSALS = Counter("fedmoe_hub_refusals", "Hub calls refused, per reason (gRPC status)", ["reason"])
+
+
+class Refused(Exception):
+    """A call the hub refuses: the gRPC code and a sentence for the member."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Roster:
+    """The CA-signed roster, re-read when the file changes."""
+
+    layout: CertLayout
+    _stamp: tuple[int, int] | None = None
+    _members: dict[str, bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self.audience = hub_audience(load_cert(self.layout.ca_cert))
+
+    def members(self) -> dict[str, bytes]:
+        path = roster_path(self.layout)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if stamp != self._stamp:
+                self._members = verify_roster(path.read_bytes(), load_cert(self.layout.ca_cert), str(path))
+                self._stamp = stamp
+            return dict(self._members or {})
+
+
+class Hub(hub_pb2_grpc.HubServicer):
+    def __init__(self, ws: Workspace, run: str, key: OperatorKey, roster: Roster, policy: Path | None = None) -> None:
+        self.ws, self.run, self.roster = ws, run, roster
+        self.catalog = Catalog(ws, run, key)
+        self.policy_path = policy if policy is not None else ws.policy
+
+    # -------------------------------------------------------------- who and what
+
+    def caller(self, context: grpc.ServicerContext, method: str) -> Caller:
+        token = dict(context.invocation_metadata()).get("authorization")
+        try:
+            return check_token(token if isinstance(token, str) else None, self.roster.members(), self.roster.audience,
+                               SERVICE + method)
+        except (AuthError, CertError) as exc:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+
+    def entitlement(self, member: str) -> tuple[Entitlement, int]:
+        """(the member's entitlement, the ledger's latest round): what `fedmoe rights` prints."""
+        try:
+            policy = load_policy(self.policy_path) if self.policy_path.is_file() else Policy()
+            path = self.ws.ledger(self.run)
+            records, latest = [], None
+            if path.is_file():
+                with Ledger(path, create=False) as ledger:
+                    records, latest = ledger.records(), ledger.latest_round()
+        except (PolicyError, LedgerError) as exc:
+            log.error("hub: cannot compute entitlements: %s", exc)
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the hub cannot read its ledger or policy now; try again later") from None
+        latest = latest or 0
+        found = entitlements(policy, records, latest).get(member)
+        if found is None:  # registered, never recorded: nothing credited yet
+            found = Entitlement(member, 0.0, "base-only", 0, policy.period_days, policy.delay_rounds, latest)
+        return found, latest
+
+    def may_pull(self, member: str, rnd: int) -> bool:
+        if rnd == 0:
+            return True
+        entitlement, latest = self.entitlement(member)
+        return entitlement.may_pull(rnd, latest)
+
+    def release(self, member: str, ref: hub_pb2.ReleaseRef):  # noqa: ANN201
+        rnd = int(ref.round)
+        if rnd not in self.catalog.folders():
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no release of round {rnd} on this hub" if rnd else "the hub has no base model yet")
+        if not self.may_pull(member, rnd):
+            entitlement, latest = self.entitlement(member)
+            newest = entitlement.max_release_round(latest)
+            allowed = "the base model only" if newest is None else f"releases up to round {newest}"
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          f"member {member!r} ({entitlement.tier}, {entitlement.share:.2%} credited) may pull {allowed}, "
+                          f"not round {rnd}")
+        try:
+            return self.catalog.get(rnd)
+        except CatalogError as exc:
+            raise Refused(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+
+    # -------------------------------------------------------------- RPCs
+
+    def ListReleases(self, request, context):  # noqa: ANN001, ANN201, N802
+        with refusals(context):
+            member = self.caller(context, "ListReleases").member
+            entitlement, latest = self.entitlement(member)
+            visible = []
+            for rnd in sorted(self.catalog.folders()):
+                if rnd <= latest and self.may_pull(member, rnd):
+                    published = self.catalog.get(rnd)
+                    visible.append(hub_pb2.ReleaseInfo(round=rnd, total_bytes=published.total_bytes,
+                                                       files=len(published.files), base=rnd == 0))
+            return hub_pb2.ListReleasesReply(releases=visible, latest_round=latest, tier=entitlement.tier)
+
+    def GetManifest(self, request, context):  # noqa: ANN001, ANN201, N802
+        with refusals(context):
+            published = self.release(self.caller(context, "GetManifest").member, request.release)
+            return hub_pb2.SignedManifest(manifest_json=published.manifest_json, signature=published.signature)
+
+    def Download(self, request, context) -> Iterator[hub_pb2.Chunk]:  # noqa: ANN001, N802
+        with refusals(context):
+            member = self.caller(context, "Download").member
+            published = self.release(member, request.release)
+            if request.path not in published.files:
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"release of round {published.round} has no file {request.path[:200]!r}")
+            size, _ = published.files[request.path]
+            chunk = request.chunk_bytes or DEFAULT_CHUNK
+            if chunk > MAX_CHUNK:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"chunk_bytes {chunk} is over the hub's {MAX_CHUNK} (4 MiB)")
+            if request.offset > size:
+                raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end of {request.path!r} ({size} bytes)")
+            path = published.folder / request.path
+            if path.stat().st_size != size:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, f"{request.path!r} is being replaced on the hub; try again")
+        yield from self._stream(context, path, request.offset, size, chunk, member)
+
+    def _stream(self, context, path: Path, offset: int, size: int, chunk: int, member: str) -> Iterator[hub_pb2.Chunk]:  # noqa: ANN001
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            while offset < size and context.is_active():
+                data = handle.read(min(chunk, size - offset))
+                if not data:
+                    break
+                BYTES_SERVED.labels(member).inc(len(data))
+                yield hub_pb2.Chunk(offset=offset, data=data)
+                offset += len(data)
+
+    def GetUsage(self, request, context):  # noqa: ANN001, ANN201, N802
+        with refusals(context):
+            member = self.caller(context, "GetUsage").member
+            entitlement, _ = self.entitlement(member)
+            return hub_pb2.Usage(member=member, tier=entitlement.tier, share=entitlement.share,
+                                 quota_tokens=entitlement.quota_tokens, as_of_round=entitlement.as_of_round)
+
+
+class refusals:  # noqa: N801  (a context manager used as `with refusals(context):`)
+    """Turns Refused into the call's gRPC status (and counts it); anything else is logged and
+    answered INTERNAL without the details, so one bad call never takes the service down."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.context = context
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:  # noqa: ANN001
+        if exc is None:
+            return False
+        if isinstance(exc, Refused):
+            REFUSALS.labels(exc.code.name).inc()
+            self.context.abort(exc.code, exc.message)
+        if isinstance(exc, grpc.RpcError) or kind is GeneratorExit:
+            return False
+        REFUSALS.labels("INTERNAL").inc()
+        log.exception("hub: call failed")
+        self.context.abort(grpc.StatusCode.INTERNAL, f"the hub failed on this call ({kind.__name__}); the operator's log has the details")
+        return False
+
+
+def serve(hub: Hub, address: str, *, certs: CertLayout | None, workers: int = 16) -> tuple[grpc.Server, int]:
+    """Start the hub on `address` ("host:port"; port 0 picks one); returns (server, port). TLS with
+    the operator's server certificate from `certs`; `certs=None` is plaintext, for unit tests only."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=[("grpc.max_receive_message_length", 1 << 20), ("grpc.max_send_message_length", MAX_MESSAGE)])
+    hub_pb2_grpc.add_HubServicer_to_server(hub, server)
+    if certs is None:
+        port = server.add_insecure_port(address)
+    else:
+        credentials = grpc.ssl_server_credentials([(certs.server_key.read_bytes(), certs.server_cert.read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"hub: cannot listen on {address}")
+    server.start()
+    return server, port

@@ -1,0 +1,126 @@
+"""What the hub serves: the base model and the exported releases of one run, as signed manifests.
+
+    round 0          the workspace's base/ folder (what `fedmoe join --hub` fetches)
+    round N >= 1     <workspace>/releases/<run>-round-<N>/ (server/release.py, `fedmoe export`
+                     or the round loop), once its release.json is written
+
+A manifest lists every file of the folder (path relative to it, size, sha256), the base's
+sha256, the adapter's config, the round, the run and the ledger's latest signed tree head (its
+sha256 and size: the release is tied to the contribution record it was published under), and is
+signed with the operator's Ed25519 key (privacy/hub_auth.sign_manifest). Manifests are built
+once per folder and rebuilt when the folder's release.json (or the base's manifest) changes.
+A download may name only a path its manifest lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.base import MANIFEST
+from model.io import sha256_file
+from privacy.hub_auth import key_id, sign_manifest
+from server.ledger import Ledger, LedgerError, OperatorKey
+from server.workspace import Workspace
+
+FORMAT = "fedmoe-release-v1"
+RELEASE_INFO = "release.json"
+
+
+class CatalogError(LookupError):
+    """No such release, or no such file in it."""
+
+
+@dataclass(frozen=True)
+class Published:
+    round: int
+    folder: Path
+    files: dict[str, tuple[int, str]]  # relative path -> (size, sha256)
+    manifest_json: bytes
+    signature: bytes
+    stamp: tuple[str, float]  # (marker file, its mtime) the manifest was built from
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for size, _ in self.files.values())
+
+
+class Catalog:
+    """The releases of `run` in workspace `ws`, signed with `key`. Thread-safe."""
+
+    def __init__(self, ws: Workspace, run: str, key: OperatorKey) -> None:
+        self.ws, self.run, self.key = ws, run, key
+        self._pattern = re.compile(rf"{re.escape(run)}-round-(\d+)")
+        self._cache: dict[int, Published] = {}
+        self._lock = threading.Lock()
+
+    def folders(self) -> dict[int, Path]:
+        """Round -> folder, for the base and every complete release of the run."""
+        out = {0: self.ws.base} if (self.ws.base / MANIFEST).is_file() else {}
+        root = self.ws.root / "releases"
+        for folder in sorted(root.iterdir()) if root.is_dir() else ():
+            match = self._pattern.fullmatch(folder.name)
+            if match and (folder / RELEASE_INFO).is_file() and int(match.group(1)) >= 1:
+                out[int(match.group(1))] = folder
+        return out
+
+    def latest_round(self) -> int:
+        return max(self.folders(), default=0)
+
+    def get(self, rnd: int) -> Published:
+        folder = self.folders().get(rnd)
+        if folder is None:
+            raise CatalogError(f"no release of round {rnd} in run {self.run!r}" if rnd else "the hub has no base model yet")
+        marker = folder / (MANIFEST if rnd == 0 else RELEASE_INFO)
+        stamp = (str(marker), marker.stat().st_mtime)
+        with self._lock:
+            cached = self._cache.get(rnd)
+            if cached is not None and cached.stamp == stamp and cached.folder == folder:
+                return cached
+        published = self._publish(rnd, folder, stamp)
+        with self._lock:
+            self._cache[rnd] = published
+        return published
+
+    def file(self, rnd: int, path: str) -> tuple[Path, int, str]:
+        """(absolute path, size, sha256) of a file the release's manifest lists."""
+        published = self.get(rnd)
+        if path not in published.files:
+            raise CatalogError(f"release of round {rnd} has no file {path[:200]!r}")
+        size, digest = published.files[path]
+        return published.folder / path, size, digest
+
+    def _publish(self, rnd: int, folder: Path, stamp: tuple[str, float]) -> Published:
+        files = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            files[path.relative_to(folder).as_posix()] = (path.stat().st_size, sha256_file(path))
+        adapter = folder / "adapter" / "adapter_config.json"
+        info = json.loads((folder / RELEASE_INFO).read_text()) if rnd else {}
+        base_sha = info.get("base_sha256", "") if rnd else files[MANIFEST][1]  # a base's id: its manifest's sha256
+        manifest = {
+            "format": FORMAT, "run": self.run, "round": rnd, "base_sha256": base_sha,
+            "files": [{"path": p, "size": s, "sha256": d} for p, (s, d) in files.items()],
+            "adapter_config": json.loads(adapter.read_text()) if adapter.is_file() else None,
+            "operator_key_id": key_id(self.key.public_key_pem()),
+            **self._ledger_head(),
+        }
+        raw, signature = sign_manifest(manifest, self.key.sign)
+        return Published(rnd, folder, files, raw, signature, stamp)
+
+    def _ledger_head(self) -> dict[str, object]:
+        path = self.ws.ledger(self.run)
+        if not path.is_file():
+            return {"ledger_head_sha256": None, "ledger_size": 0}
+        try:
+            with Ledger(path, create=False) as ledger:
+                head = ledger.latest_head()
+        except LedgerError:
+            return {"ledger_head_sha256": None, "ledger_size": 0}
+        if head is None:
+            return {"ledger_head_sha256": None, "ledger_size": 0}
+        canonical = json.dumps(head.to_json(), sort_keys=True, separators=(",", ":")).encode()
+        return {"ledger_head_sha256": hashlib.sha256(canonical).hexdigest(), "ledger_size": head.size}

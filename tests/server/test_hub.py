@@ -1,0 +1,268 @@
+"""The model hub on a real gRPC server on 127.0.0.1: rights checked per call, verified resumable pulls."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from client.pull import HubClient, PullError, pull
+from model.base import load_base
+from privacy.certs import CertLayout, issue, load_cert
+from privacy.hub_auth import AuthError, hub_audience, make_token, verify_manifest
+from privacy.roster import IDENTITY, identity_key, member_keys, register, revoke
+from protos import hub_pb2
+from server.hub import Hub, Roster, serve
+from server.ledger import Ledger, OperatorKey, Record, utc_now
+from server.release import export_release
+from server.workspace import Workspace
+
+# shares after round 4 under the default policy: latest >= 0.10, delayed >= 0.02 (2 rounds), base-only below
+SHARES = {"acme": 0.7, "globex": 0.05, "rider": 0.0}
+RELEASES = (2, 4)
+
+
+@dataclass
+class Consortium:
+    ws: Workspace
+    layout: CertLayout
+    nodes: Path
+    address: str
+    hub: Hub
+    server: grpc.Server
+
+    def client(self, member: str, key: Ed25519PrivateKey | None = None, *, tls: bool = True) -> HubClient:
+        key = key or identity_key(self.nodes / member / IDENTITY)
+        audience = hub_audience(load_cert(self.layout.ca_cert))
+        return HubClient.connect(self.address, member, key, audience, ca_pem=self.layout.ca_cert.read_bytes() if tls else None)
+
+    @property
+    def operator_pem(self) -> bytes:
+        return OperatorKey.load(self.ws.operator_key).public_key_pem()
+
+
+def _ledger(ws: Workspace) -> None:
+    with Ledger(ws.ledger("default"), OperatorKey.load_or_create(ws.operator_key)) as ledger:
+        for rnd in range(1, 5):
+            ledger.append_round([Record(round=rnd, member=m, score=0.0, share=s, tokens=0, bytes_up=0, bytes_down=0,
+                                        dp_epsilon=None, release_sha256="0" * 64, time=utc_now(), kind="share")
+                                 for m, s in SHARES.items()])
+
+
+@pytest.fixture(scope="module")
+def consortium(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
+    root = tmp_path_factory.mktemp("hub")
+    shutil.copytree(tiny_workspace.root, root / "ws", ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
+    ws = Workspace(root / "ws")
+    layout = CertLayout(root / "certs")
+    issue(layout.root, [])
+    for member in (*SHARES, "newcomer"):
+        register(layout, member_keys(member, root / "nodes" / member)[0])
+    _ledger(ws)
+    lora = load_base(ws.base).with_lora()
+    generator = torch.Generator().manual_seed(1)
+    for rnd in RELEASES:
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in lora.get_state().items()}
+        export_release(ws.base, state, ws.release_dir(f"default-round-{rnd}"), round=rnd)
+    hub = Hub(ws, "default", OperatorKey.load(ws.operator_key), Roster(layout))
+    server, port = serve(hub, "127.0.0.1:0", certs=layout)
+    yield Consortium(ws, layout, root / "nodes", f"127.0.0.1:{port}", hub, server)
+    server.stop(grace=None)
+
+
+def _same_tree(pulled: Path, source: Path) -> None:
+    files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
+    assert files
+    for rel in files:
+        assert (pulled / rel).read_bytes() == (source / rel).read_bytes(), rel
+
+
+def test_a_latest_member_pulls_the_newest_release_and_it_loads_with_transformers_and_peft(consortium, tmp_path) -> None:
+    client = consortium.client("acme")
+    listed = client.releases()
+    assert [r.round for r in listed.releases] == [0, 2, 4] and listed.tier == "latest" and listed.latest_round == 4
+    seen: list[tuple[int, int]] = []
+    manifest = pull(client, 4, tmp_path / "r4", consortium.operator_pem, progress=lambda d, t: seen.append((d, t)))
+    assert manifest["round"] == 4 and manifest["ledger_size"] == 4 * len(SHARES)
+    _same_tree(tmp_path / "r4", consortium.ws.release_dir("default-round-4"))
+    assert seen[-1][0] == seen[-1][1] == sum(f["size"] for f in manifest["files"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "r4" / "base"), tmp_path / "r4" / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "r4" / "merged")
+    ids = torch.randint(0, 500, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_delayed_member_gets_only_old_enough_releases_and_a_base_only_member_the_base(consortium, tmp_path) -> None:
+    globex = consortium.client("globex")
+    assert [r.round for r in globex.releases().releases] == [0, 2] and globex.releases().tier == "delayed"
+    pull(globex, 2, tmp_path / "r2", consortium.operator_pem)
+    with pytest.raises(PullError, match=r"PERMISSION_DENIED.*'globex' \(delayed, 5.00% credited\) may pull releases up to round 2, not round 4"):
+        pull(globex, 4, tmp_path / "r4", consortium.operator_pem)
+    with pytest.raises(grpc.RpcError) as refused:  # not even a chunk of a file it may not have
+        next(iter(globex.download(4, "adapter/adapter_model.safetensors", 0)))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for member in ("rider", "newcomer"):  # credited 0, and registered with no record yet
+        client = consortium.client(member)
+        assert [r.round for r in client.releases().releases] == [0] and client.releases().tier == "base-only"
+        with pytest.raises(PullError, match="PERMISSION_DENIED.*the base model only"):
+            pull(client, 2, tmp_path / f"{member}-r2", consortium.operator_pem)
+    base = pull(consortium.client("rider"), 0, tmp_path / "base", consortium.operator_pem)
+    _same_tree(tmp_path / "base", consortium.ws.base)
+    assert base["base_sha256"] == pull(consortium.client("acme"), 4, tmp_path / "acme-r4", consortium.operator_pem)["base_sha256"]
+
+
+def test_unknown_forged_expired_and_revoked_callers_are_refused(consortium, tmp_path) -> None:
+    from prometheus_client import REGISTRY
+
+    before = REGISTRY.get_sample_value("fedmoe_hub_refusals_total", {"reason": "UNAUTHENTICATED"}) or 0.0
+
+    def code_of(client: HubClient) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.releases()
+        return refused.value.code()
+
+    assert code_of(consortium.client("stranger", Ed25519PrivateKey.generate())) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(consortium.client("acme", Ed25519PrivateKey.generate())) == grpc.StatusCode.UNAUTHENTICATED  # not acme's key
+    stub = consortium.client("acme").stub
+    key = identity_key(consortium.nodes / "acme" / IDENTITY)
+    audience = hub_audience(load_cert(consortium.layout.ca_cert))
+    for token, why in (
+        (make_token("acme", key, audience, "/fedmoe.hub.v1.Hub/ListReleases", now=0.0), "expired"),
+        (make_token("acme", key, audience, "/fedmoe.hub.v1.Hub/GetUsage"), "made for"),  # another method's
+        (make_token("acme", key, "0" * 64, "/fedmoe.hub.v1.Hub/ListReleases"), "another consortium"),
+        (None, "no token"),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListReleases(hub_pb2.ListReleasesRequest(), metadata=[("authorization", token)] if token else [])
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and why in refused.value.details()
+    register(consortium.layout, member_keys("leaver", consortium.nodes / "leaver")[0])
+    leaver = consortium.client("leaver")
+    assert [r.round for r in leaver.releases().releases] == [0]
+    revoke(consortium.layout, "leaver")
+    assert code_of(leaver) == grpc.StatusCode.UNAUTHENTICATED  # from its next call, no restart
+    assert REGISTRY.get_sample_value("fedmoe_hub_refusals_total", {"reason": "UNAUTHENTICATED"}) == before + 7
+
+
+def test_a_pull_cut_halfway_resumes_to_identical_files(consortium, tmp_path) -> None:
+    client = consortium.client("acme")
+
+    class Cut(Exception):
+        pass
+
+    def cut(done: int, total: int) -> None:
+        if done > total // 2:
+            raise Cut
+
+    with pytest.raises(Cut):
+        pull(client, 4, tmp_path / "r4", consortium.operator_pem, progress=cut)
+    staging = tmp_path / ".r4.pull"
+    assert not (tmp_path / "r4").exists() and any(p.name.endswith(".part") for p in staging.rglob("*"))
+    fetched: list[int] = []
+    pull(client, 4, tmp_path / "r4", consortium.operator_pem, progress=lambda d, t: fetched.append(d))
+    _same_tree(tmp_path / "r4", consortium.ws.release_dir("default-round-4"))
+    assert not staging.exists()
+
+
+def test_a_tampered_file_or_manifest_is_detected_and_not_used(consortium, tmp_path) -> None:
+    client = consortium.client("acme")
+    consortium.hub.catalog.get(2)  # the signed manifest is built before the file is altered
+    target = consortium.ws.release_dir("default-round-2") / "adapter" / "adapter_config.json"
+    original = target.read_bytes()
+    target.write_bytes(original.replace(b"\"r\"", b"\"R\""))
+    try:
+        with pytest.raises(PullError, match="adapter/adapter_config.json: sha256 does not match the signed manifest"):
+            pull(client, 2, tmp_path / "r2", consortium.operator_pem)
+        assert not (tmp_path / "r2").exists()
+    finally:
+        target.write_bytes(original)
+    forged = OperatorKey.load_or_create(tmp_path / "other.pem").public_key_pem()  # a hub signing with another key
+    with pytest.raises(PullError, match="signature does not verify with the operator's key"):
+        pull(client, 2, tmp_path / "r2b", forged)
+    real = consortium.hub.catalog.get(2)
+    flipped = real.manifest_json.replace(b'"round":2', b'"round":4')
+    with pytest.raises(AuthError, match="signature does not verify"):
+        verify_manifest(flipped, real.signature, consortium.operator_pem)
+    pull(client, 2, tmp_path / "r2c", consortium.operator_pem)  # and the hub still serves
+    _same_tree(tmp_path / "r2c", consortium.ws.release_dir("default-round-2"))
+
+
+def test_ten_concurrent_pulls_and_malformed_requests_do_not_disturb_each_other(consortium, tmp_path) -> None:
+    client = consortium.client("acme")
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            pull(consortium.client("acme"), 4, tmp_path / f"c{i}", consortium.operator_pem)
+        except BaseException as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    from prometheus_client import REGISTRY
+
+    served = REGISTRY.get_sample_value("fedmoe_hub_bytes_served_total", {"member": "acme"}) or 0.0
+    for t in threads:
+        t.start()
+    bad = [((4, "adapter/adapter_config.json", 10**9, 0), grpc.StatusCode.OUT_OF_RANGE, "past the end"),
+           ((9, "adapter/adapter_config.json", 0, 0), grpc.StatusCode.NOT_FOUND, "no release of round 9 on this hub"),
+           ((4, "../../operator/operator_ed25519.pem", 0, 0), grpc.StatusCode.NOT_FOUND, "has no file"),
+           ((4, "adapter/adapter_config.json", 0, 64 << 20), grpc.StatusCode.INVALID_ARGUMENT, "over the hub's")]
+    for args, code, words in bad:
+        with pytest.raises(grpc.RpcError) as refused:
+            list(client.download(*args))
+        assert refused.value.code() == code and words in refused.value.details()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for i in range(10):
+        _same_tree(tmp_path / f"c{i}", consortium.ws.release_dir("default-round-4"))
+    assert client.usage().tier == "latest"
+    size = sum(p.stat().st_size for p in consortium.ws.release_dir("default-round-4").rglob("*") if p.is_file())
+    assert REGISTRY.get_sample_value("fedmoe_hub_bytes_served_total", {"member": "acme"}) == served + 10 * size
+
+
+def test_fedmoe_hub_and_fedmoe_pull_as_commands_over_tls(consortium, tmp_path) -> None:
+    """The operator's `fedmoe hub` process and a member's `fedmoe pull`: the newest release it may
+    pull by default, a one-line refusal for one it may not."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cli = [sys.executable, "-c", "from fedmoe.cli import main; main()"]
+    hub = subprocess.Popen([*cli, "hub", "--workspace", str(consortium.ws.root), "--certs", str(consortium.layout.root),
+                            "--port", str(port), "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        operator_pub = tmp_path / "operator.pub.pem"
+        operator_pub.write_bytes(consortium.operator_pem)
+        common = ["--hub", f"127.0.0.1:{port}", "--ca", str(consortium.layout.ca_cert), "--operator-key", str(operator_pub)]
+        deadline = time.monotonic() + 60
+        while True:
+            done = subprocess.run([*cli, "pull", *common, "--member", "globex", "--state-dir", str(consortium.nodes / "globex"),
+                                   "--out", str(tmp_path / "globex")], capture_output=True, text=True)
+            if done.returncode == 0 or time.monotonic() > deadline or "UNAVAILABLE" not in done.stdout:
+                break
+            time.sleep(0.5)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "entitlement delayed" in done.stdout and "release of round 2 pulled" in done.stdout
+        _same_tree(tmp_path / "globex", consortium.ws.release_dir("default-round-2"))
+        refused = subprocess.run([*cli, "pull", *common, "--member", "rider", "--state-dir", str(consortium.nodes / "rider"),
+                                  "--round", "4", "--out", str(tmp_path / "rider")], capture_output=True, text=True)
+        assert refused.returncode == 1 and not (tmp_path / "rider").exists()
+        assert "error: hub refused (PERMISSION_DENIED): member 'rider' (base-only, 0.00% credited) may pull the base model only" in refused.stdout
+    finally:
+        hub.terminate()
+        out, _ = hub.communicate(timeout=30)
+    assert hub.returncode == 0 and "hub on 127.0.0.1" in out and "hub stopped" in out
