@@ -79,6 +79,11 @@ class HubClient:
                                           chunk_bytes=chunk_bytes)
         return self.stub.Download(request, metadata=self._meta("Download"))
 
+    def generate(self, prompt: str, max_new_tokens: int = 0) -> Iterator[hub_pb2.GenerateChunk]:
+        """Streamed text; the last chunk carries the tokens debited (prompt, completion)."""
+        return self.stub.Generate(hub_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens),
+                                  metadata=self._meta("Generate"))
+
     def usage(self) -> hub_pb2.Usage:
         return self.stub.GetUsage(hub_pb2.GetUsageRequest(), metadata=self._meta("GetUsage"), timeout=60)
 

@@ -246,7 +246,7 @@ def _mount() -> None:
     from fedmoe.ledger_cmd import ledger_app, rights_command
 
     from fedmoe.deploy_cmd import certs_command, join_command, keys_command, report_command, serve_command, submit_command
-    from fedmoe.hub_cmd import hub_command, pull_command
+    from fedmoe.hub_cmd import generate_command, hub_command, pull_command, usage_command
 
     app.add_typer(ledger_app, name="ledger")
     app.command("keys", help="Member: create this member's keys on its own machine and a registration file.")(keys_command)
@@ -258,6 +258,8 @@ def _mount() -> None:
     app.command("rights", help="Print each member's entitlement from the ledger and the policy.")(rights_command)
     app.command("hub", help="Operator: the model hub (TLS): members pull the base and the releases their rights allow.")(hub_command)
     app.command("pull", help="Member: download a release or the base from the hub, verified and resumable.")(pull_command)
+    app.command("generate", help="Member: text from the newest release you may use, hosted by the hub, metered per token.")(generate_command)
+    app.command("usage", help="Member: this period's metered tokens and quota, checked against the signed usage log.")(usage_command)
 
 
 _mount()

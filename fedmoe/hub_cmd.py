@@ -124,3 +124,106 @@ def pull_verified(hub: str, member: str, state_dir: Path, ca: Path, operator_key
         raise _fail(refusal(exc)) from None
     except (PullError, CertError, OSError) as exc:
         raise _fail(str(exc)) from None
+
+
+class BillError(ValueError):
+    """The hub's usage statement does not prove what it charges."""
+
+
+def verify_bill(usage, operator_pem: bytes) -> list[dict]:  # noqa: ANN001  (hub_pb2.Usage)
+    """The member's debits of the period, each proven included in the usage log under a head the
+    operator signed, and adding up to what the hub says was used; BillError naming what fails."""
+    import json
+
+    from server.ledger import LedgerError, load_public_key
+    from server.ledger.merkle import verify_inclusion
+    from server.usage import head_bytes
+
+    if usage.log_size == 0:
+        if usage.debits or usage.used_tokens:
+            raise BillError("debits without a signed usage-log head")
+        return []
+    try:
+        load_public_key(operator_pem, "operator public key").verify(
+            usage.log_signature, head_bytes(usage.log_size, usage.log_root, usage.log_time))
+    except (LedgerError, ValueError, Exception) as exc:  # InvalidSignature has no message
+        raise BillError(f"the usage log's head is not signed by the operator's key ({type(exc).__name__})") from None
+    root = bytes.fromhex(usage.log_root)
+    entries = []
+    for debit in usage.debits:
+        if not verify_inclusion(debit.entry, debit.index, usage.log_size, list(debit.proof), root):
+            raise BillError(f"debit {debit.index} is not in the usage log the head commits to")
+        entry = json.loads(debit.entry)
+        if entry.get("member") != usage.member or entry.get("period") != usage.period_start:
+            raise BillError(f"debit {debit.index} is for {entry.get('member')!r} in {entry.get('period')!r}, not this bill")
+        entries.append(entry)
+    total = sum(e["prompt_tokens"] + e["completion_tokens"] for e in entries)
+    if total != usage.used_tokens:
+        raise BillError(f"the debits add up to {total} tokens, the hub charges {usage.used_tokens}")
+    return entries
+
+
+def _client(hub: str, member: str, state_dir: Path, ca: Path):  # noqa: ANN202
+    from client.pull import HubClient
+    from privacy.certs import check_readable, load_cert
+    from privacy.hub_auth import hub_audience
+    from privacy.roster import IDENTITY, identity_key
+
+    key_path = check_readable(state_dir / IDENTITY, "identity key (run `fedmoe keys` first)", private=True)
+    return HubClient.connect(hub, member, identity_key(key_path), hub_audience(load_cert(ca)),
+                             ca_pem=check_readable(ca, "CA certificate").read_bytes())
+
+
+def generate_command(
+    hub: Annotated[str, typer.Option(help="The hub's address host:port.")],
+    member: Annotated[str, typer.Option(help="This member's name in the consortium.")],
+    state_dir: Annotated[Path, typer.Option(help="This member's node state dir (its identity key).")],
+    ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
+    prompt: Annotated[str, typer.Option(help="The text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="At most this many new tokens (0: the hub's default, 64).")] = 0,
+) -> None:
+    """Member: text from the newest release you may use, hosted by the hub and metered per token."""
+    import grpc
+
+    from client.pull import refusal
+    from privacy.certs import CertError
+
+    try:
+        last = None
+        for chunk in _client(hub, member, state_dir, ca).generate(prompt, max_new_tokens):
+            if chunk.text:
+                console.out(chunk.text, end="", highlight=False)
+            last = chunk
+        console.out("")
+    except grpc.RpcError as exc:
+        raise _fail(refusal(exc)) from None
+    except (CertError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if last is not None:
+        console.print(f"debited {last.prompt_tokens} prompt + {last.completion_tokens} completion tokens "
+                      f"(release of round {last.release_round})")
+
+
+def usage_command(
+    hub: Annotated[str, typer.Option(help="The hub's address host:port.")],
+    member: Annotated[str, typer.Option(help="This member's name in the consortium.")],
+    state_dir: Annotated[Path, typer.Option(help="This member's node state dir (its identity key).")],
+    ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
+    operator_key: Annotated[Path, typer.Option(help="The operator's public key (`fedmoe ledger public-key`).")],
+) -> None:
+    """Member: this period's usage and quota, every debit checked against the signed usage log."""
+    import grpc
+
+    from client.pull import refusal
+    from privacy.certs import CertError
+
+    try:
+        usage = _client(hub, member, state_dir, ca).usage()
+        debits = verify_bill(usage, operator_key.read_bytes())
+    except grpc.RpcError as exc:
+        raise _fail(refusal(exc)) from None
+    except (CertError, OSError, BillError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"{usage.member}: {usage.tier}, {usage.share:.2%} credited as of round {usage.as_of_round}; "
+                  f"used {usage.used_tokens:,} of {usage.quota_tokens:,} tokens since {usage.period_start} "
+                  f"({len(debits)} generations, each verified in the usage log of {usage.log_size} entries)")

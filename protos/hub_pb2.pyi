@@ -97,7 +97,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("member", "tier", "share", "quota_tokens", "used_tokens", "period_start", "as_of_round", "log_size", "log_root", "log_signature")
+    __slots__ = ("member", "tier", "share", "quota_tokens", "used_tokens", "period_start", "as_of_round", "log_size", "log_root", "log_signature", "log_time", "debits")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,8 @@ class Usage(_message.Message):
     LOG_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOG_ROOT_FIELD_NUMBER: _ClassVar[int]
     LOG_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    LOG_TIME_FIELD_NUMBER: _ClassVar[int]
+    DEBITS_FIELD_NUMBER: _ClassVar[int]
     member: str
     tier: str
     share: float
@@ -118,4 +120,16 @@ class Usage(_message.Message):
     log_size: int
     log_root: str
     log_signature: bytes
-    def __init__(self, member: _Optional[str] = ..., tier: _Optional[str] = ..., share: _Optional[float] = ..., quota_tokens: _Optional[int] = ..., used_tokens: _Optional[int] = ..., period_start: _Optional[str] = ..., as_of_round: _Optional[int] = ..., log_size: _Optional[int] = ..., log_root: _Optional[str] = ..., log_signature: _Optional[bytes] = ...) -> None: ...
+    log_time: str
+    debits: _containers.RepeatedCompositeFieldContainer[Debit]
+    def __init__(self, member: _Optional[str] = ..., tier: _Optional[str] = ..., share: _Optional[float] = ..., quota_tokens: _Optional[int] = ..., used_tokens: _Optional[int] = ..., period_start: _Optional[str] = ..., as_of_round: _Optional[int] = ..., log_size: _Optional[int] = ..., log_root: _Optional[str] = ..., log_signature: _Optional[bytes] = ..., log_time: _Optional[str] = ..., debits: _Optional[_Iterable[_Union[Debit, _Mapping]]] = ...) -> None: ...
+
+class Debit(_message.Message):
+    __slots__ = ("index", "entry", "proof")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    entry: bytes
+    proof: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, index: _Optional[int] = ..., entry: _Optional[bytes] = ..., proof: _Optional[_Iterable[bytes]] = ...) -> None: ...

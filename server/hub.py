@@ -17,6 +17,7 @@ shared: each call reads the catalog and the ledger on its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -32,8 +33,10 @@ from privacy.hub_auth import AuthError, Caller, check_token, hub_audience
 from privacy.roster import roster_path, verify_roster
 from protos import hub_pb2, hub_pb2_grpc
 from server.hub_catalog import Catalog, CatalogError
+from server.hub_generate import Counts, Generator
 from server.ledger import Ledger, LedgerError, OperatorKey
 from server.rights import Entitlement, Policy, PolicyError, entitlements, load_policy
+from server.usage import UsageLog, period_start
 from server.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,12 @@ DEFAULT_CHUNK = 1 << 20
 MAX_CHUNK = 4 << 20
 MAX_MESSAGE = MAX_CHUNK + (64 << 10)
 
+MAX_PROMPT_CHARS = 16_000
+MAX_NEW_TOKENS, DEFAULT_NEW_TOKENS = 512, 64
+
 BYTES_SERVED = Counter("fedmoe_hub_bytes_served", "Release bytes the hub streamed, per member", ["member"])
+TOKENS_METERED = Counter("fedmoe_hub_tokens_metered", "Tokens of hosted generation debited, per member and kind",
+                         ["member", "kind"])
 REFUSALS = Counter("fedmoe_hub_refusals", "Hub calls refused, per reason (gRPC status)", ["reason"])
 
 
@@ -86,6 +94,10 @@ class Hub(hub_pb2_grpc.HubServicer):
         self.ws, self.run, self.roster = ws, run, roster
         self.catalog = Catalog(ws, run, key)
         self.policy_path = policy if policy is not None else ws.policy
+        self.usage = UsageLog(ws.operator_dir / f"usage-{run}.sqlite", key)
+        self.generator = Generator()
+        self._reserved: dict[str, int] = {}  # member -> tokens of generations in flight
+        self._quota_lock = threading.Lock()
 
     # -------------------------------------------------------------- who and what
 
@@ -184,12 +196,66 @@ class Hub(hub_pb2_grpc.HubServicer):
                 yield hub_pb2.Chunk(offset=offset, data=data)
                 offset += len(data)
 
+    def Generate(self, request, context) -> Iterator[hub_pb2.GenerateChunk]:  # noqa: ANN001, N802
+        with refusals(context):
+            member = self.caller(context, "Generate").member
+            entitlement, latest = self.entitlement(member)
+            newest = entitlement.max_release_round(latest)
+            if newest is None:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                              f"member {member!r} ({entitlement.tier}, {entitlement.share:.2%} credited) may not use hosted generation")
+            usable = [r for r in self.catalog.folders() if 1 <= r <= newest]
+            if not usable:
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"no release up to round {newest} is published on this hub yet")
+            rnd = max(usable)
+            if not request.prompt or len(request.prompt) > MAX_PROMPT_CHARS:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"prompt must be 1-{MAX_PROMPT_CHARS} characters")
+            if request.max_new_tokens > MAX_NEW_TOKENS:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens {request.max_new_tokens} is over {MAX_NEW_TOKENS}")
+            new_tokens = request.max_new_tokens or DEFAULT_NEW_TOKENS
+            folder = self.catalog.get(rnd).folder
+            prompt_tokens = self.generator.count(folder, request.prompt)
+            period = period_start(entitlement.period_days)
+            wanted = prompt_tokens + new_tokens
+            with self._quota_lock:
+                used = self.usage.used(member, period) + self._reserved.get(member, 0)
+                if used + wanted > entitlement.quota_tokens:
+                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"member {member!r} has used {used:,} of its {entitlement.quota_tokens:,} tokens this period "
+                                  f"(since {period}); this request may need {wanted:,}")
+                self._reserved[member] = self._reserved.get(member, 0) + wanted
+        yield from self._generate(context, member, folder, rnd, request.prompt, new_tokens, period, wanted)
+
+    def _generate(self, context, member: str, folder: Path, rnd: int, prompt: str, new_tokens: int, period: str,
+                  reserved: int) -> Iterator[hub_pb2.GenerateChunk]:  # noqa: ANN001
+        counts = Counts()
+        try:
+            for piece in self.generator.stream(folder, prompt, new_tokens, counts, keep_going=context.is_active):
+                yield hub_pb2.GenerateChunk(text=piece, release_round=rnd)
+        finally:  # charged for what was produced, also when the caller went away
+            with self._quota_lock:
+                self._reserved[member] -= reserved
+                if counts.prompt_tokens:
+                    self.usage.debit(member, period, counts.prompt_tokens, counts.completion_tokens, rnd)
+                    TOKENS_METERED.labels(member, "prompt").inc(counts.prompt_tokens)
+                    TOKENS_METERED.labels(member, "completion").inc(counts.completion_tokens)
+        yield hub_pb2.GenerateChunk(prompt_tokens=counts.prompt_tokens, completion_tokens=counts.completion_tokens,
+                                    release_round=rnd)
+
     def GetUsage(self, request, context):  # noqa: ANN001, ANN201, N802
         with refusals(context):
             member = self.caller(context, "GetUsage").member
             entitlement, _ = self.entitlement(member)
-            return hub_pb2.Usage(member=member, tier=entitlement.tier, share=entitlement.share,
-                                 quota_tokens=entitlement.quota_tokens, as_of_round=entitlement.as_of_round)
+            period = period_start(entitlement.period_days)
+            head, debits = self.usage.statement(member, period)
+            used = sum(json.loads(d.entry)["prompt_tokens"] + json.loads(d.entry)["completion_tokens"] for d in debits)
+            reply = hub_pb2.Usage(member=member, tier=entitlement.tier, share=entitlement.share,
+                                  quota_tokens=entitlement.quota_tokens, used_tokens=used,
+                                  period_start=period, as_of_round=entitlement.as_of_round,
+                                  debits=[hub_pb2.Debit(index=d.index, entry=d.entry, proof=d.proof) for d in debits])
+            if head is not None:
+                reply.log_size, reply.log_root, reply.log_time, reply.log_signature = head.size, head.root, head.time, head.signature
+            return reply
 
 
 class refusals:  # noqa: N801  (a context manager used as `with refusals(context):`)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import threading
 from collections.abc import Iterator
@@ -262,7 +263,93 @@ def test_fedmoe_hub_and_fedmoe_pull_as_commands_over_tls(consortium, tmp_path) -
                                   "--round", "4", "--out", str(tmp_path / "rider")], capture_output=True, text=True)
         assert refused.returncode == 1 and not (tmp_path / "rider").exists()
         assert "error: hub refused (PERMISSION_DENIED): member 'rider' (base-only, 0.00% credited) may pull the base model only" in refused.stdout
+        acme = ["--hub", f"127.0.0.1:{port}", "--ca", str(consortium.layout.ca_cert), "--member", "acme",
+                "--state-dir", str(consortium.nodes / "acme")]
+        said = subprocess.run([*cli, "generate", *acme, "--prompt", "the manual says", "--max-new-tokens", "8"],
+                              capture_output=True, text=True)
+        assert said.returncode == 0 and "prompt +" in said.stdout and "(release of round 4)" in said.stdout, said.stdout + said.stderr
+        bill = subprocess.run([*cli, "usage", *acme, "--operator-key", str(operator_pub)], capture_output=True, text=True)
+        assert bill.returncode == 0 and "acme: latest, 70.00% credited as of round 4" in bill.stdout, bill.stdout + bill.stderr
+        assert "each verified in the usage log" in bill.stdout
     finally:
         hub.terminate()
         out, _ = hub.communicate(timeout=30)
     assert hub.returncode == 0 and "hub on 127.0.0.1" in out and "hub stopped" in out
+
+
+def test_generation_debits_exactly_the_counted_tokens_the_bill_verifies_and_quota_is_enforced(consortium, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from fedmoe.hub_cmd import BillError, verify_bill
+    from server.rights import DEFAULT_POLICY_TOML
+
+    policy = consortium.ws.policy
+    policy.write_text(DEFAULT_POLICY_TOML.replace("1_000_000", "300"))  # acme 280 tokens, globex 20
+    try:
+        acme = consortium.client("acme")
+        before = acme.usage().used_tokens
+        prompt = "the release notes say"
+        chunks = list(acme.generate(prompt, 12))
+        last = chunks[-1]
+        merged = consortium.ws.release_dir("default-round-4") / "merged"
+        tokenizer = AutoTokenizer.from_pretrained(merged)
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            local = AutoModelForCausalLM.from_pretrained(merged).generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        assert last.release_round == 4 and last.prompt_tokens == ids.shape[1]
+        assert last.completion_tokens == local.shape[1] - ids.shape[1] > 0
+        assert "".join(c.text for c in chunks) == tokenizer.decode(local[0, ids.shape[1]:], skip_special_tokens=True)
+        usage = acme.usage()
+        assert usage.used_tokens == before + last.prompt_tokens + last.completion_tokens and usage.quota_tokens == 280
+        entries = verify_bill(usage, consortium.operator_pem)
+        assert entries[-1]["prompt_tokens"] == last.prompt_tokens and entries[-1]["release_round"] == 4
+        forged = hub_pb2.Usage()
+        forged.CopyFrom(usage)
+        forged.debits[-1].entry = usage.debits[-1].entry.replace(b'"prompt_tokens":', b'"prompt_tokens":1')
+        with pytest.raises(BillError, match="not in the usage log"):
+            verify_bill(forged, consortium.operator_pem)
+        forged.CopyFrom(usage)
+        forged.used_tokens += 1
+        with pytest.raises(BillError, match="the hub charges"):
+            verify_bill(forged, consortium.operator_pem)
+        with pytest.raises(grpc.RpcError) as refused:  # 20 tokens cannot hold the prompt and 64 new ones
+            list(consortium.client("globex").generate(prompt))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "of its 20 tokens" in refused.value.details()
+        while acme.usage().used_tokens + last.prompt_tokens + 12 <= 280:
+            list(acme.generate(prompt, 12))
+        with pytest.raises(grpc.RpcError) as refused:
+            list(acme.generate(prompt, 12))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert acme.usage().used_tokens <= 280
+        with pytest.raises(grpc.RpcError) as refused:
+            list(consortium.client("rider").generate(prompt))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and "may not use hosted generation" in refused.value.details()
+    finally:
+        policy.unlink()
+
+
+def test_the_usage_log_survives_a_restart_and_proves_each_debit(tmp_path) -> None:
+    from server.ledger.merkle import verify_inclusion
+    from server.usage import UsageLog, head_bytes, period_start
+
+    key = OperatorKey.load_or_create(tmp_path / "op.pem")
+    log = UsageLog(tmp_path / "usage.sqlite", key)
+    period = period_start(30)
+    for i in range(5):
+        log.debit("acme" if i % 2 == 0 else "globex", period, 3 + i, 10, 4)
+    other = UsageLog(tmp_path / "usage.sqlite", key)  # a second hub process on the same log
+    other.debit("acme", "1970-01-01", 100, 100, 1)  # another period: not this bill
+    other.close()
+    log.debit("globex", "1970-01-01", 1, 1, 1)
+    log.close()
+    log = UsageLog(tmp_path / "usage.sqlite", key)
+    assert log.used("acme", period) == (3 + 10) + (5 + 10) + (7 + 10) and log.used("globex", period) == (4 + 10) + (6 + 10)
+    head, debits = log.statement("acme", period)
+    assert head.size == 7 and [d.index for d in debits] == [0, 2, 4]
+    key.public_key.verify(head.signature, head_bytes(head.size, head.root, head.time))
+    for d in debits:
+        assert verify_inclusion(d.entry, d.index, head.size, d.proof, bytes.fromhex(head.root))
+    assert not verify_inclusion(debits[0].entry, 1, head.size, debits[0].proof, bytes.fromhex(head.root))
+    assert period_start(30, datetime.date(1970, 2, 5)) == "1970-01-31"
