@@ -45,6 +45,7 @@ from fedmoe.flower_deploy import (
 )
 from fedmoe.app_signing import app_key_path, ensure_app_key, load_app_key, sign_fab_reply, trusted_entities_path
 from fedmoe.processes import Child, sigterm_interrupts, supervise, wait_for_port
+from fedmoe.report import report_command
 from server.binding import REGISTRY_ENV, forget_registration, load_registry, record_registration
 from privacy.certs import CertError, CertLayout, check_ca, check_member_key, check_readable, issue
 
@@ -230,7 +231,9 @@ def join_command(
     ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
     key: Annotated[Path, typer.Option(help="This member's SuperNode private key (auth_key, 0600).")],
     state_dir: Annotated[Path, typer.Option(help="Node-local state: view, error feedback, token cache, metrics.")],
-    base: Annotated[Path, typer.Option(help="The frozen base model directory (checked by sha256 each round).")],
+    base: Annotated[Path | None, typer.Option(help="The frozen base model directory (checked by sha256 each round); with --hub, where to pull it (default <state-dir>/base).")] = None,
+    hub: Annotated[str | None, typer.Option(help="The operator's model hub host:port: fetch and verify the base from it.")] = None,
+    operator_key: Annotated[Path | None, typer.Option(help="With --hub: the operator's public key (`fedmoe ledger public-key`).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     metrics_port: Annotated[int, typer.Option(help="Prometheus port of this daemon (0: off).")] = 9401,
     metrics_addr: Annotated[str, typer.Option(help="Address the metrics endpoint binds.")] = "127.0.0.1",
@@ -247,6 +250,12 @@ def join_command(
     try:
         if secagg_min_group < 2:
             raise DeployError(f"--secagg-min-group {secagg_min_group}: must be >= 2")
+        if hub:
+            from fedmoe.hub_cmd import base_from_hub
+
+            base = base_from_hub(hub, member, state_dir, ca, operator_key, base)
+        elif base is None:
+            raise DeployError("give --base (the base model folder) or --hub (fetch it from the operator's hub)")
         child, state = _start_supernode(superlink, member, data, ca, key, state_dir, base, device,
                                         clientapp_port, flwr_home, log_file, roster, secagg_min_group,
                                         trusted_entities or ca.parent / "trusted-entities.yaml")
@@ -360,31 +369,6 @@ def submit_command(
         raise _fail(str(exc), code=1) from None
     console.print(f"submitted run {run_id}")
     print(run_id)
-
-
-def report_command(
-    run_dir: Annotated[Path, typer.Option(help="Run folder (<workspace>/runs/<run>).")] = Path(".fedmoe/demo/runs/demo"),
-    out: Annotated[Path | None, typer.Option(help="Output folder (default <run-dir>/report).")] = None,
-    price_gpu_hour: Annotated[float, typer.Option(help="Price of a GPU-hour.")] = 0.0,
-    price_million_tokens: Annotated[float, typer.Option(help="Price per million training tokens.")] = 0.0,
-    member_gpus: Annotated[float, typer.Option(help="GPUs billed per member while it trains.")] = 1.0,
-    server_gpus: Annotated[float, typer.Option(help="GPUs billed for the server per round.")] = 1.0,
-    currency: Annotated[str, typer.Option(help="Currency label of the prices.")] = "USD",
-) -> None:
-    """PNG plots (loss per domain, bytes, contribution shares, cost) and a Markdown summary of a run."""
-    from fedmoe.report import ReportError, write_report
-    from server.metrics import Prices
-
-    prices = Prices(price_gpu_hour, price_million_tokens, member_gpus, server_gpus)
-    try:
-        report = write_report(run_dir.resolve(), (out or run_dir / "report").resolve(), prices, currency=currency)
-    except ReportError as exc:
-        raise _fail(str(exc), code=1) from None
-    for name, path in report.plots.items():
-        console.print(f"{name:>7}: {path}")
-    for note in report.notes:
-        console.print(f"   note: {note}")
-    console.print(f"summary: [bold]{report.summary}[/bold]")
 
 
 app.command("keys")(keys_command)

@@ -126,6 +126,28 @@ def pull_verified(hub: str, member: str, state_dir: Path, ca: Path, operator_key
         raise _fail(str(exc)) from None
 
 
+def base_from_hub(hub: str, member: str, state_dir: Path, ca: Path, operator_key: Path | None, out: Path | None) -> Path:
+    """For `fedmoe join --hub`: the base pulled into `out` (default <state-dir>/base) and verified;
+    a folder pulled before is kept when its signed manifest still verifies."""
+    from client.pull import PullError, read_pulled
+
+    if operator_key is None:
+        raise _fail("--hub needs --operator-key (the operator's public key, `fedmoe ledger public-key`)")
+    out = (out or state_dir / "base").resolve()
+    if out.exists():
+        try:
+            if read_pulled(out, operator_key.read_bytes()).get("round") == 0:
+                console.print(f"member {member}: base at {out} (pulled before, signature verified)")
+                return out
+        except (PullError, OSError):
+            pass
+        raise _fail(f"{out} exists and is not a base pulled from the hub (or its signature no longer verifies); "
+                    "remove it or point --base elsewhere")
+    pull_verified(hub, member, state_dir, ca, operator_key, out, 0)
+    console.print(f"member {member}: base pulled from {hub} into {out}, every sha256 and the operator's signature verified")
+    return out
+
+
 class BillError(ValueError):
     """The hub's usage statement does not prove what it charges."""
 

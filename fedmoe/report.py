@@ -16,7 +16,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
 
 from server.checkpoint import Checkpoints
 from server.metrics import Prices, manifest_cost
@@ -229,3 +233,29 @@ def _specialization_table(manifests: Sequence[dict[str, Any]]) -> list[str]:
                    "routed most to it (1/members: shared evenly; 100%: owned); entropy is a member's routing "
                    "entropy over the experts, normalized (1: uniform).")]
     return lines
+
+
+console = Console(stderr=True)
+
+
+def report_command(
+    run_dir: Annotated[Path, typer.Option(help="Run folder (<workspace>/runs/<run>).")] = Path(".fedmoe/demo/runs/demo"),
+    out: Annotated[Path | None, typer.Option(help="Output folder (default <run-dir>/report).")] = None,
+    price_gpu_hour: Annotated[float, typer.Option(help="Price of a GPU-hour.")] = 0.0,
+    price_million_tokens: Annotated[float, typer.Option(help="Price per million training tokens.")] = 0.0,
+    member_gpus: Annotated[float, typer.Option(help="GPUs billed per member while it trains.")] = 1.0,
+    server_gpus: Annotated[float, typer.Option(help="GPUs billed for the server per round.")] = 1.0,
+    currency: Annotated[str, typer.Option(help="Currency label of the prices.")] = "USD",
+) -> None:
+    """PNG plots (loss per domain, bytes, contribution shares, cost) and a Markdown summary of a run."""
+    prices = Prices(price_gpu_hour, price_million_tokens, member_gpus, server_gpus)
+    try:
+        report = write_report(run_dir.resolve(), (out or run_dir / "report").resolve(), prices, currency=currency)
+    except ReportError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(code=1) from None
+    for name, path in report.plots.items():
+        console.print(f"{name:>7}: {path}")
+    for note in report.notes:
+        console.print(f"   note: {note}")
+    console.print(f"summary: [bold]{report.summary}[/bold]")

@@ -158,9 +158,9 @@ class Hub(hub_pb2_grpc.HubServicer):
             visible = []
             for rnd in sorted(self.catalog.folders()):
                 if rnd <= latest and self.may_pull(member, rnd):
-                    published = self.catalog.get(rnd)
-                    visible.append(hub_pb2.ReleaseInfo(round=rnd, total_bytes=published.total_bytes,
-                                                       files=len(published.files), base=rnd == 0))
+                    published = self.catalog.exported(rnd)  # None: exported on its first pull
+                    visible.append(hub_pb2.ReleaseInfo(round=rnd, total_bytes=published.total_bytes if published else 0,
+                                                       files=len(published.files) if published else 0, base=rnd == 0))
             return hub_pb2.ListReleasesReply(releases=visible, latest_round=latest, tier=entitlement.tier)
 
     def GetManifest(self, request, context):  # noqa: ANN001, ANN201, N802

@@ -1,8 +1,13 @@
 """What the hub serves: the base model and the exported releases of one run, as signed manifests.
 
     round 0          the workspace's base/ folder (what `fedmoe join --hub` fetches)
-    round N >= 1     <workspace>/releases/<run>-round-<N>/ (server/release.py, `fedmoe export`
-                     or the round loop), once its release.json is written
+    round N >= 1     <workspace>/releases/<run>-round-<N>/ (server/release.py): every round the
+                     run has committed, exported from its checkpoint the first time a member
+                     asks for it (or by `fedmoe export` before)
+
+Publication is lazy so that the round loop spends no time and the operator's disk no space on
+releases nobody pulls (a release is the base, the adapter and the merged model: 79 MB for the
+demo's base, per round); the first pull of a round waits for its export (seconds).
 
 A manifest lists every file of the folder (path relative to it, size, sha256), the base's
 sha256, the adapter's config, the round, the run and the ledger's latest signed tree head (its
@@ -24,7 +29,9 @@ from pathlib import Path
 from model.base import MANIFEST
 from model.io import sha256_file
 from privacy.hub_auth import key_id, sign_manifest
+from server.checkpoint import Checkpoints
 from server.ledger import Ledger, LedgerError, OperatorKey
+from server.release import export_release
 from server.workspace import Workspace
 
 FORMAT = "fedmoe-release-v1"
@@ -55,18 +62,30 @@ class Catalog:
     def __init__(self, ws: Workspace, run: str, key: OperatorKey) -> None:
         self.ws, self.run, self.key = ws, run, key
         self._pattern = re.compile(rf"{re.escape(run)}-round-(\d+)")
+        self.checkpoints = Checkpoints(ws.run_dir(run))
         self._cache: dict[int, Published] = {}
+        self._exporting: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def folders(self) -> dict[int, Path]:
-        """Round -> folder, for the base and every complete release of the run."""
+        """Round -> folder, for the base, every committed round of the run and every complete
+        release of it exported before (a committed round's folder may not exist yet)."""
         out = {0: self.ws.base} if (self.ws.base / MANIFEST).is_file() else {}
         root = self.ws.root / "releases"
         for folder in sorted(root.iterdir()) if root.is_dir() else ():
             match = self._pattern.fullmatch(folder.name)
             if match and (folder / RELEASE_INFO).is_file() and int(match.group(1)) >= 1:
                 out[int(match.group(1))] = folder
+        for rnd in range(1, (self.checkpoints.latest_round() or 0) + 1):
+            out.setdefault(rnd, self.ws.release_dir(f"{self.run}-round-{rnd}"))
         return out
+
+    def exported(self, rnd: int) -> Published | None:
+        """The release if its folder is complete, without exporting it."""
+        folder = self.folders().get(rnd)
+        if folder is None or not (folder / (MANIFEST if rnd == 0 else RELEASE_INFO)).is_file():
+            return None
+        return self.get(rnd)
 
     def latest_round(self) -> int:
         return max(self.folders(), default=0)
@@ -76,6 +95,8 @@ class Catalog:
         if folder is None:
             raise CatalogError(f"no release of round {rnd} in run {self.run!r}" if rnd else "the hub has no base model yet")
         marker = folder / (MANIFEST if rnd == 0 else RELEASE_INFO)
+        if not marker.is_file():
+            self._export(rnd, folder)
         stamp = (str(marker), marker.stat().st_mtime)
         with self._lock:
             cached = self._cache.get(rnd)
@@ -85,6 +106,18 @@ class Catalog:
         with self._lock:
             self._cache[rnd] = published
         return published
+
+    def _export(self, rnd: int, folder: Path) -> None:
+        """Write a committed round's release (one export per round at a time; others wait for it)."""
+        with self._lock:
+            lock = self._exporting.setdefault(rnd, threading.Lock())
+        with lock:
+            if (folder / RELEASE_INFO).is_file():
+                return  # another call exported it meanwhile
+            committed = self.checkpoints.load(rnd)
+            if committed is None:
+                raise CatalogError(f"round {rnd} of run {self.run!r} is not committed")
+            export_release(self.ws.base, committed.state, folder, round=rnd, val_loss=committed.manifest.get("val_loss"))
 
     def file(self, rnd: int, path: str) -> tuple[Path, int, str]:
         """(absolute path, size, sha256) of a file the release's manifest lists."""

@@ -353,3 +353,67 @@ def test_the_usage_log_survives_a_restart_and_proves_each_debit(tmp_path) -> Non
         assert verify_inclusion(d.entry, d.index, head.size, d.proof, bytes.fromhex(head.root))
     assert not verify_inclusion(debits[0].entry, 1, head.size, debits[0].proof, bytes.fromhex(head.root))
     assert period_start(30, datetime.date(1970, 2, 5)) == "1970-01-31"
+
+
+def test_join_with_hub_fetches_and_verifies_the_base_itself(consortium, tmp_path) -> None:
+    import typer
+
+    from fedmoe.hub_cmd import base_from_hub
+    from model.base import MANIFEST
+    from model.io import sha256_file
+
+    operator_pub = tmp_path / "operator.pub.pem"
+    operator_pub.write_bytes(consortium.operator_pem)
+    state = consortium.nodes / "newcomer"
+    base = base_from_hub(consortium.address, "newcomer", state, consortium.layout.ca_cert, operator_pub, None)
+    assert base == (state / "base").resolve()
+    expected = sha256_file(consortium.ws.base / MANIFEST)
+    assert load_base(base, expected_sha256=expected).sha256 == expected  # what every round checks
+    assert base_from_hub(consortium.address, "newcomer", state, consortium.layout.ca_cert, operator_pub, None) == base
+    (base / "hub-manifest.sig").write_bytes(b"\0" * 64)  # a pulled folder whose signature no longer verifies
+    with pytest.raises(typer.Exit):
+        base_from_hub(consortium.address, "newcomer", state, consortium.layout.ca_cert, operator_pub, None)
+    with pytest.raises(typer.Exit):
+        base_from_hub(consortium.address, "newcomer", state, consortium.layout.ca_cert, None, tmp_path / "b")
+
+
+def test_a_committed_round_is_exported_once_on_its_first_pull(consortium, tmp_path, monkeypatch) -> None:
+    import server.hub_catalog as catalog_module
+    from server.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(consortium.ws.run_dir("default"))
+    state = load_base(consortium.ws.base).with_lora().get_state()
+    for rnd in range(4):
+        checkpoints.commit(rnd, {k: v + 0.01 * rnd for k, v in state.items()}, {"val_loss": {"code": 4.0 - rnd / 10}})
+    exports: list[int] = []
+    real = catalog_module.export_release
+    monkeypatch.setattr(catalog_module, "export_release", lambda *a, **k: exports.append(k["round"]) or real(*a, **k))
+    try:
+        listed = {r.round: r for r in consortium.client("acme").releases().releases}
+        assert sorted(listed) == [0, 1, 2, 3, 4] and listed[3].total_bytes == 0 and listed[2].total_bytes > 0
+        errors: list[BaseException] = []
+
+        def one(i: int) -> None:
+            try:
+                pull(consortium.client("acme"), 3, tmp_path / f"r3-{i}", consortium.operator_pem)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors and exports == [3]
+        folder = consortium.ws.release_dir("default-round-3")
+        for i in range(4):
+            _same_tree(tmp_path / f"r3-{i}", folder)
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "r3-0" / "base"), tmp_path / "r3-0" / "adapter")
+        lora_b = next(v for k, v in adapter.state_dict().items() if "lora_B" in k)
+        assert torch.count_nonzero(lora_b) > 0  # the committed state, not the zero init
+    finally:
+        for rnd in range(4):  # the committed rounds (the ledger beside them stays)
+            shutil.rmtree(checkpoints.round_dir(rnd), ignore_errors=True)
+        (checkpoints.run_dir / "COMMITTED").unlink(missing_ok=True)
+        for rnd in (1, 3):
+            shutil.rmtree(consortium.ws.release_dir(f"default-round-{rnd}"), ignore_errors=True)
