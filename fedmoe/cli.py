@@ -196,7 +196,8 @@ def demo(
     )
     summaries = _simulate(cfg, members, run_name, free_rider=free_rider)
     path = _export(ws.root, run_name, None)
-    _demo_verdict(ws, run_name, summaries, free_rider)
+    rights = _demo_verdict(ws, run_name, summaries, free_rider)
+    _demo_hub(ws, run_name, rights, free_rider)
     console.print(f"done in {time.perf_counter() - started:.0f}s; release: [bold]{path}[/bold]")
 
 
@@ -214,7 +215,7 @@ def _refuse_another_recipe(run_dir: Path, cfg) -> None:  # type: ignore[no-untyp
                     f"{after!r}; `fedmoe demo --fresh` starts the demo's run over")
 
 
-def _demo_verdict(ws, run_name: str, summaries: list, free_rider: bool) -> None:  # type: ignore[no-untyped-def]
+def _demo_verdict(ws, run_name: str, summaries: list, free_rider: bool) -> dict:  # type: ignore[no-untyped-def]
     """The demo's outcome in words: what the model learned, and what each member gets for it."""
     from fedmoe.console import rights_table
     from client.free_rider import FREE_RIDER
@@ -240,6 +241,17 @@ def _demo_verdict(ws, run_name: str, summaries: list, free_rider: bool) -> None:
             f"the free rider claimed an honest member's tokens and sent noise: share {ent.share:.1%}, "
             + ("base model only, no quota (caught)." if caught else f"rights '{ent.tier}' (NOT caught).")
         )
+    return rights
+
+
+def _demo_hub(ws, run_name: str, rights: dict, free_rider: bool) -> None:  # type: ignore[no-untyped-def]
+    """The best-credited member uses the release through the model hub; the free rider is refused."""
+    from client.free_rider import FREE_RIDER
+    from fedmoe.hub_cmd import demo_through_hub
+
+    entitled = sorted((e.share, m) for m, e in rights.items() if e.tier != "base-only" and m != FREE_RIDER)
+    demo_through_hub(ws, run_name, entitled[-1][1] if entitled else None,
+                     FREE_RIDER if free_rider and FREE_RIDER in rights else None)
 
 
 def _mount() -> None:

@@ -249,3 +249,64 @@ def usage_command(
     console.print(f"{usage.member}: {usage.tier}, {usage.share:.2%} credited as of round {usage.as_of_round}; "
                   f"used {usage.used_tokens:,} of {usage.quota_tokens:,} tokens since {usage.period_start} "
                   f"({len(debits)} generations, each verified in the usage log of {usage.log_size} entries)")
+
+
+def demo_through_hub(ws, run_name: str, member: str | None, refused_member: str | None) -> None:  # noqa: ANN001
+    """The demo's last step, as a member would do it: `member` pulls the newest release it may use
+    from a hub on this machine (TLS, the demo's own CA), generates a line through it, and reads its
+    verified bill; `refused_member` (the free rider) asks too and is refused."""
+    import json
+    import shutil
+
+    import grpc
+
+    from client.pull import HubClient, PullError, pull, refusal
+    from privacy.certs import CertLayout, issue, load_cert
+    from privacy.hub_auth import hub_audience
+    from privacy.roster import IDENTITY, identity_key, operator_side_identities
+    from server.hub import Hub, Roster, serve
+    from server.ledger import OperatorKey
+
+    if member is None:
+        console.print("model hub: no member is entitled to a release yet (more rounds credit more members)")
+        return
+    layout = CertLayout(ws.operator_dir / "certs")
+    issue(layout.root, [])  # the demo's CA and a TLS certificate for 127.0.0.1 (kept when there)
+    asking = [m for m in (member, refused_member) if m]
+    operator_side_identities(layout, asking)
+    key = OperatorKey.load(ws.operator_key)
+    server, port = serve(Hub(ws, run_name, key, Roster(layout)), "127.0.0.1:0", certs=layout)
+    try:
+        def client(name: str) -> HubClient:
+            return HubClient.connect(f"127.0.0.1:{port}", name, identity_key(layout.member_dir(name) / IDENTITY),
+                                     hub_audience(load_cert(layout.ca_cert)), ca_pem=layout.ca_cert.read_bytes())
+
+        hub = client(member)
+        rnd = max(r.round for r in hub.releases().releases)
+        out = ws.root / "pulled" / f"{member}-round-{rnd}"
+        shutil.rmtree(out, ignore_errors=True)  # the demo's own earlier pull (a --fresh run's round differs)
+        manifest = pull(hub, rnd, out, key.public_key_pem())
+        size = sum(f["size"] for f in manifest["files"]) / 2**20
+        console.print(f"model hub (gRPC, TLS, 127.0.0.1:{port}): {member} pulled the release of round {rnd} "
+                      f"({len(manifest['files'])} files, {size:.0f} MiB, operator's signature and every sha256 "
+                      f"verified) into {out}")
+        text = json.loads((ws.validation_dir / f"{member}.jsonl").open().readline())["text"]
+        prompt = " ".join(text.split()[:6])
+        pieces = list(hub.generate(prompt, 24))
+        line = " ".join("".join(p.text for p in pieces).split())
+        console.print(f"{member} asks the hub to continue {prompt!r}: {line!r}", highlight=False)
+        usage = hub.usage()
+        verify_bill(usage, key.public_key_pem())
+        console.print(f"metered: {pieces[-1].prompt_tokens} prompt + {pieces[-1].completion_tokens} completion tokens; "
+                      f"{member} has used {usage.used_tokens:,} of its {usage.quota_tokens:,} tokens this period "
+                      f"(bill verified against the signed usage log)")
+        if refused_member:
+            try:
+                list(client(refused_member).generate(prompt, 24))
+                console.print(f"[red]{refused_member} was NOT refused generation[/red]")
+            except grpc.RpcError as exc:
+                console.print(f"{refused_member} asks the hub too: {refusal(exc)}", highlight=False)
+    except (grpc.RpcError, PullError, BillError) as exc:
+        console.print(f"[red]model hub step failed:[/red] {escape(refusal(exc) if isinstance(exc, grpc.RpcError) else str(exc))}")
+    finally:
+        server.stop(grace=None)

@@ -417,3 +417,31 @@ def test_a_committed_round_is_exported_once_on_its_first_pull(consortium, tmp_pa
         (checkpoints.run_dir / "COMMITTED").unlink(missing_ok=True)
         for rnd in (1, 3):
             shutil.rmtree(consortium.ws.release_dir(f"default-round-{rnd}"), ignore_errors=True)
+
+
+def test_the_demo_ends_with_a_member_using_the_release_through_the_hub(ws: Workspace, capsys) -> None:
+    """`fedmoe demo`'s last step on a tiny consortium's real run: the best-credited member pulls the
+    newest release over TLS, generates through the hub and reads its verified bill; a member with
+    nothing credited is refused generation."""
+    from client.app import app
+    from fedmoe.hub_cmd import demo_through_hub
+    from server.config import RunConfig
+    from server.rights import entitlements, load_policy, Policy
+    from server.rounds import run_rounds
+    from server.summary import LogReporter
+
+    from fake_grid import FakeGrid, task_identity
+
+    config = RunConfig(workspace=str(ws.root), num_rounds=2, local_steps=2, batch_size=4, seq_len=64, eval_batches=1,
+                       min_expert_tokens=8, min_members=2, round_timeout=60.0, codec="fp32", contribution="open")
+    with task_identity():
+        run_rounds(FakeGrid(app, 3), config, LogReporter(), run_name="demo")
+    with Ledger(ws.ledger("demo"), create=False) as book:
+        rights = entitlements(load_policy(ws.policy) if ws.policy.is_file() else Policy(), book.records(), book.latest_round())
+    best = max((e.share, m) for m, e in rights.items())[1]
+    assert rights[best].tier == "latest"
+    demo_through_hub(ws, "demo", best, "stranger")
+    said = capsys.readouterr().out
+    assert f"{best} pulled the release of round 2" in said and "operator's signature and every sha256 verified" in said
+    assert f"{best} asks the hub to continue" in said and "(bill verified against the signed usage log)" in said
+    assert "stranger asks the hub too: hub refused (PERMISSION_DENIED)" in said
