@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,6 +34,7 @@ from protos import hub_pb2, hub_pb2_grpc
 SERVICE = "/fedmoe.hub.v1.Hub/"
 MANIFEST_FILE, SIGNATURE_FILE = "hub-manifest.json", "hub-manifest.sig"
 RETRIES = 3  # a dropped stream is resumed this many times before the pull gives up
+BUSY_WAIT = 60.0  # seconds a pull waits, backing off, while the hub says this member has too many streams open
 MAX_MESSAGE = (4 << 20) + (64 << 10)
 
 
@@ -126,7 +128,8 @@ def _sha256(path: Path) -> str:
 def _fetch(client: HubClient, rnd: int, path: str, size: int, target: Path, advance: Callable[[int], None]) -> None:
     """Append `path` to `target` from its current length until `size` bytes, resuming a dropped stream."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(RETRIES + 1):
+    attempt, busy_until, pause = 0, time.monotonic() + BUSY_WAIT, 0.25
+    while attempt <= RETRIES:
         have = target.stat().st_size if target.exists() else 0
         if have > size:
             target.unlink()  # longer than the manifest says: start over
@@ -142,9 +145,15 @@ def _fetch(client: HubClient, rnd: int, path: str, size: int, target: Path, adva
                     have += len(chunk.data)
                     advance(len(chunk.data))
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < busy_until:
+                time.sleep(pause)  # this member's other pulls hold its streams: wait for one to end
+                pause = min(2 * pause, 2.0)
+                continue
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL) and attempt < RETRIES:
+                attempt += 1
                 continue
             raise PullError(f"{path}: {refusal(exc)}") from None
+        attempt += 1
     if target.stat().st_size != size:
         raise PullError(f"{path}: stopped at {target.stat().st_size} of {size} bytes after {RETRIES} retries")
 
@@ -160,6 +169,8 @@ def pull(client: HubClient, rnd: int, out: Path, operator_public_pem: bytes,
         raise PullError(refusal(exc)) from None
     except AuthError as exc:
         raise PullError(str(exc)) from None
+    if manifest.get("format") != "fedmoe-release-v1":
+        raise PullError(f"the manifest's format {str(manifest.get('format'))[:40]!r} is not one this fedmoe reads")
     if manifest.get("round") != rnd:
         raise PullError(f"the hub answered with the manifest of round {manifest.get('round')!r}, asked for {rnd}")
     entries = _entries(manifest)
@@ -169,6 +180,11 @@ def pull(client: HubClient, rnd: int, out: Path, operator_public_pem: bytes,
             return manifest  # already pulled and verified
         raise PullError(f"{out} exists and is not a pull of this release; choose another --out or remove it")
     staging = out.with_name(f".{out.name}.pull")
+    started = staging / MANIFEST_FILE
+    if staging.exists() and (not started.is_file() or started.read_bytes() != signed.manifest_json):
+        shutil.rmtree(staging)  # an interrupted pull of another release: its partial files are not this one's
+    staging.mkdir(parents=True, exist_ok=True)
+    started.write_bytes(signed.manifest_json)
     total = sum(size for _, size, _ in entries)
     done = 0
 
@@ -190,7 +206,6 @@ def pull(client: HubClient, rnd: int, out: Path, operator_public_pem: bytes,
             partial.unlink()
             raise PullError(f"{path}: sha256 does not match the signed manifest (tampered or corrupt on the hub): not used")
         partial.replace(target)
-    (staging / MANIFEST_FILE).write_bytes(signed.manifest_json)
     (staging / SIGNATURE_FILE).write_bytes(signed.signature)
     listed = {str(PurePosixPath(p)) for p, _, _ in entries} | {MANIFEST_FILE, SIGNATURE_FILE}
     for stray in [p for p in staging.rglob("*") if p.is_file() and p.relative_to(staging).as_posix() not in listed]:
@@ -199,16 +214,20 @@ def pull(client: HubClient, rnd: int, out: Path, operator_public_pem: bytes,
     return manifest
 
 
-def read_pulled(out: Path, operator_public_pem: bytes) -> dict:
-    """The manifest of a pulled folder, its signature checked again (for `fedmoe join --hub`)."""
+def verify_pulled(out: Path, operator_public_pem: bytes) -> dict:
+    """The manifest of a pulled folder, its signature and every file's size and sha256 checked
+    again (for `fedmoe join --hub`, which keeps a base pulled before)."""
     try:
-        return verify_manifest((out / MANIFEST_FILE).read_bytes(), (out / SIGNATURE_FILE).read_bytes(), operator_public_pem)
+        manifest = verify_manifest((out / MANIFEST_FILE).read_bytes(), (out / SIGNATURE_FILE).read_bytes(), operator_public_pem)
     except OSError as exc:
         raise PullError(f"{out}: no pulled manifest ({exc})") from None
     except AuthError as exc:
         raise PullError(f"{out}: {exc}") from None
+    for path, size, digest in _entries(manifest):
+        file = out / path
+        if not file.is_file() or file.stat().st_size != size or _sha256(file) != digest:
+            raise PullError(f"{file}: missing or changed since it was pulled")
+    return manifest
 
 
-def clear_staging(out: Path) -> None:
-    shutil.rmtree(out.with_name(f".{out.name}.pull"), ignore_errors=True)
 

@@ -14,6 +14,7 @@ signed (`fedmoe ledger public-key` gives the operator's public key).
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import threading
 from pathlib import Path
@@ -46,6 +47,7 @@ def hub_command(
     from privacy.certs import CertError, CertLayout, check_readable
     from server.hub import Hub, Roster, serve
     from server.ledger import OperatorKey, OperatorKeyError
+    from server.rights import PolicyError
     from server.workspace import Workspace
 
     ws = Workspace(workspace.resolve())
@@ -57,7 +59,7 @@ def hub_command(
         key = OperatorKey.load(ws.operator_key)
         hub = Hub(ws, run, key, Roster(layout), policy.resolve() if policy else None)
         server, bound = serve(hub, f"{host}:{port}", certs=layout)
-    except (CertError, OperatorKeyError, OSError) as exc:
+    except (CertError, OperatorKeyError, PolicyError, OSError) as exc:
         raise _fail(str(exc)) from None
     if metrics_port:
         from prometheus_client import start_http_server
@@ -85,11 +87,13 @@ def pull_command(
     ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
     operator_key: Annotated[Path, typer.Option(help="The operator's public key (`fedmoe ledger public-key`).")],
     out: Annotated[Path, typer.Option(help="Folder to create with the pulled files.")],
-    round: Annotated[int | None, typer.Option("--round", help="Release round to pull (default: the newest you may pull).")] = None,
+    round: Annotated[int | None, typer.Option("--round", min=0, help="Release round to pull (default: the newest you may pull).")] = None,
     base: Annotated[bool, typer.Option("--base", help="Pull the base model (what `fedmoe join` trains on).")] = False,
     server_name: Annotated[str | None, typer.Option(help="TLS name to expect when it differs from the address.")] = None,
 ) -> None:
     """Member: download a release (or the base) into a folder, verified, resuming an interrupted pull."""
+    if base and round not in (None, 0):
+        raise _fail(f"--base and --round {round}: choose one")
     manifest = pull_verified(hub, member, state_dir, ca, operator_key, out, 0 if base else round, server_name)
     what = "base model" if manifest["round"] == 0 else f"release of round {manifest['round']}"
     console.print(f"{what} pulled into [bold]{escape(str(out))}[/bold]: {len(manifest['files'])} files, every sha256 and the "
@@ -129,15 +133,15 @@ def pull_verified(hub: str, member: str, state_dir: Path, ca: Path, operator_key
 def base_from_hub(hub: str, member: str, state_dir: Path, ca: Path, operator_key: Path | None, out: Path | None) -> Path:
     """For `fedmoe join --hub`: the base pulled into `out` (default <state-dir>/base) and verified;
     a folder pulled before is kept when its signed manifest still verifies."""
-    from client.pull import PullError, read_pulled
+    from client.pull import PullError, verify_pulled
 
     if operator_key is None:
         raise _fail("--hub needs --operator-key (the operator's public key, `fedmoe ledger public-key`)")
     out = (out or state_dir / "base").resolve()
     if out.exists():
         try:
-            if read_pulled(out, operator_key.read_bytes()).get("round") == 0:
-                console.print(f"member {member}: base at {out} (pulled before, signature verified)")
+            if verify_pulled(out, operator_key.read_bytes()).get("round") == 0:
+                console.print(f"member {member}: base at {out} (pulled before; signature and every sha256 verified again)")
                 return out
         except (PullError, OSError):
             pass
@@ -152,15 +156,22 @@ class BillError(ValueError):
     """The hub's usage statement does not prove what it charges."""
 
 
-def verify_bill(usage, operator_pem: bytes) -> list[dict]:  # noqa: ANN001  (hub_pb2.Usage)
-    """The member's debits of the period, each proven included in the usage log under a head the
-    operator signed, and adding up to what the hub says was used; BillError naming what fails."""
+def verify_bill(usage, operator_pem: bytes, member: str, today: dt.date | None = None) -> list[dict]:  # noqa: ANN001  (hub_pb2.Usage)
+    """`member`'s debits of the current period, each proven included (once) in the usage log under
+    a head the operator signed, and adding up to what the hub says was used; BillError naming what
+    fails. Limits: it proves every listed debit is in the log, not that the log holds no other
+    debit of this member (a head-to-head consistency check across calls would show a log that
+    was rewritten; fedmoe keeps no earlier head on the member's side yet)."""
     import json
 
     from server.ledger import LedgerError, load_public_key
     from server.ledger.merkle import verify_inclusion
-    from server.usage import head_bytes
+    from server.usage import head_bytes, period_start
 
+    if usage.member != member:
+        raise BillError(f"the statement is {usage.member!r}'s, not {member!r}'s")
+    if usage.period_days < 1 or usage.period_start != period_start(usage.period_days, today):
+        raise BillError(f"the statement's period {usage.period_start!r} is not the current {usage.period_days}-day period")
     if usage.log_size == 0:
         if usage.debits or usage.used_tokens:
             raise BillError("debits without a signed usage-log head")
@@ -171,8 +182,11 @@ def verify_bill(usage, operator_pem: bytes) -> list[dict]:  # noqa: ANN001  (hub
     except (LedgerError, ValueError, Exception) as exc:  # InvalidSignature has no message
         raise BillError(f"the usage log's head is not signed by the operator's key ({type(exc).__name__})") from None
     root = bytes.fromhex(usage.log_root)
-    entries = []
+    entries, last = [], -1
     for debit in usage.debits:
+        if debit.index <= last:
+            raise BillError(f"debit {debit.index} is listed twice or out of order")
+        last = debit.index
         if not verify_inclusion(debit.entry, debit.index, usage.log_size, list(debit.proof), root):
             raise BillError(f"debit {debit.index} is not in the usage log the head commits to")
         entry = json.loads(debit.entry)
@@ -202,7 +216,7 @@ def generate_command(
     state_dir: Annotated[Path, typer.Option(help="This member's node state dir (its identity key).")],
     ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
     prompt: Annotated[str, typer.Option(help="The text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(help="At most this many new tokens (0: the hub's default, 64).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=0, max=512, help="At most this many new tokens (0: the hub's default, 64).")] = 0,
 ) -> None:
     """Member: text from the newest release you may use, hosted by the hub and metered per token."""
     import grpc
@@ -241,7 +255,7 @@ def usage_command(
 
     try:
         usage = _client(hub, member, state_dir, ca).usage()
-        debits = verify_bill(usage, operator_key.read_bytes())
+        debits = verify_bill(usage, operator_key.read_bytes(), member)
     except grpc.RpcError as exc:
         raise _fail(refusal(exc)) from None
     except (CertError, OSError, BillError) as exc:
@@ -296,7 +310,7 @@ def demo_through_hub(ws, run_name: str, member: str | None, refused_member: str 
         line = " ".join("".join(p.text for p in pieces).split())
         console.print(f"{member} asks the hub to continue {prompt!r}: {line!r}", highlight=False)
         usage = hub.usage()
-        verify_bill(usage, key.public_key_pem())
+        verify_bill(usage, key.public_key_pem(), member)
         console.print(f"metered: {pieces[-1].prompt_tokens} prompt + {pieces[-1].completion_tokens} completion tokens; "
                       f"{member} has used {usage.used_tokens:,} of its {usage.quota_tokens:,} tokens this period "
                       f"(bill verified against the signed usage log)")

@@ -96,7 +96,7 @@ def check_token(value: str | None, roster: Mapping[str, bytes], audience: str, m
     try:
         claims_bytes, signature_bytes = _unb64(encoded), _unb64(signature)
         claims = json.loads(claims_bytes)
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         raise AuthError("token is not base64url JSON") from None
     if not isinstance(claims, dict) or set(claims) != {"aud", "exp", "iat", "member", "method"}:
         raise AuthError("token claims must be exactly aud, exp, iat, member, method")

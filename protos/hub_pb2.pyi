@@ -97,7 +97,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("member", "tier", "share", "quota_tokens", "used_tokens", "period_start", "as_of_round", "log_size", "log_root", "log_signature", "log_time", "debits")
+    __slots__ = ("member", "tier", "share", "quota_tokens", "used_tokens", "period_start", "as_of_round", "log_size", "log_root", "log_signature", "log_time", "debits", "period_days")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class Usage(_message.Message):
     LOG_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     LOG_TIME_FIELD_NUMBER: _ClassVar[int]
     DEBITS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_DAYS_FIELD_NUMBER: _ClassVar[int]
     member: str
     tier: str
     share: float
@@ -122,7 +123,8 @@ class Usage(_message.Message):
     log_signature: bytes
     log_time: str
     debits: _containers.RepeatedCompositeFieldContainer[Debit]
-    def __init__(self, member: _Optional[str] = ..., tier: _Optional[str] = ..., share: _Optional[float] = ..., quota_tokens: _Optional[int] = ..., used_tokens: _Optional[int] = ..., period_start: _Optional[str] = ..., as_of_round: _Optional[int] = ..., log_size: _Optional[int] = ..., log_root: _Optional[str] = ..., log_signature: _Optional[bytes] = ..., log_time: _Optional[str] = ..., debits: _Optional[_Iterable[_Union[Debit, _Mapping]]] = ...) -> None: ...
+    period_days: int
+    def __init__(self, member: _Optional[str] = ..., tier: _Optional[str] = ..., share: _Optional[float] = ..., quota_tokens: _Optional[int] = ..., used_tokens: _Optional[int] = ..., period_start: _Optional[str] = ..., as_of_round: _Optional[int] = ..., log_size: _Optional[int] = ..., log_root: _Optional[str] = ..., log_signature: _Optional[bytes] = ..., log_time: _Optional[str] = ..., debits: _Optional[_Iterable[_Union[Debit, _Mapping]]] = ..., period_days: _Optional[int] = ...) -> None: ...
 
 class Debit(_message.Message):
     __slots__ = ("index", "entry", "proof")

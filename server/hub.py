@@ -17,6 +17,7 @@ shared: each call reads the catalog and the ledger on its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -48,6 +49,8 @@ MAX_MESSAGE = MAX_CHUNK + (64 << 10)
 
 MAX_PROMPT_CHARS = 16_000
 MAX_NEW_TOKENS, DEFAULT_NEW_TOKENS = 512, 64
+MAX_STREAMS = 8  # open downloads and generations per member (of WORKERS threads)
+MAX_CALLS = 64  # calls the hub serves at once; more wait in gRPC's queue or are refused
 
 BYTES_SERVED = Counter("fedmoe_hub_bytes_served", "Release bytes the hub streamed, per member", ["member"])
 TOKENS_METERED = Counter("fedmoe_hub_tokens_metered", "Tokens of hosted generation debited, per member and kind",
@@ -68,7 +71,7 @@ class Roster:
     """The CA-signed roster, re-read when the file changes."""
 
     layout: CertLayout
-    _stamp: tuple[int, int] | None = None
+    _stamp: tuple[int, int, int] | None = None
     _members: dict[str, bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -81,7 +84,7 @@ class Roster:
             stat = path.stat()
         except FileNotFoundError:
             return {}
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # written by replacing: a new inode
         with self._lock:
             if stamp != self._stamp:
                 self._members = verify_roster(path.read_bytes(), load_cert(self.layout.ca_cert), str(path))
@@ -94,9 +97,13 @@ class Hub(hub_pb2_grpc.HubServicer):
         self.ws, self.run, self.roster = ws, run, roster
         self.catalog = Catalog(ws, run, key)
         self.policy_path = policy if policy is not None else ws.policy
+        if policy is not None and not policy.is_file():
+            raise PolicyError(f"{policy}: no policy file")
+        self.policy_required = self.policy_path.is_file()  # once there, a missing policy refuses calls
         self.usage = UsageLog(ws.operator_dir / f"usage-{run}.sqlite", key)
         self.generator = Generator()
         self._reserved: dict[str, int] = {}  # member -> tokens of generations in flight
+        self._streams: dict[str, int] = {}  # member -> open downloads and generations
         self._quota_lock = threading.Lock()
 
     # -------------------------------------------------------------- who and what
@@ -112,7 +119,7 @@ class Hub(hub_pb2_grpc.HubServicer):
     def entitlement(self, member: str) -> tuple[Entitlement, int]:
         """(the member's entitlement, the ledger's latest round): what `fedmoe rights` prints."""
         try:
-            policy = load_policy(self.policy_path) if self.policy_path.is_file() else Policy()
+            policy = load_policy(self.policy_path) if self.policy_required or self.policy_path.is_file() else Policy()
             path = self.ws.ledger(self.run)
             records, latest = [], None
             if path.is_file():
@@ -186,7 +193,7 @@ class Hub(hub_pb2_grpc.HubServicer):
         yield from self._stream(context, path, request.offset, size, chunk, member)
 
     def _stream(self, context, path: Path, offset: int, size: int, chunk: int, member: str) -> Iterator[hub_pb2.Chunk]:  # noqa: ANN001
-        with path.open("rb") as handle:
+        with refusals(context), self.streaming(member), path.open("rb") as handle:
             handle.seek(offset)
             while offset < size and context.is_active():
                 data = handle.read(min(chunk, size - offset))
@@ -196,14 +203,29 @@ class Hub(hub_pb2_grpc.HubServicer):
                 yield hub_pb2.Chunk(offset=offset, data=data)
                 offset += len(data)
 
+    @contextlib.contextmanager
+    def streaming(self, member: str) -> Iterator[None]:
+        """One of the member's at most MAX_STREAMS open streams (so no member holds every worker)."""
+        with self._quota_lock:
+            if self._streams.get(member, 0) >= MAX_STREAMS:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"member {member!r} already has {MAX_STREAMS} downloads or generations open; wait for one to end")
+            self._streams[member] = self._streams.get(member, 0) + 1
+        try:
+            yield
+        finally:
+            with self._quota_lock:
+                self._streams[member] -= 1
+
     def Generate(self, request, context) -> Iterator[hub_pb2.GenerateChunk]:  # noqa: ANN001, N802
         with refusals(context):
             member = self.caller(context, "Generate").member
             entitlement, latest = self.entitlement(member)
             newest = entitlement.max_release_round(latest)
-            if newest is None:
+            if not newest:  # None: base-only; 0: delayed, and no release is old enough yet
                 raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                              f"member {member!r} ({entitlement.tier}, {entitlement.share:.2%} credited) may not use hosted generation")
+                              f"member {member!r} ({entitlement.tier}, {entitlement.share:.2%} credited) may not use hosted generation"
+                              + ("" if newest is None else " until a release is old enough for its tier"))
             usable = [r for r in self.catalog.folders() if 1 <= r <= newest]
             if not usable:
                 raise Refused(grpc.StatusCode.NOT_FOUND, f"no release up to round {newest} is published on this hub yet")
@@ -213,7 +235,10 @@ class Hub(hub_pb2_grpc.HubServicer):
             if request.max_new_tokens > MAX_NEW_TOKENS:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens {request.max_new_tokens} is over {MAX_NEW_TOKENS}")
             new_tokens = request.max_new_tokens or DEFAULT_NEW_TOKENS
-            folder = self.catalog.get(rnd).folder
+            try:
+                folder = self.catalog.get(rnd).folder
+            except CatalogError as exc:
+                raise Refused(grpc.StatusCode.NOT_FOUND, str(exc)) from None
             prompt_tokens = self.generator.count(folder, request.prompt)
             period = period_start(entitlement.period_days)
             wanted = prompt_tokens + new_tokens
@@ -229,10 +254,13 @@ class Hub(hub_pb2_grpc.HubServicer):
     def _generate(self, context, member: str, folder: Path, rnd: int, prompt: str, new_tokens: int, period: str,
                   reserved: int) -> Iterator[hub_pb2.GenerateChunk]:  # noqa: ANN001
         counts = Counts()
+        pieces = self.generator.stream(folder, prompt, new_tokens, counts, keep_going=context.is_active)
         try:
-            for piece in self.generator.stream(folder, prompt, new_tokens, counts, keep_going=context.is_active):
-                yield hub_pb2.GenerateChunk(text=piece, release_round=rnd)
-        finally:  # charged for what was produced, also when the caller went away
+            with refusals(context), self.streaming(member):
+                for piece in pieces:
+                    yield hub_pb2.GenerateChunk(text=piece, release_round=rnd)
+        finally:  # charged for what was produced, also when the caller went away or generation failed
+            pieces.close()  # waits for the worker: the counts are final after this
             with self._quota_lock:
                 self._reserved[member] -= reserved
                 if counts.prompt_tokens:
@@ -251,7 +279,7 @@ class Hub(hub_pb2_grpc.HubServicer):
             used = sum(json.loads(d.entry)["prompt_tokens"] + json.loads(d.entry)["completion_tokens"] for d in debits)
             reply = hub_pb2.Usage(member=member, tier=entitlement.tier, share=entitlement.share,
                                   quota_tokens=entitlement.quota_tokens, used_tokens=used,
-                                  period_start=period, as_of_round=entitlement.as_of_round,
+                                  period_start=period, period_days=entitlement.period_days, as_of_round=entitlement.as_of_round,
                                   debits=[hub_pb2.Debit(index=d.index, entry=d.entry, proof=d.proof) for d in debits])
             if head is not None:
                 reply.log_size, reply.log_root, reply.log_time, reply.log_signature = head.size, head.root, head.time, head.signature
@@ -282,10 +310,10 @@ class refusals:  # noqa: N801  (a context manager used as `with refusals(context
         return False
 
 
-def serve(hub: Hub, address: str, *, certs: CertLayout | None, workers: int = 16) -> tuple[grpc.Server, int]:
+def serve(hub: Hub, address: str, *, certs: CertLayout | None, workers: int = 32) -> tuple[grpc.Server, int]:
     """Start the hub on `address` ("host:port"; port 0 picks one); returns (server, port). TLS with
     the operator's server certificate from `certs`; `certs=None` is plaintext, for unit tests only."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=MAX_CALLS,
                          options=[("grpc.max_receive_message_length", 1 << 20), ("grpc.max_send_message_length", MAX_MESSAGE)])
     hub_pb2_grpc.add_HubServicer_to_server(hub, server)
     if certs is None:

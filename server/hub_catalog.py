@@ -3,7 +3,8 @@
     round 0          the workspace's base/ folder (what `fedmoe join --hub` fetches)
     round N >= 1     <workspace>/releases/<run>-round-<N>/ (server/release.py): every round the
                      run has committed, exported from its checkpoint the first time a member
-                     asks for it (or by `fedmoe export` before)
+                     asks for it (or by `fedmoe export` before); a folder whose release.json
+                     names another state (an earlier run under the same name) is exported again
 
 Publication is lazy so that the round loop spends no time and the operator's disk no space on
 releases nobody pulls (a release is the base, the adapter and the merged model: 79 MB for the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,29 +61,35 @@ class Catalog:
 
     def __init__(self, ws: Workspace, run: str, key: OperatorKey) -> None:
         self.ws, self.run, self.key = ws, run, key
-        self._pattern = re.compile(rf"{re.escape(run)}-round-(\d+)")
         self.checkpoints = Checkpoints(ws.run_dir(run))
         self._cache: dict[int, Published] = {}
-        self._exporting: dict[int, threading.Lock] = {}
+        self._exporting = threading.Lock()
         self._lock = threading.Lock()
 
     def folders(self) -> dict[int, Path]:
-        """Round -> folder, for the base, every committed round of the run and every complete
-        release of it exported before (a committed round's folder may not exist yet)."""
+        """Round -> folder: the base and every round the run has committed (its folder may not be
+        exported yet). Folders of other rounds (a run started over) are never served."""
         out = {0: self.ws.base} if (self.ws.base / MANIFEST).is_file() else {}
-        root = self.ws.root / "releases"
-        for folder in sorted(root.iterdir()) if root.is_dir() else ():
-            match = self._pattern.fullmatch(folder.name)
-            if match and (folder / RELEASE_INFO).is_file() and int(match.group(1)) >= 1:
-                out[int(match.group(1))] = folder
         for rnd in range(1, (self.checkpoints.latest_round() or 0) + 1):
-            out.setdefault(rnd, self.ws.release_dir(f"{self.run}-round-{rnd}"))
+            out[rnd] = self.ws.release_dir(f"{self.run}-round-{rnd}")
         return out
 
+    def current(self, rnd: int, folder: Path) -> bool:
+        """Whether `folder` holds round `rnd`'s release of the committed state (not an older
+        run's export under the same name)."""
+        if rnd == 0:
+            return (folder / MANIFEST).is_file()
+        try:
+            info = json.loads((folder / RELEASE_INFO).read_text())
+            committed = json.loads((self.checkpoints.round_dir(rnd) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(info, dict) and info.get("state_sha256") == committed.get("state_sha256") is not None
+
     def exported(self, rnd: int) -> Published | None:
-        """The release if its folder is complete, without exporting it."""
+        """The release if its folder is current, without exporting it."""
         folder = self.folders().get(rnd)
-        if folder is None or not (folder / (MANIFEST if rnd == 0 else RELEASE_INFO)).is_file():
+        if folder is None or not self.current(rnd, folder):
             return None
         return self.get(rnd)
 
@@ -94,9 +100,9 @@ class Catalog:
         folder = self.folders().get(rnd)
         if folder is None:
             raise CatalogError(f"no release of round {rnd} in run {self.run!r}" if rnd else "the hub has no base model yet")
-        marker = folder / (MANIFEST if rnd == 0 else RELEASE_INFO)
-        if not marker.is_file():
+        if not self.current(rnd, folder):
             self._export(rnd, folder)
+        marker = folder / (MANIFEST if rnd == 0 else RELEASE_INFO)
         stamp = (str(marker), marker.stat().st_mtime)
         with self._lock:
             cached = self._cache.get(rnd)
@@ -108,11 +114,10 @@ class Catalog:
         return published
 
     def _export(self, rnd: int, folder: Path) -> None:
-        """Write a committed round's release (one export per round at a time; others wait for it)."""
-        with self._lock:
-            lock = self._exporting.setdefault(rnd, threading.Lock())
-        with lock:
-            if (folder / RELEASE_INFO).is_file():
+        """Write a committed round's release; one export at a time (each loads the base and merges:
+        many at once would only compete for the operator's memory), others wait for it."""
+        with self._exporting:
+            if self.current(rnd, folder):
                 return  # another call exported it meanwhile
             committed = self.checkpoints.load(rnd)
             if committed is None:

@@ -3,7 +3,9 @@
     <release>/base/      the frozen base (HF directory: config, safetensors, tokenizer)
     <release>/adapter/   PEFT adapter: LoRA A and B + the trained router (modules_to_save)
     <release>/merged/    base with the adapter merged in (plain `AutoModelForCausalLM`)
-    <release>/release.json   round, validation losses, sha256 of every file
+    <release>/release.json   round, validation losses, sha256 of every file, and the sha256 of
+                             the trainable state it was made from (as server/checkpoint.py
+                             commits it: the hub re-exports a folder that is not this round's)
 
     model = AutoModelForCausalLM.from_pretrained("<release>/base")
     model = PeftModel.from_pretrained(model, "<release>/adapter")
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 from model.base import LORA_INIT, MANIFEST, load_base
-from model.io import atomic_write_json, sha256_file
+from model.io import atomic_write_json, sha256_file, tensors_to_bytes
 
 
 def _merge(model: torch.nn.Module) -> torch.nn.Module:
@@ -73,7 +76,8 @@ def export_release(
     }
     atomic_write_json(
         staging / "release.json",
-        {"round": round, "base_sha256": base.sha256, "val_loss": val_loss or {}, "sha256": files},
+        {"round": round, "base_sha256": base.sha256, "val_loss": val_loss or {}, "sha256": files,
+         "state_sha256": hashlib.sha256(tensors_to_bytes(state, torch.float32)).hexdigest()},
     )
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)

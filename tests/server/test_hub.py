@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from privacy.roster import IDENTITY, identity_key, member_keys, register, revoke
 from protos import hub_pb2
 from server.hub import Hub, Roster, serve
 from server.ledger import Ledger, OperatorKey, Record, utc_now
+from server.checkpoint import Checkpoints
 from server.release import export_release
 from server.workspace import Workspace
 
@@ -71,9 +74,12 @@ def consortium(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
     _ledger(ws)
     lora = load_base(ws.base).with_lora()
     generator = torch.Generator().manual_seed(1)
-    for rnd in RELEASES:
-        state = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in lora.get_state().items()}
-        export_release(ws.base, state, ws.release_dir(f"default-round-{rnd}"), round=rnd)
+    checkpoints = Checkpoints(ws.run_dir("default"))
+    for rnd in range(5):  # committed rounds 0-4; 2 and 4 exported beforehand, 1 and 3 on their first pull
+        state = {k: v + 0.05 * rnd * torch.randn(v.shape, generator=generator) for k, v in lora.get_state().items()}
+        checkpoints.commit(rnd, state, {"val_loss": {"code": 4.0 - rnd / 10}})
+        if rnd in RELEASES:
+            export_release(ws.base, state, ws.release_dir(f"default-round-{rnd}"), round=rnd)
     hub = Hub(ws, "default", OperatorKey.load(ws.operator_key), Roster(layout))
     server, port = serve(hub, "127.0.0.1:0", certs=layout)
     yield Consortium(ws, layout, root / "nodes", f"127.0.0.1:{port}", hub, server)
@@ -90,7 +96,7 @@ def _same_tree(pulled: Path, source: Path) -> None:
 def test_a_latest_member_pulls_the_newest_release_and_it_loads_with_transformers_and_peft(consortium, tmp_path) -> None:
     client = consortium.client("acme")
     listed = client.releases()
-    assert [r.round for r in listed.releases] == [0, 2, 4] and listed.tier == "latest" and listed.latest_round == 4
+    assert [r.round for r in listed.releases] == [0, 1, 2, 3, 4] and listed.tier == "latest" and listed.latest_round == 4
     seen: list[tuple[int, int]] = []
     manifest = pull(client, 4, tmp_path / "r4", consortium.operator_pem, progress=lambda d, t: seen.append((d, t)))
     assert manifest["round"] == 4 and manifest["ledger_size"] == 4 * len(SHARES)
@@ -105,7 +111,7 @@ def test_a_latest_member_pulls_the_newest_release_and_it_loads_with_transformers
 
 def test_a_delayed_member_gets_only_old_enough_releases_and_a_base_only_member_the_base(consortium, tmp_path) -> None:
     globex = consortium.client("globex")
-    assert [r.round for r in globex.releases().releases] == [0, 2] and globex.releases().tier == "delayed"
+    assert [r.round for r in globex.releases().releases] == [0, 1, 2] and globex.releases().tier == "delayed"
     pull(globex, 2, tmp_path / "r2", consortium.operator_pem)
     with pytest.raises(PullError, match=r"PERMISSION_DENIED.*'globex' \(delayed, 5.00% credited\) may pull releases up to round 2, not round 4"):
         pull(globex, 4, tmp_path / "r4", consortium.operator_pem)
@@ -237,7 +243,6 @@ def test_fedmoe_hub_and_fedmoe_pull_as_commands_over_tls(consortium, tmp_path) -
     import socket
     import subprocess
     import sys
-    import time
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -284,6 +289,7 @@ def test_generation_debits_exactly_the_counted_tokens_the_bill_verifies_and_quot
     from server.rights import DEFAULT_POLICY_TOML
 
     policy = consortium.ws.policy
+    original = policy.read_bytes() if policy.is_file() else None
     policy.write_text(DEFAULT_POLICY_TOML.replace("1_000_000", "300"))  # acme 280 tokens, globex 20
     try:
         acme = consortium.client("acme")
@@ -303,17 +309,36 @@ def test_generation_debits_exactly_the_counted_tokens_the_bill_verifies_and_quot
         assert "".join(c.text for c in chunks) == tokenizer.decode(local[0, ids.shape[1]:], skip_special_tokens=True)
         usage = acme.usage()
         assert usage.used_tokens == before + last.prompt_tokens + last.completion_tokens and usage.quota_tokens == 280
-        entries = verify_bill(usage, consortium.operator_pem)
+        entries = verify_bill(usage, consortium.operator_pem, "acme")
         assert entries[-1]["prompt_tokens"] == last.prompt_tokens and entries[-1]["release_round"] == 4
         forged = hub_pb2.Usage()
         forged.CopyFrom(usage)
         forged.debits[-1].entry = usage.debits[-1].entry.replace(b'"prompt_tokens":', b'"prompt_tokens":1')
         with pytest.raises(BillError, match="not in the usage log"):
-            verify_bill(forged, consortium.operator_pem)
+            verify_bill(forged, consortium.operator_pem, "acme")
         forged.CopyFrom(usage)
         forged.used_tokens += 1
         with pytest.raises(BillError, match="the hub charges"):
-            verify_bill(forged, consortium.operator_pem)
+            verify_bill(forged, consortium.operator_pem, "acme")
+        forged.CopyFrom(usage)  # one real debit listed twice, and charged twice
+        forged.debits.append(usage.debits[-1])
+        forged.used_tokens += last.prompt_tokens + last.completion_tokens
+        with pytest.raises(BillError, match="listed twice"):
+            verify_bill(forged, consortium.operator_pem, "acme")
+        with pytest.raises(BillError, match="not 'globex'"):  # acme's true statement handed to globex
+            verify_bill(usage, consortium.operator_pem, "globex")
+        with pytest.raises(BillError, match="not the current"):  # an old period's statement
+            verify_bill(usage, consortium.operator_pem, "acme", today=datetime.date(2001, 1, 1))
+        # a member that reads some text and hangs up is charged for every token produced
+        before = acme.usage().used_tokens
+        call = acme.generate(prompt, 200)
+        got = [next(call).text for _ in range(3)]
+        call.cancel()
+        deadline = time.monotonic() + 30
+        while acme.usage().used_tokens == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cut = json.loads(acme.usage().debits[-1].entry)
+        assert cut["completion_tokens"] >= len(got) and acme.usage().used_tokens == before + cut["prompt_tokens"] + cut["completion_tokens"]
         with pytest.raises(grpc.RpcError) as refused:  # 20 tokens cannot hold the prompt and 64 new ones
             list(consortium.client("globex").generate(prompt))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "of its 20 tokens" in refused.value.details()
@@ -327,7 +352,10 @@ def test_generation_debits_exactly_the_counted_tokens_the_bill_verifies_and_quot
             list(consortium.client("rider").generate(prompt))
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and "may not use hosted generation" in refused.value.details()
     finally:
-        policy.unlink()
+        if original is None:
+            policy.unlink()
+        else:
+            policy.write_bytes(original)
 
 
 def test_the_usage_log_survives_a_restart_and_proves_each_debit(tmp_path) -> None:
@@ -377,20 +405,18 @@ def test_join_with_hub_fetches_and_verifies_the_base_itself(consortium, tmp_path
         base_from_hub(consortium.address, "newcomer", state, consortium.layout.ca_cert, None, tmp_path / "b")
 
 
-def test_a_committed_round_is_exported_once_on_its_first_pull(consortium, tmp_path, monkeypatch) -> None:
+def test_a_committed_round_is_exported_once_on_its_first_pull_and_a_stale_export_is_replaced(consortium, tmp_path, monkeypatch) -> None:
     import server.hub_catalog as catalog_module
-    from server.checkpoint import Checkpoints
 
     checkpoints = Checkpoints(consortium.ws.run_dir("default"))
-    state = load_base(consortium.ws.base).with_lora().get_state()
-    for rnd in range(4):
-        checkpoints.commit(rnd, {k: v + 0.01 * rnd for k, v in state.items()}, {"val_loss": {"code": 4.0 - rnd / 10}})
+    stale = consortium.ws.release_dir("default-round-1")  # an earlier run's round 1 under the same name
+    export_release(consortium.ws.base, load_base(consortium.ws.base).with_lora().get_state(), stale, round=1)
     exports: list[int] = []
     real = catalog_module.export_release
     monkeypatch.setattr(catalog_module, "export_release", lambda *a, **k: exports.append(k["round"]) or real(*a, **k))
     try:
         listed = {r.round: r for r in consortium.client("acme").releases().releases}
-        assert sorted(listed) == [0, 1, 2, 3, 4] and listed[3].total_bytes == 0 and listed[2].total_bytes > 0
+        assert listed[3].total_bytes == 0 and listed[1].total_bytes == 0 and listed[2].total_bytes > 0
         errors: list[BaseException] = []
 
         def one(i: int) -> None:
@@ -408,13 +434,11 @@ def test_a_committed_round_is_exported_once_on_its_first_pull(consortium, tmp_pa
         folder = consortium.ws.release_dir("default-round-3")
         for i in range(4):
             _same_tree(tmp_path / f"r3-{i}", folder)
-        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "r3-0" / "base"), tmp_path / "r3-0" / "adapter")
-        lora_b = next(v for k, v in adapter.state_dict().items() if "lora_B" in k)
-        assert torch.count_nonzero(lora_b) > 0  # the committed state, not the zero init
+        pulled = pull(consortium.client("acme"), 1, tmp_path / "r1", consortium.operator_pem)
+        assert exports == [3, 1] and pulled["round"] == 1  # the stale folder was exported again from the checkpoint
+        info = json.loads((tmp_path / "r1" / "release.json").read_text())
+        assert info["state_sha256"] == json.loads((checkpoints.round_dir(1) / "manifest.json").read_text())["state_sha256"]
     finally:
-        for rnd in range(4):  # the committed rounds (the ledger beside them stays)
-            shutil.rmtree(checkpoints.round_dir(rnd), ignore_errors=True)
-        (checkpoints.run_dir / "COMMITTED").unlink(missing_ok=True)
         for rnd in (1, 3):
             shutil.rmtree(consortium.ws.release_dir(f"default-round-{rnd}"), ignore_errors=True)
 
@@ -445,3 +469,20 @@ def test_the_demo_ends_with_a_member_using_the_release_through_the_hub(ws: Works
     assert f"{best} pulled the release of round 2" in said and "operator's signature and every sha256 verified" in said
     assert f"{best} asks the hub to continue" in said and "(bill verified against the signed usage log)" in said
     assert "stranger asks the hub too: hub refused (PERMISSION_DENIED)" in said
+
+
+def test_a_missing_policy_fails_closed(consortium, tmp_path) -> None:
+    from server.hub import Refused
+    from server.rights import DEFAULT_POLICY_TOML, PolicyError
+
+    key = OperatorKey.load(consortium.ws.operator_key)
+    with pytest.raises(PolicyError, match="no policy file"):
+        Hub(consortium.ws, "default", key, Roster(consortium.layout), tmp_path / "typo.toml")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(DEFAULT_POLICY_TOML.replace("latest_share = 0.10", "latest_share = 0.90"))
+    hub = Hub(consortium.ws, "default", key, Roster(consortium.layout), policy)
+    assert hub.entitlement("acme")[0].tier == "delayed"  # the operator's stricter policy, not the defaults
+    policy.unlink()
+    with pytest.raises(Refused) as refused:  # never the defaults' wider rights
+        hub.entitlement("acme")
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
