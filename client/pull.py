@@ -125,23 +125,29 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch(client: HubClient, rnd: int, path: str, size: int, target: Path, advance: Callable[[int], None]) -> None:
-    """Append `path` to `target` from its current length until `size` bytes, resuming a dropped stream."""
+def _fetch(client: HubClient, rnd: int, path: str, size: int, target: Path, advance: Callable[[int], None]) -> str:
+    """Append `path` to `target` from its current length until `size` bytes, resuming a dropped
+    stream; returns the sha256 of the whole file (hashed as it is written, the prefix first)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and target.stat().st_size > size:
+        target.unlink()  # longer than the manifest says: start over
+    digest = hashlib.sha256()
+    if target.exists():
+        with target.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     attempt, busy_until, pause = 0, time.monotonic() + BUSY_WAIT, 0.25
     while attempt <= RETRIES:
         have = target.stat().st_size if target.exists() else 0
-        if have > size:
-            target.unlink()  # longer than the manifest says: start over
-            have = 0
         if have == size:
-            return
+            return digest.hexdigest()
         try:
             with target.open("ab") as handle:
                 for chunk in client.download(rnd, path, have):
                     if chunk.offset != have or have + len(chunk.data) > size:
                         raise PullError(f"{path}: the hub sent bytes at {chunk.offset}, expected {have}")
                     handle.write(chunk.data)
+                    digest.update(chunk.data)
                     have += len(chunk.data)
                     advance(len(chunk.data))
         except grpc.RpcError as exc:
@@ -156,6 +162,7 @@ def _fetch(client: HubClient, rnd: int, path: str, size: int, target: Path, adva
         attempt += 1
     if target.stat().st_size != size:
         raise PullError(f"{path}: stopped at {target.stat().st_size} of {size} bytes after {RETRIES} retries")
+    return digest.hexdigest()
 
 
 def pull(client: HubClient, rnd: int, out: Path, operator_public_pem: bytes,
@@ -201,8 +208,7 @@ def pull(client: HubClient, rnd: int, out: Path, operator_public_pem: bytes,
             advance(size)
             continue
         advance(partial.stat().st_size if partial.is_file() and partial.stat().st_size <= size else 0)
-        _fetch(client, rnd, path, size, partial, advance)
-        if _sha256(partial) != digest:
+        if _fetch(client, rnd, path, size, partial, advance) != digest:
             partial.unlink()
             raise PullError(f"{path}: sha256 does not match the signed manifest (tampered or corrupt on the hub): not used")
         partial.replace(target)
