@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from model.io import sha256_file
 from privacy.hub_auth import AuthError, make_token, verify_manifest
 from protos import hub_pb2, hub_pb2_grpc
 
@@ -117,14 +118,6 @@ def _entries(manifest: dict) -> list[tuple[str, int, str]]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fetch(client: HubClient, rnd: int, path: str, size: int, target: Path, advance: Callable[[int], None]) -> str:
     """Append `path` to `target` from its current length until `size` bytes, resuming a dropped
     stream; returns the sha256 of the whole file (hashed as it is written, the prefix first)."""
@@ -204,7 +197,7 @@ def pull(client: HubClient, rnd: int, out: Path, operator_public_pem: bytes,
     for path, size, digest in entries:
         target = staging / path
         partial = target.with_name(target.name + ".part")
-        if target.is_file() and target.stat().st_size == size and _sha256(target) == digest:
+        if target.is_file() and target.stat().st_size == size and sha256_file(target) == digest:
             advance(size)
             continue
         advance(partial.stat().st_size if partial.is_file() and partial.stat().st_size <= size else 0)
@@ -231,7 +224,7 @@ def verify_pulled(out: Path, operator_public_pem: bytes) -> dict:
         raise PullError(f"{out}: {exc}") from None
     for path, size, digest in _entries(manifest):
         file = out / path
-        if not file.is_file() or file.stat().st_size != size or _sha256(file) != digest:
+        if not file.is_file() or file.stat().st_size != size or sha256_file(file) != digest:
             raise PullError(f"{file}: missing or changed since it was pulled")
     return manifest
 
