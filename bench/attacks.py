@@ -1,7 +1,7 @@
 """Free riders and poisoners at 20% of the demo consortium, open and secure mode, against the clean run.
 
 Every row is a run of the demo's recipe (`fedmoe.cli`: DEMO_TRAINING; secure mode adds the demo's
-int8 codec and clip) on the demo consortium, the same rounds and seed, through the production
+int8 codec, its clips and its labelled free rider as a sixth node, as `fedmoe demo` runs) on the demo consortium, the same rounds and seed, through the production
 round loop (server/rounds.run_rounds) and the members' real ClientApp. The members answer in this
 process (tests/server/fake_grid.py, no Ray: an adversary is a few lines of code in the member's
 own process, as it would be on its own machine). 20% of the members (the last by node id, so
@@ -60,11 +60,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "server")]  # the in-process gri
 
 import client.app as client_app  # noqa: E402
 import client.node as client_node  # noqa: E402
-from client.free_rider import NOISE_STD  # noqa: E402
+from client.free_rider import FREE_RIDER, NOISE_STD  # noqa: E402
 from client.node import Node, load_member_model, member_seed, receive_state  # noqa: E402
 from client.trainer import TrainResult  # noqa: E402
 from fake_grid import FakeGrid, task_identity  # noqa: E402
-from fedmoe.cli import DEMO_SECURE_CLIP, DEMO_SECURE_CODEC, DEMO_TRAINING, _run_config  # noqa: E402
+from fedmoe.cli import DEMO_SECURE_CLIP, DEMO_SECURE_CODEC, DEMO_TRAINING, DEMO_UPDATE_CLIP, _run_config  # noqa: E402
 from model.chatter import silence_library_chatter  # noqa: E402
 from protos.messages import TrainInstruction, TrainReply  # noqa: E402
 from server.init import InitConfig, init_workspace  # noqa: E402
@@ -192,7 +192,11 @@ def run_row(ws: Workspace, kind: str, secure: bool, rounds: int, run: str, conso
     members = ws.members()
     count = max(1, round(ADVERSARY_FRACTION * len(members)))
     adversaries = set(members[len(members) - count:]) if kind != "clean" else set()
-    mode = {"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP} if secure else {}
+    # secure rows run the demo's secure consortium: its update clip, and its labelled free rider as
+    # one more node, so that every round trains two groups of 3 (with five nodes, one group of 3
+    # trained and two sat out, and group sums could not tell members apart within a short run)
+    mode = {"secagg": "on", "codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP, "update-clip": DEMO_UPDATE_CLIP,
+            "free-rider": True} if secure else {}
     config = _run_config(ws.root, [], **{"num-rounds": rounds, **DEMO_TRAINING, **mode})
     console.rule(f"{'secure' if secure else 'open'}: {kind} ({', '.join(sorted(adversaries)) or 'no adversary'})"
                  f"{', references: the last change only' if references == 'last-change' else ''}")
@@ -202,9 +206,15 @@ def run_row(ws: Workspace, kind: str, secure: bool, rounds: int, run: str, conso
     if references == "last-change":
         PublicHistory.references = lambda self: {change_name(r): c for r, c in list(self.changes)[-1:]}
     started = time.perf_counter()
+    nodes = len(members) + (1 if secure else 0)
+    grid = FakeGrid(client_app.app, nodes)
+    if secure:  # the last simulated partition plays the demo's free rider (client/free_rider.py)
+        for context in grid.contexts.values():
+            context.node_config["num-partitions"] = nodes
+            context.run_config["free-rider"] = True
     try:
         with task_identity():
-            summaries = run_rounds(FakeGrid(client_app.app, len(members)), config, LogReporter(), run_name=run)
+            summaries = run_rounds(grid, config, LogReporter(), run_name=run)
     finally:
         client_app.run_round, client_node.reply_for, PublicHistory.references = saved
     records = Ledger(ws.ledger(run), OperatorKey.load_or_create(ws.operator_key)).records()
@@ -214,7 +224,8 @@ def run_row(ws: Workspace, kind: str, secure: bool, rounds: int, run: str, conso
         "kind": kind, "mode": "secure" if secure else "open", "references": references if not secure else "-", "adversaries": sorted(adversaries),
         "rounds": len(summaries), "shares": shares,
         "adversary_share": sum(shares.get(m, 0.0) for m in adversaries),
-        "honest_credited": sum(1 for m, s in shares.items() if m not in adversaries and s > 0),
+        "demo_free_rider_share": shares.get(FREE_RIDER) if secure else None,
+        "honest_credited": sum(1 for m, s in shares.items() if m not in adversaries and m != FREE_RIDER and s > 0),
         "rejected": sum(len(s.rejected) for s in summaries),
         "val_loss": final, "mean_val_loss": sum(final.values()) / len(final),
         "novel_descent_z": {s.round: s.contribution.get("novel_descent_z", {}) for s in summaries},
@@ -302,7 +313,8 @@ def main() -> None:
                          "loss_rel_diff_attack_max": "<= 0.05", "single_member_unmask_recovered": "== 0"}
     result["rows"] = rows
     result["setup"] = {"rounds": args.rounds, "members": ws.members(), "training": DEMO_TRAINING,
-                       "secure": {"codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP},
+                       "secure": {"codec": DEMO_SECURE_CODEC, "codec-clip": DEMO_SECURE_CLIP, "update-clip": DEMO_UPDATE_CLIP,
+                                  "labelled_free_rider": True},
                        "adversary_fraction": ADVERSARY_FRACTION, "copy_noise": COPY_NOISE, "copy_noise_loud": COPY_NOISE_LOUD, "tiny_std": TINY_STD,
                        "attack_noise": ATTACK_NOISE}
     args.out.parent.mkdir(parents=True, exist_ok=True)
