@@ -10,9 +10,10 @@ registered (privacy/roster.py), not with TLS client certificates:
 - a token survives a TLS-terminating proxy in front of the hub, where a client certificate ends.
 
 A token is one call's: it names the member, the hub it is for (the consortium CA's SHA-256
-fingerprint, so a token for one consortium's hub is worthless at another's), the gRPC method
-and an expiry at most TOKEN_LIFETIME after its issue. Sent over TLS; within its minute a
-captured token could repeat that one method, which TLS keeps anyone from capturing.
+fingerprint, so a token for one consortium's hub is worthless at another's), the gRPC method,
+a random nonce and an expiry at most TOKEN_LIFETIME after its issue. The hub accepts each nonce
+once (server/hub.py keeps them until they expire), so even whoever sees a token inside TLS (a
+terminating proxy) cannot spend it again.
 
     authorization: fedmoe-v1 <base64url(JSON claims)>.<base64url(signature)>
     signature = Ed25519(member identity key, TOKEN_DOMAIN + claims JSON)
@@ -31,6 +32,7 @@ import base64
 import binascii
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,7 +73,8 @@ def make_token(member: str, key: Ed25519PrivateKey, audience: str, method: str, 
     """The `authorization` value for one call of `method` by `member`."""
     issued = time.time() if now is None else now
     claims = json.dumps({"aud": audience, "exp": round(issued + TOKEN_LIFETIME, 3), "iat": round(issued, 3),
-                         "member": member, "method": method}, sort_keys=True, separators=(",", ":")).encode()
+                         "member": member, "method": method, "nonce": secrets.token_hex(16)},
+                        sort_keys=True, separators=(",", ":")).encode()
     return f"{SCHEME} {_b64(claims)}.{_b64(key.sign(TOKEN_DOMAIN + claims))}"
 
 
@@ -79,6 +82,8 @@ def make_token(member: str, key: Ed25519PrivateKey, audience: str, method: str, 
 class Caller:
     member: str
     method: str
+    nonce: str  # the hub refuses a nonce it has seen before the token's expiry
+    expires: float
 
 
 def check_token(value: str | None, roster: Mapping[str, bytes], audience: str, method: str,
@@ -98,8 +103,8 @@ def check_token(value: str | None, roster: Mapping[str, bytes], audience: str, m
         claims = json.loads(claims_bytes)
     except (ValueError, binascii.Error, RecursionError):
         raise AuthError("token is not base64url JSON") from None
-    if not isinstance(claims, dict) or set(claims) != {"aud", "exp", "iat", "member", "method"}:
-        raise AuthError("token claims must be exactly aud, exp, iat, member, method")
+    if not isinstance(claims, dict) or set(claims) != {"aud", "exp", "iat", "member", "method", "nonce"}:
+        raise AuthError("token claims must be exactly aud, exp, iat, member, method, nonce")
     member = claims["member"]
     if not isinstance(member, str) or not MEMBER_NAME.match(member):
         raise AuthError("token names no valid member")
@@ -120,7 +125,10 @@ def check_token(value: str | None, roster: Mapping[str, bytes], audience: str, m
     clock = time.time() if now is None else now
     if not (issued - CLOCK_SKEW <= clock <= expires and expires - issued <= TOKEN_LIFETIME + 1e-3):
         raise AuthError(f"token for {member!r} has expired or is not yet valid (check the member's clock)")
-    return Caller(member, method)
+    nonce = claims["nonce"]
+    if not isinstance(nonce, str) or not 16 <= len(nonce) <= 64:
+        raise AuthError(f"token for {member!r} has no valid nonce")
+    return Caller(member, method, nonce, float(expires))
 
 
 # ---------------------------------------------------------------- release manifests

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -102,19 +103,26 @@ class Hub(hub_pb2_grpc.HubServicer):
         self.policy_required = self.policy_path.is_file()  # once there, a missing policy refuses calls
         self.usage = UsageLog(ws.operator_dir / f"usage-{run}.sqlite", key)
         self.generator = Generator()
-        self._reserved: dict[str, int] = {}  # member -> tokens of generations in flight
         self._streams: dict[str, int] = {}  # member -> open downloads and generations
-        self._quota_lock = threading.Lock()
+        self._nonces: dict[str, float] = {}  # token nonces seen -> their expiry
+        self._streams_lock = threading.Lock()
 
     # -------------------------------------------------------------- who and what
 
     def caller(self, context: grpc.ServicerContext, method: str) -> Caller:
         token = dict(context.invocation_metadata()).get("authorization")
         try:
-            return check_token(token if isinstance(token, str) else None, self.roster.members(), self.roster.audience,
-                               SERVICE + method)
+            caller = check_token(token if isinstance(token, str) else None, self.roster.members(), self.roster.audience,
+                                 SERVICE + method)
         except (AuthError, CertError) as exc:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        now = time.time()
+        with self._streams_lock:  # each token once: a replayed one is refused until it has expired anyway
+            self._nonces = {n: t for n, t in self._nonces.items() if t > now} if len(self._nonces) > 1024 else self._nonces
+            if caller.nonce in self._nonces:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"token for {caller.member!r} was already used")
+            self._nonces[caller.nonce] = caller.expires
+        return caller
 
     def entitlement(self, member: str) -> tuple[Entitlement, int]:
         """(the member's entitlement, the ledger's latest round): what `fedmoe rights` prints."""
@@ -206,7 +214,7 @@ class Hub(hub_pb2_grpc.HubServicer):
     @contextlib.contextmanager
     def streaming(self, member: str) -> Iterator[None]:
         """One of the member's at most MAX_STREAMS open streams (so no member holds every worker)."""
-        with self._quota_lock:
+        with self._streams_lock:
             if self._streams.get(member, 0) >= MAX_STREAMS:
                 raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"member {member!r} already has {MAX_STREAMS} downloads or generations open; wait for one to end")
@@ -214,7 +222,7 @@ class Hub(hub_pb2_grpc.HubServicer):
         try:
             yield
         finally:
-            with self._quota_lock:
+            with self._streams_lock:
                 self._streams[member] -= 1
 
     def Generate(self, request, context) -> Iterator[hub_pb2.GenerateChunk]:  # noqa: ANN001, N802
@@ -242,17 +250,15 @@ class Hub(hub_pb2_grpc.HubServicer):
             prompt_tokens = self.generator.count(folder, request.prompt)
             period = period_start(entitlement.period_days)
             wanted = prompt_tokens + new_tokens
-            with self._quota_lock:
-                used = self.usage.used(member, period) + self._reserved.get(member, 0)
-                if used + wanted > entitlement.quota_tokens:
-                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"member {member!r} has used {used:,} of its {entitlement.quota_tokens:,} tokens this period "
-                                  f"(since {period}); this request may need {wanted:,}")
-                self._reserved[member] = self._reserved.get(member, 0) + wanted
-        yield from self._generate(context, member, folder, rnd, request.prompt, new_tokens, period, wanted)
+            hold, taken = self.usage.hold(member, period, wanted, entitlement.quota_tokens)
+            if hold is None:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"member {member!r} has used {taken:,} of its {entitlement.quota_tokens:,} tokens this period "
+                              f"(since {period}, generations in flight included); this request may need {wanted:,}")
+        yield from self._generate(context, member, folder, rnd, request.prompt, new_tokens, period, hold)
 
     def _generate(self, context, member: str, folder: Path, rnd: int, prompt: str, new_tokens: int, period: str,
-                  reserved: int) -> Iterator[hub_pb2.GenerateChunk]:  # noqa: ANN001
+                  hold: int) -> Iterator[hub_pb2.GenerateChunk]:  # noqa: ANN001
         counts = Counts()
         pieces = self.generator.stream(folder, prompt, new_tokens, counts, keep_going=context.is_active)
         try:
@@ -261,12 +267,12 @@ class Hub(hub_pb2_grpc.HubServicer):
                     yield hub_pb2.GenerateChunk(text=piece, release_round=rnd)
         finally:  # charged for what was produced, also when the caller went away or generation failed
             pieces.close()  # waits for the worker: the counts are final after this
-            with self._quota_lock:
-                self._reserved[member] -= reserved
-                if counts.prompt_tokens:
-                    self.usage.debit(member, period, counts.prompt_tokens, counts.completion_tokens, rnd)
-                    TOKENS_METERED.labels(member, "prompt").inc(counts.prompt_tokens)
-                    TOKENS_METERED.labels(member, "completion").inc(counts.completion_tokens)
+            if counts.prompt_tokens:  # settles the hold; if writing fails, the hold stays until it expires
+                self.usage.debit(member, period, counts.prompt_tokens, counts.completion_tokens, rnd, hold_id=hold)
+                TOKENS_METERED.labels(member, "prompt").inc(counts.prompt_tokens)
+                TOKENS_METERED.labels(member, "completion").inc(counts.completion_tokens)
+            else:
+                self.usage.release_hold(hold)
         yield hub_pb2.GenerateChunk(prompt_tokens=counts.prompt_tokens, completion_tokens=counts.completion_tokens,
                                     release_round=rnd)
 

@@ -11,6 +11,12 @@ appended. A member is sent its debits of the period with their inclusion proofs 
 checks every proof and the signature and that the debits add up to what it is charged. A head
 signed for the usage log can never pass for a ledger head: the signed bytes start differently.
 
+Quota holds: before a generation the hub holds the most it may cost (prompt + max new tokens)
+in the same database, checked against debits and live holds in one transaction, and settles it
+into a debit after; so hub processes sharing one log never overspend a quota together. A hold
+a crashed hub never settled expires after HOLD_SECONDS; until then it counts against the quota
+(a debit that fails to be written leaves its hold in place: fail closed).
+
 Periods are fixed windows of `period_days` UTC days counted from 1970-01-01 (the policy's), so
 the operator and a member compute the same period from a date.
 """
@@ -21,6 +27,7 @@ import datetime as dt
 import json
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from server.ledger import OperatorKey, utc_now
 from server.ledger.merkle import _mth, inclusion_proof, leaf_hash
 
 HEAD_DOMAIN = b"fedmoe-usage-head-v1\n"
+HOLD_SECONDS = 900.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS debits (
     idx INTEGER PRIMARY KEY,
@@ -37,6 +45,13 @@ CREATE TABLE IF NOT EXISTS debits (
     tokens INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS debits_member_period ON debits (member, period);
+CREATE TABLE IF NOT EXISTS holds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    member TEXT NOT NULL,
+    period TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    expires REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS heads (
     size INTEGER PRIMARY KEY,
     root TEXT NOT NULL,
@@ -96,8 +111,36 @@ class UsageLog:
                                           (member, period)).fetchone()
         return int(total)
 
-    def debit(self, member: str, period: str, prompt_tokens: int, completion_tokens: int, release_round: int) -> Head:
-        """Append one generation's tokens and sign the new head, in one transaction."""
+    def hold(self, member: str, period: str, tokens: int, quota: int) -> tuple[int | None, int]:
+        """(a hold of `tokens` for `member`, or None when debits and live holds leave less than
+        that of `quota`; what they add up to), in one transaction across processes."""
+        now = time.time()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("DELETE FROM holds WHERE expires <= ?", (now,))
+                (debited,) = self._conn.execute("SELECT COALESCE(SUM(tokens), 0) FROM debits WHERE member = ? AND period = ?",
+                                                (member, period)).fetchone()
+                (held,) = self._conn.execute("SELECT COALESCE(SUM(tokens), 0) FROM holds WHERE member = ? AND period = ?",
+                                             (member, period)).fetchone()
+                taken = int(debited) + int(held)
+                hold_id = None
+                if taken + tokens <= quota:
+                    hold_id = self._conn.execute("INSERT INTO holds (member, period, tokens, expires) VALUES (?, ?, ?, ?)",
+                                                 (member, period, tokens, now + HOLD_SECONDS)).lastrowid
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        return hold_id, taken
+
+    def release_hold(self, hold_id: int) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
+
+    def debit(self, member: str, period: str, prompt_tokens: int, completion_tokens: int, release_round: int,
+              hold_id: int | None = None) -> Head:
+        """Append one generation's tokens and sign the new head, settling its hold, in one transaction."""
         entry = json.dumps({"member": member, "period": period, "prompt_tokens": prompt_tokens,
                             "completion_tokens": completion_tokens, "release_round": release_round, "time": utc_now()},
                            sort_keys=True, separators=(",", ":")).encode()
@@ -115,6 +158,8 @@ class UsageLog:
                                    (len(leaves) - 1, entry, member, period, prompt_tokens + completion_tokens))
                 self._conn.execute("INSERT INTO heads (size, root, time, signature) VALUES (?, ?, ?, ?)",
                                    (len(leaves), root_hex, now, signature.hex()))
+                if hold_id is not None:
+                    self._conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise

@@ -158,6 +158,11 @@ def test_unknown_forged_expired_and_revoked_callers_are_refused(consortium, tmp_
     revoke(consortium.layout, "leaver")
     assert code_of(leaver) == grpc.StatusCode.UNAUTHENTICATED  # from its next call, no restart
     assert REGISTRY.get_sample_value("fedmoe_hub_refusals_total", {"reason": "UNAUTHENTICATED"}) == before + 7
+    token = make_token("acme", key, audience, "/fedmoe.hub.v1.Hub/ListReleases")  # seen by a terminating proxy
+    assert stub.ListReleases(hub_pb2.ListReleasesRequest(), metadata=[("authorization", token)]).tier == "latest"
+    with pytest.raises(grpc.RpcError) as replayed:
+        stub.ListReleases(hub_pb2.ListReleasesRequest(), metadata=[("authorization", token)])
+    assert replayed.value.code() == grpc.StatusCode.UNAUTHENTICATED and "already used" in replayed.value.details()
 
 
 def test_a_pull_cut_halfway_resumes_to_identical_files(consortium, tmp_path) -> None:
@@ -381,6 +386,17 @@ def test_the_usage_log_survives_a_restart_and_proves_each_debit(tmp_path) -> Non
         assert verify_inclusion(d.entry, d.index, head.size, d.proof, bytes.fromhex(head.root))
     assert not verify_inclusion(debits[0].entry, 1, head.size, debits[0].proof, bytes.fromhex(head.root))
     assert period_start(30, datetime.date(1970, 2, 5)) == "1970-01-31"
+    # quota holds are shared by every hub process on the log: together they never overspend
+    one, two = UsageLog(tmp_path / "usage.sqlite", key), UsageLog(tmp_path / "usage.sqlite", key)
+    used = one.used("acme", period)
+    hold, taken = one.hold("acme", period, 100, used + 150)
+    assert hold is not None and taken == used
+    assert two.hold("acme", period, 100, used + 150) == (None, used + 100)  # the other process's hold counts
+    one.debit("acme", period, 30, 10, 4, hold_id=hold)  # settled: 40 used, the hold gone
+    second, taken = two.hold("acme", period, 100, used + 150)
+    assert second is not None and taken == used + 40
+    two.release_hold(second)
+    assert one.hold("acme", period, 111, used + 150) == (None, used + 40)
 
 
 def test_join_with_hub_fetches_and_verifies_the_base_itself(consortium, tmp_path) -> None:
