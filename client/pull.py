@@ -31,12 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from model.io import sha256_file
 from privacy.hub_auth import AuthError, make_token, verify_manifest
 from protos import hub_pb2, hub_pb2_grpc
+from protos.hub_wire import MAX_MESSAGE, SERVICE
 
-SERVICE = "/fedmoe.hub.v1.Hub/"
 MANIFEST_FILE, SIGNATURE_FILE = "hub-manifest.json", "hub-manifest.sig"
 RETRIES = 3  # a dropped stream is resumed this many times before the pull gives up
 BUSY_WAIT = 60.0  # seconds a pull waits, backing off, while the hub says this member has too many streams open
-MAX_MESSAGE = (4 << 20) + (64 << 10)
 
 
 class PullError(RuntimeError):
@@ -227,6 +226,3 @@ def verify_pulled(out: Path, operator_public_pem: bytes) -> dict:
         if not file.is_file() or file.stat().st_size != size or sha256_file(file) != digest:
             raise PullError(f"{file}: missing or changed since it was pulled")
     return manifest
-
-
-

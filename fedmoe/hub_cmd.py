@@ -105,16 +105,12 @@ def pull_verified(hub: str, member: str, state_dir: Path, ca: Path, operator_key
     """Connect as `member`, pick the round (None: the newest it may pull), pull with a progress bar."""
     import grpc
 
-    from client.pull import HubClient, PullError, pull, refusal
-    from privacy.certs import CertError, check_readable, load_cert
-    from privacy.hub_auth import hub_audience
-    from privacy.roster import IDENTITY, identity_key
+    from client.pull import PullError, pull, refusal
+    from privacy.certs import CertError, check_readable
 
     try:
-        key_path = check_readable(state_dir / IDENTITY, "identity key (run `fedmoe keys` first)", private=True)
-        ca_pem, operator_pem = check_readable(ca, "CA certificate").read_bytes(), check_readable(operator_key, "operator public key").read_bytes()
-        client = HubClient.connect(hub, member, identity_key(key_path), hub_audience(load_cert(ca)), ca_pem=ca_pem,
-                                   server_name=server_name)
+        operator_pem = check_readable(operator_key, "operator public key").read_bytes()
+        client = _client(hub, member, state_dir, ca, server_name)
         if rnd is None:
             listed = client.releases()
             rnd = max((r.round for r in listed.releases), default=0)
@@ -164,6 +160,8 @@ def verify_bill(usage, operator_pem: bytes, member: str, today: dt.date | None =
     was rewritten; fedmoe keeps no earlier head on the member's side yet)."""
     import json
 
+    from cryptography.exceptions import InvalidSignature
+
     from server.ledger import LedgerError, load_public_key
     from server.ledger.merkle import verify_inclusion
     from server.usage import head_bytes, period_start
@@ -179,7 +177,7 @@ def verify_bill(usage, operator_pem: bytes, member: str, today: dt.date | None =
     try:
         load_public_key(operator_pem, "operator public key").verify(
             usage.log_signature, head_bytes(usage.log_size, usage.log_root, usage.log_time))
-    except (LedgerError, ValueError, Exception) as exc:  # InvalidSignature has no message
+    except (LedgerError, InvalidSignature) as exc:  # InvalidSignature has no message
         raise BillError(f"the usage log's head is not signed by the operator's key ({type(exc).__name__})") from None
     root = bytes.fromhex(usage.log_root)
     entries, last = [], -1
@@ -199,7 +197,8 @@ def verify_bill(usage, operator_pem: bytes, member: str, today: dt.date | None =
     return entries
 
 
-def _client(hub: str, member: str, state_dir: Path, ca: Path):  # noqa: ANN202
+def _client(hub: str, member: str, state_dir: Path, ca: Path, server_name: str | None = None):  # noqa: ANN202
+    """This member's authenticated connection: its identity key from `fedmoe keys`, TLS verified with the CA."""
     from client.pull import HubClient
     from privacy.certs import check_readable, load_cert
     from privacy.hub_auth import hub_audience
@@ -207,7 +206,7 @@ def _client(hub: str, member: str, state_dir: Path, ca: Path):  # noqa: ANN202
 
     key_path = check_readable(state_dir / IDENTITY, "identity key (run `fedmoe keys` first)", private=True)
     return HubClient.connect(hub, member, identity_key(key_path), hub_audience(load_cert(ca)),
-                             ca_pem=check_readable(ca, "CA certificate").read_bytes())
+                             ca_pem=check_readable(ca, "CA certificate").read_bytes(), server_name=server_name)
 
 
 def generate_command(

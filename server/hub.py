@@ -34,6 +34,7 @@ from privacy.certs import CertError, CertLayout, load_cert
 from privacy.hub_auth import AuthError, Caller, check_token, hub_audience
 from privacy.roster import roster_path, verify_roster
 from protos import hub_pb2, hub_pb2_grpc
+from protos.hub_wire import MAX_CHUNK, MAX_MESSAGE, SERVICE
 from server.hub_catalog import Catalog, CatalogError
 from server.hub_generate import Counts, Generator
 from server.ledger import Ledger, LedgerError, OperatorKey
@@ -43,10 +44,7 @@ from server.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-SERVICE = "/fedmoe.hub.v1.Hub/"
 DEFAULT_CHUNK = 1 << 20
-MAX_CHUNK = 4 << 20
-MAX_MESSAGE = MAX_CHUNK + (64 << 10)
 
 MAX_PROMPT_CHARS = 16_000
 MAX_NEW_TOKENS, DEFAULT_NEW_TOKENS = 512, 64
@@ -142,18 +140,17 @@ class Hub(hub_pb2_grpc.HubServicer):
             found = Entitlement(member, 0.0, "base-only", 0, policy.period_days, policy.delay_rounds, latest)
         return found, latest
 
-    def may_pull(self, member: str, rnd: int) -> bool:
-        if rnd == 0:
-            return True
-        entitlement, latest = self.entitlement(member)
-        return entitlement.may_pull(rnd, latest)
+    @staticmethod
+    def may_pull(entitlement: Entitlement, latest: int, rnd: int) -> bool:
+        """The base (round 0) for every registered member; a release as the entitlement allows."""
+        return rnd == 0 or entitlement.may_pull(rnd, latest)
 
     def release(self, member: str, ref: hub_pb2.ReleaseRef):  # noqa: ANN201
         rnd = int(ref.round)
         if rnd not in self.catalog.folders():
             raise Refused(grpc.StatusCode.NOT_FOUND, f"no release of round {rnd} on this hub" if rnd else "the hub has no base model yet")
-        if not self.may_pull(member, rnd):
-            entitlement, latest = self.entitlement(member)
+        entitlement, latest = self.entitlement(member)
+        if not self.may_pull(entitlement, latest, rnd):
             newest = entitlement.max_release_round(latest)
             allowed = "the base model only" if newest is None else f"releases up to round {newest}"
             raise Refused(grpc.StatusCode.PERMISSION_DENIED,
@@ -172,7 +169,7 @@ class Hub(hub_pb2_grpc.HubServicer):
             entitlement, latest = self.entitlement(member)
             visible = []
             for rnd in sorted(self.catalog.folders()):
-                if rnd <= latest and self.may_pull(member, rnd):
+                if rnd <= latest and self.may_pull(entitlement, latest, rnd):
                     published = self.catalog.exported(rnd)  # None: exported on its first pull
                     visible.append(hub_pb2.ReleaseInfo(round=rnd, total_bytes=published.total_bytes if published else 0,
                                                        files=len(published.files) if published else 0, base=rnd == 0))
@@ -282,7 +279,7 @@ class Hub(hub_pb2_grpc.HubServicer):
             entitlement, _ = self.entitlement(member)
             period = period_start(entitlement.period_days)
             head, debits = self.usage.statement(member, period)
-            used = sum(json.loads(d.entry)["prompt_tokens"] + json.loads(d.entry)["completion_tokens"] for d in debits)
+            used = sum(entry["prompt_tokens"] + entry["completion_tokens"] for entry in (json.loads(d.entry) for d in debits))
             reply = hub_pb2.Usage(member=member, tier=entitlement.tier, share=entitlement.share,
                                   quota_tokens=entitlement.quota_tokens, used_tokens=used,
                                   period_start=period, period_days=entitlement.period_days, as_of_round=entitlement.as_of_round,
