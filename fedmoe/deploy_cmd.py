@@ -219,7 +219,7 @@ def serve_command(
                   f"the SuperLink itself listens on https://{address} (pid {child.process.pid}); "
                   f"submit with `FLWR_HOME={flwr_home} fedmoe submit` or `flwr run . {CONNECTION}`"
                   + (f"; metrics on :{metrics_port} during runs" if metrics_port else ""))
-    # The model hub (issue: hub) starts here next to the SuperLink once it exists.
+    # the model hub is its own process (`fedmoe hub`): it restarts and scales apart from the SuperLink
     code = supervise(child)
     raise typer.Exit(code=code)
 

@@ -55,6 +55,18 @@ BYTES_SERVED = Counter("fedmoe_hub_bytes_served", "Release bytes the hub streame
 TOKENS_METERED = Counter("fedmoe_hub_tokens_metered", "Tokens of hosted generation debited, per member and kind",
                          ["member", "kind"])
 REFUSALS = Counter("fedmoe_hub_refusals", "Hub calls refused, per reason (gRPC status)", ["reason"])
+REFUSAL_REASONS = ("UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED")  # the ones a member meets
+
+
+def start_series(members: list[str]) -> None:
+    """Every known label value exported at 0 from the start (Prometheus's advice for labelled
+    counters), so that a dashboard shows 0, not "no data", before the first pull or refusal."""
+    for reason in REFUSAL_REASONS:
+        REFUSALS.labels(reason)
+    for member in members:
+        BYTES_SERVED.labels(member)
+        for kind in ("prompt", "completion"):
+            TOKENS_METERED.labels(member, kind)
 
 
 class Refused(Exception):
@@ -88,6 +100,7 @@ class Roster:
             if stamp != self._stamp:
                 self._members = verify_roster(path.read_bytes(), load_cert(self.layout.ca_cert), str(path))
                 self._stamp = stamp
+                start_series(sorted(self._members))
             return dict(self._members or {})
 
 
@@ -104,6 +117,7 @@ class Hub(hub_pb2_grpc.HubServicer):
         self._streams: dict[str, int] = {}  # member -> open downloads and generations
         self._nonces: dict[str, float] = {}  # token nonces seen -> their expiry
         self._streams_lock = threading.Lock()
+        start_series(sorted(roster.members()))
 
     # -------------------------------------------------------------- who and what
 

@@ -7,6 +7,7 @@ are validated at the end of the file (not slow)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -14,11 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedmoe.app_signing import ensure_app_key, trusted_entities_path
 from fedmoe.flower_deploy import CONNECTION, write_connection
@@ -27,6 +30,7 @@ from server.workspace import Workspace
 from privacy.certs import CertLayout, issue, load_cert
 from privacy.roster import member_keys, register, roster_path, verify_roster
 from server.checkpoint import Checkpoints
+from server.ledger import OperatorKey
 
 slow = pytest.mark.slow
 
@@ -102,6 +106,9 @@ class Deployment:
     run_seconds: float = 0.0
     port: int = 0  # members' side: the Fleet API proxy
     superlink_port: int = 0  # the SuperLink itself, on loopback
+    prometheus_port: int | None = None  # the distribution's Prometheus scraping the run (None: not installed)
+    hub_metrics_port: int = 0  # where Prometheus expects the hub (started by the hub's test)
+    started_wall: float = 0.0
 
     def spawn(self, name: str, *args: str, threads: int | None = None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
@@ -169,10 +176,13 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
         if member != "rogue":
             d.joins[member] = p
     rogue = d.processes[-1]
+    d.hub_metrics_port = free_port()
+    d.prometheus_port = start_prometheus(d, {"fedmoe-operator": [metrics_port], "fedmoe-hub": [d.hub_metrics_port],
+                                             "fedmoe-members": [daemon_ports[m] for m in MEMBERS]})
     d.rogue_code = rogue.wait(timeout=90)
     d.rogue_output = d.output("rogue") + (root / "rogue-supernode.log").read_text(errors="replace")
 
-    started = time.monotonic()
+    started, d.started_wall = time.monotonic(), time.time()
     submit = subprocess.run(  # noqa: PLW1510 - the return code is asserted
         [sys.executable, "-m", "fedmoe.deploy_cmd", "submit", "--flwr-home", str(root / "operator" / "flwr-home"),
          "--app", str(ROOT), "-c", f"workspace={ws.root}", *(f"-c{k}={json.dumps(v)}" for k, v in RUN_CONFIG.items())],
@@ -193,6 +203,50 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
           d.output("serve") + (root / "superlink.log").read_text(errors="replace")[-4000:])
     d.run_seconds = time.monotonic() - started
     return d
+
+
+def start_prometheus(d: Deployment, targets: dict[str, list[int]]) -> int | None:
+    """Debian's Prometheus with the shipped scrape config, its targets pointed at this machine's
+    ports and every interval 1 s; None when no prometheus is installed (its test then fails)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        return None
+    config = _yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    config["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
+    assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
+    for job in config["scrape_configs"]:
+        job["scrape_interval"] = "1s"
+        labels = job["static_configs"][0].get("labels", {})
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{p}" for p in targets[job["job_name"]]], "labels": labels}]
+    path = d.root / "prometheus.yml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    out = open(d.root / "prometheus.out", "wb")  # noqa: SIM115
+    d.processes.append(subprocess.Popen(
+        [binary, f"--config.file={path}", f"--storage.tsdb.path={d.root / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    _wait("prometheus ready", lambda: _prometheus_get(port, "/-/ready") is not None, 60, d.processes[-1],
+          (d.root / "prometheus.out").read_text(errors="replace"))
+    return port
+
+
+def _prometheus_get(port: int, path: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            body = r.read().decode()
+    except OSError:
+        return None
+    return json.loads(body) if body.startswith("{") else {}
+
+
+def prometheus_query(port: int, expr: str, start: float, end: float) -> list[dict]:
+    """The series a range query returns (what a Grafana panel draws), evaluated every second
+    back from `end` (so that the last point is `end` itself)."""
+    start = end - math.ceil(end - start)
+    query = urllib.parse.urlencode({"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": "1"})
+    reply = _prometheus_get(port, f"/api/v1/query_range?{query}")
+    assert reply and reply.get("status") == "success", (expr, reply)
+    return reply["data"]["result"]
 
 
 @slow
@@ -251,6 +305,69 @@ def test_metrics_endpoints_serve_every_documented_metric_during_the_run(deployme
         assert not missing, (member, missing)
         assert sample(scraped, "fedmoe_daemon_rounds_trained_total") >= 1
         assert sample(scraped, "fedmoe_daemon_tokens_per_second") > 0
+
+
+def _fedmoe(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "fedmoe"), *args]
+
+
+@slow
+def test_prometheus_scrapes_operator_members_and_hub_and_every_dashboard_query_has_data(deployment: Deployment) -> None:
+    d = deployment
+    assert d.prometheus_port is not None, "prometheus is not installed (`make test` installs Debian's package)"
+    hub_port = free_port()
+    out = open(d.root / "hub.out", "wb")  # noqa: SIM115
+    hub = subprocess.Popen(_fedmoe("hub", "--workspace", str(d.ws.root), "--certs", str(d.layout.root), "--port", str(hub_port),
+                                   "--metrics-port", str(d.hub_metrics_port)), stdout=out, stderr=subprocess.STDOUT,
+                           cwd=ROOT, start_new_session=True)
+    d.processes.append(hub)
+    _wait("hub up", lambda: "hub on" in (d.root / "hub.out").read_text(errors="replace"), 90, hub,
+          (d.root / "hub.out").read_text(errors="replace"))
+    member = ["--hub", f"127.0.0.1:{hub_port}", "--ca", str(d.layout.operator_ca)]
+    pulled = d.root / "pulled-base"
+    public = d.root / "operator.pub.pem"
+    public.write_bytes(OperatorKey.load(d.ws.operator_key).public_key_pem())
+    pull = subprocess.run(_fedmoe("pull", *member, "--member", "changelogs", "--state-dir", str(d.root / "nodes" / "changelogs"),
+                                  "--operator-key", str(public), "--out", str(pulled), "--base"),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert pull.returncode == 0, pull.stdout + pull.stderr
+    # two secure rounds of three members cannot tell them apart yet: every share is 0, so base only
+    generate = subprocess.run(_fedmoe("generate", *member, "--member", "code", "--state-dir", str(d.root / "nodes" / "code"),
+                                      "--prompt", "Release notes:"), capture_output=True, text=True, timeout=120, check=False)
+    assert generate.returncode == 1 and "PERMISSION_DENIED" in generate.stdout + generate.stderr, generate.stdout + generate.stderr
+    served = sum(f["size"] for f in json.loads((pulled / "hub-manifest.json").read_text())["files"])
+    assert served == sum(f.stat().st_size for f in pulled.rglob("*") if f.is_file() and not f.name.startswith("hub-manifest"))
+    port = d.prometheus_port
+
+    def hub_scraped() -> bool:
+        now = time.time()
+        rows = prometheus_query(port, 'fedmoe_hub_refusals_total{reason="PERMISSION_DENIED"}', now - 5, now)
+        return bool(rows) and float(rows[0]["values"][-1][1]) >= 1
+
+    _wait("prometheus scrapes the hub's refusal", hub_scraped, 30)
+    end = time.time()
+    dashboard = json.loads((DEPLOY / "grafana" / "fedmoe-dashboard.json").read_text())
+    queries = [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+    results = {expr: prometheus_query(port, expr, d.started_wall, end) for _, expr in queries}
+    cuda = torch.cuda.is_available()
+    gpu = {expr for _, expr in queries if "fedmoe_daemon_gpu_" in expr}  # what members on CUDA report
+    assert len(gpu) == 3
+    empty = [f"{title}: {expr}" for title, expr in queries if not results[expr] and (expr not in gpu or cuda)]
+    assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
+    if not cuda:  # GPU panels are for members on CUDA: on this machine no series may appear from nowhere
+        assert all(not results[expr] for expr in gpu)
+
+    def last(expr: str, **labels: str) -> float:
+        rows = [r for r in results[expr] if all(r["metric"].get(k) == v for k, v in labels.items())]
+        assert len(rows) == 1, (expr, labels, results[expr])
+        return float(rows[0]["values"][-1][1])
+
+    assert last("sum by (member) (fedmoe_hub_bytes_served_total)", member="changelogs") == served
+    assert last("sum by (member) (fedmoe_hub_bytes_served_total)", member="code") == 0
+    assert last("sum by (reason) (fedmoe_hub_refusals_total)", reason="PERMISSION_DENIED") == 1
+    assert last("sum by (member, kind) (fedmoe_hub_tokens_metered_total)", member="code", kind="completion") == 0
+    assert max(float(v) for _, v in results["fedmoe_round"][0]["values"]) == 2  # the operator, scraped during the run
+    assert {r["metric"]["member"] for r in results["fedmoe_daemon_rounds_trained_total"]} == set(MEMBERS)
 
 
 @slow
@@ -494,7 +611,7 @@ def test_prometheus_and_grafana_use_only_documented_metrics() -> None:
     documented = set(documented_metrics("Operator metrics")) | set(re.findall(r"`(fedmoe_\w+)`", DOCS.read_text()))
     scrape = _yaml(DEPLOY / "prometheus" / "prometheus.yml")
     jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
-    assert set(jobs) == {"fedmoe-operator", "fedmoe-members"}
+    assert set(jobs) == {"fedmoe-operator", "fedmoe-members", "fedmoe-hub"}
     assert jobs["fedmoe-operator"]["static_configs"][0]["targets"] == ["operator:9400"]
     dashboard = json.loads((DEPLOY / "grafana" / "fedmoe-dashboard.json").read_text())
     assert dashboard["uid"] and dashboard["panels"]
