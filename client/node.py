@@ -24,10 +24,11 @@ from model.precision import select_precision
 from client.trainer import TrainConfig, TrainResult, train_local
 from protos.messages import LOCAL_OPTIMIZERS, ProtocolError, TrainInstruction, TrainReply
 from model.base import Base, load_base
-from model.corpus import DataError, read_texts
+from model.corpus import DataError
+from model.member_data import TEXT, read_documents
 from model.io import load_tensors, save_tensors, tensors_from_bytes
 from model.lora import LoraMoE
-from model.tokenizer import pack
+from model.tokenizer import pack_documents
 
 
 class NodeHints(Protocol):
@@ -48,6 +49,7 @@ class Node:
     roster: Path | None = None  # a SuperNode: the consortium's roster.json (client/secure.py)
     ca: Path | None = None  # a SuperNode: the consortium CA that signed the roster
     secagg_min_group: int = 2  # the smallest survivor list this member signs
+    data_column: str = TEXT  # the plain-text field of .jsonl/.json/.csv/.parquet records
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object], ins: NodeHints) -> Node:
@@ -63,7 +65,8 @@ class Node:
             if min_group < 2:
                 raise ValueError(f"node config secagg-min-group {raw!r}: must be an integer >= 2")
             ca = Path(str(node_config["ca"])) if "ca" in node_config else None
-            return cls(member, data, state, base, str(node_config.get("device", "auto")), roster, ca, min_group)
+            column = str(node_config.get("data-column", TEXT))
+            return cls(member, data, state, base, str(node_config.get("device", "auto")), roster, ca, min_group, column)
         members = sorted(p.name for p in Path(ins.members_dir).iterdir() if p.is_dir())
         partition = int(node_config["partition-id"])  # type: ignore[arg-type]
         if partition >= len(members):
@@ -87,19 +90,21 @@ def load_member_model(base_path: Path, sha256: str) -> tuple[Base, LoraMoE]:
     return _LOADED[key]
 
 
-def member_blocks(node: Node, base: Base, seq_len: int) -> torch.Tensor:
-    """The member's private data as (N, seq_len) token blocks, cached in the node's state dir."""
-    texts = read_texts(node.data_path)
+def member_blocks(node: Node, base: Base, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The member's private data as (N, seq_len) token blocks and their labels (model/tokenizer.py:
+    -100 where nothing is trained), cached in the node's state dir."""
+    docs = read_documents(node.data_path, node.data_column)
     digest = hashlib.sha256(base.sha256.encode())
-    for text in texts:
-        digest.update(hashlib.sha256(text.encode()).digest())
+    for doc in docs:
+        digest.update(hashlib.sha256(json.dumps([doc.text, doc.messages]).encode()).digest())
     cache = node.state_dir / f"tokens-{seq_len}-{digest.hexdigest()[:16]}.safetensors"
     if cache.is_file():
-        return load_tensors(cache)["blocks"]
-    blocks = pack(base.tokenizer, texts, seq_len, source=str(node.data_path))
+        cached = load_tensors(cache)
+        return cached["blocks"], cached["labels"]
+    blocks, labels = pack_documents(base.tokenizer, docs, seq_len, source=str(node.data_path))
     node.state_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(cache, {"blocks": blocks})
-    return blocks
+    save_tensors(cache, {"blocks": blocks, "labels": labels})
+    return blocks, labels
 
 
 VIEW = "view.safetensors"
@@ -235,7 +240,7 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
     if ins.local_opt not in LOCAL_OPTIMIZERS:
         raise ProtocolError(f"TRAIN local_opt {ins.local_opt!r} is not one of {', '.join(LOCAL_OPTIMIZERS)}")
     base, lora = load_member_model(node.base_path, ins.base_sha256)
-    blocks = member_blocks(node, base, ins.seq_len)
+    blocks, labels = member_blocks(node, base, ins.seq_len)
     state = receive_state(ins, node)
     precision = select_precision(ins.precision, node.device)
     result = train_local(
@@ -253,6 +258,7 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
             balance_weight=ins.balance_weight,
         ),
         precision,
+        labels=labels,
     )
     return reply_for(result, ins, node, lora, precision.name)
 

@@ -72,6 +72,7 @@ def train_local(
     blocks: torch.Tensor,  # (N, T) token blocks of the member's private data
     config: TrainConfig,
     precision: Precision,
+    labels: torch.Tensor | None = None,  # (N, T) targets, -100 where nothing is trained (default: the blocks)
 ) -> TrainResult:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -88,15 +89,19 @@ def train_local(
     routed = torch.zeros(model.config.num_hidden_layers, model.config.num_local_experts, dtype=torch.int64)
     losses: list[float] = []
     gradient_sum: dict[str, torch.Tensor] | None = None
-    stream = batches(blocks, config.batch_size, seed=config.seed)
+    targets = blocks if labels is None else labels
+    if targets.shape != blocks.shape:
+        raise ValueError(f"labels {tuple(targets.shape)} do not match the blocks {tuple(blocks.shape)}")
+    stream = batches(torch.arange(blocks.shape[0]).unsqueeze(1), config.batch_size, seed=config.seed)
     for _ in range(config.local_steps):
-        batch = next(stream).to(precision.device)  # (B, T)
+        rows = next(stream).squeeze(1)
+        batch, batch_labels = blocks[rows].to(precision.device), targets[rows].to(precision.device)  # (B, T)
         with torch.autocast(
             precision.device.type,
             dtype=precision.autocast_dtype,
             enabled=precision.autocast_dtype is not None,
         ):
-            out = model(input_ids=batch, labels=batch, output_router_logits=True)
+            out = model(input_ids=batch, labels=batch_labels, output_router_logits=True)
         loss = out.loss
         if config.expert_load is not None and out.aux_loss is not None:
             # the model's own term balances this member's batch; swap it for the consortium's

@@ -227,7 +227,7 @@ def serve_command(
 def join_command(
     superlink: Annotated[str, typer.Option(help="SuperLink address host:port.")],
     member: Annotated[str, typer.Option(help="This member's name (as in `fedmoe certs`).")],
-    data: Annotated[Path, typer.Option(help="Private training data: a .txt/.jsonl file or a folder of them.")],
+    data: Annotated[Path, typer.Option(help="Private training data: a .txt/.jsonl/.json/.csv/.parquet file or a folder of them (text, instruction pairs, chat).")],
     ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
     key: Annotated[Path, typer.Option(help="This member's SuperNode private key (auth_key, 0600).")],
     state_dir: Annotated[Path, typer.Option(help="Node-local state: view, error feedback, token cache, metrics.")],
@@ -243,6 +243,7 @@ def join_command(
     roster: Annotated[Path | None, typer.Option(help="The consortium's roster.json, signed by the CA (default: beside --ca).")] = None,
     secagg_min_group: Annotated[int, typer.Option(help="Smallest group whose sum this member helps unmask.")] = 3,
     trusted_entities: Annotated[Path | None, typer.Option(help="The operator's app-signing key (trusted-entities.yaml; default: beside --ca): run only apps it signed.")] = None,
+    data_column: Annotated[str, typer.Option(help="The plain-text field of .jsonl/.json/.csv/.parquet records.")] = "text",
 ) -> None:
     """Member daemon: check data, certificates, keys and roster, then run a SuperNode with them
     as node config; stop cleanly on SIGTERM."""
@@ -258,7 +259,7 @@ def join_command(
             raise DeployError("give --base (the base model folder) or --hub (fetch it from the operator's hub)")
         child, state = _start_supernode(superlink, member, data, ca, key, state_dir, base, device,
                                         clientapp_port, flwr_home, log_file, roster, secagg_min_group,
-                                        trusted_entities or ca.parent / "trusted-entities.yaml")
+                                        trusted_entities or ca.parent / "trusted-entities.yaml", data_column)
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
     try:
@@ -309,8 +310,9 @@ def _check_roster(member: str, roster: Path, ca: Path, key: Path, state_dir: Pat
 
 def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Path, state_dir: Path, base: Path,
                      device: str, clientapp_port: int, flwr_home: Path | None, log_file: Path | None,
-                     roster: Path | None, secagg_min_group: int, trusted: Path) -> tuple[Child, Path]:
-    from model.corpus import DataError, read_texts
+                     roster: Path | None, secagg_min_group: int, trusted: Path, column: str) -> tuple[Child, Path]:
+    from model.corpus import DataError
+    from model.member_data import read_documents
 
     if ":" not in superlink or not superlink.rsplit(":", 1)[1].isdigit():
         raise DeployError(f"--superlink {superlink!r}: expected host:port")
@@ -320,7 +322,7 @@ def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Pat
     if not os.access(data, os.R_OK):
         raise DeployError(f"data {data}: not readable by this user")
     try:
-        texts = read_texts(data)  # the same reader the ClientApp uses: a bad file is named now
+        texts = read_documents(data, column)  # the same reader the ClientApp uses: a bad file is named now
     except DataError as exc:
         raise DeployError(f"data: {exc}") from None
     if not texts:
@@ -333,7 +335,8 @@ def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Pat
         raise DeployError(f"state dir {state_dir}: not writable")
     roster = _check_roster(member, roster or ca.parent / "roster.json", ca, key, state_dir)
     config = {"data-path": str(data), "member": member, "state-dir": str(state_dir), "base-path": str(base),
-              "device": device, "ca": str(ca), "roster": str(roster), "secagg-min-group": str(secagg_min_group)}
+              "device": device, "ca": str(ca), "roster": str(roster), "secagg-min-group": str(secagg_min_group),
+              "data-column": column}
     env = flower_env((flwr_home or state_dir / "flwr-home").resolve())
     argv = supernode_argv(superlink, ca, key, config, clientapp_port)
     if trusted.is_file():

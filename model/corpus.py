@@ -37,7 +37,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # keeps \t and \n
 _BLANK_RUNS = re.compile(r"\n{3,}")
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
     """Normalise newlines, drop control characters and trailing spaces, collapse blank runs."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
     text = _CONTROL.sub("", text)
@@ -257,7 +257,7 @@ def build_demo_corpora(
                     break
                 continue
             try:
-                text = _truncate(_clean(source.to_text(path.read_bytes())))
+                text = _truncate(clean_text(source.to_text(path.read_bytes())))
             except (OSError, ValueError, EOFError):  # unreadable, not gzip, or not UTF-8
                 continue
             digest = hashlib.sha256(text.encode()).digest()
@@ -314,7 +314,7 @@ def _read_file(path: Path) -> list[str]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
     if path.suffix == ".txt":
-        texts = [_clean(raw)]
+        texts = [clean_text(raw)]
     else:
         texts = []
         # split("\n"), not splitlines(): JSON strings may hold \x1e, \x85 or U+2028 verbatim.
@@ -334,7 +334,7 @@ def _read_file(path: Path) -> list[str]:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # lone surrogates such as "\ud800" from JSON escapes
                 raise DataError(f'{path}: line {number}: "text" is not valid Unicode') from None
-            texts.append(_clean(text))
+            texts.append(clean_text(text))
     texts = [t for t in texts if t]
     if not texts:
         raise DataError(f"{path}: file yields no text")

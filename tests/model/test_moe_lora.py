@@ -286,3 +286,27 @@ def test_the_evaluation_loss_is_the_mean_next_token_cross_entropy(autocast: torc
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
     loss = evaluate_loss(lora.model, blocks, batch_size=2, device=torch.device("cpu"), autocast_dtype=autocast)
     assert loss == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_labels_restrict_the_loss_to_the_trained_tokens() -> None:
+    """Instruction and chat data train on the answers only: the loss train_local reports for its
+    first step is the model's loss on the labelled tokens of the batch it drew, not on all of them."""
+    from model.tokenizer import IGNORE, batches
+
+    blocks = torch.randint(0, SMALL.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
+    labels = blocks.clone()
+    labels[:, :24] = IGNORE  # a long prompt, a short answer
+    cfg = TrainConfig(local_steps=1, batch_size=4, lr=1e-2, seed=0, min_expert_tokens=1)
+    fp32 = select_precision("fp32", "cpu")
+    result = train_local(small_lora(), small_lora().get_state(), blocks, cfg, fp32, labels=labels)
+
+    rows = next(batches(torch.arange(16).unsqueeze(1), 4, seed=0)).squeeze(1)
+    model = small_lora().model
+    coef = float(model.config.router_aux_loss_coef)
+    with torch.no_grad():
+        masked = model(input_ids=blocks[rows], labels=labels[rows], output_router_logits=True)
+        whole = model(input_ids=blocks[rows], labels=blocks[rows], output_router_logits=True)
+    assert result.train_loss == pytest.approx(float(masked.loss) - coef * float(masked.aux_loss), abs=1e-5)
+    assert abs(float(whole.loss) - float(masked.loss)) > 1e-3
+    with pytest.raises(ValueError, match="labels"):
+        train_local(small_lora(), small_lora().get_state(), blocks, cfg, fp32, labels=labels[:, :8])
