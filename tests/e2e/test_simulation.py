@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.config import RunConfig
+from fedmoe.cli import DEMO_TRAINING
 from fedmoe.simulation import SimulationFailed, simulate
 from server.workspace import Workspace
 from server.checkpoint import Checkpoints
@@ -19,15 +20,20 @@ pytestmark = pytest.mark.slow
 
 def config(ws: Workspace, **overrides) -> RunConfig:
     base = RunConfig(
-        workspace=str(ws.root), num_rounds=2, local_steps=8, batch_size=8, seq_len=64, lr=0.003,
+        workspace=str(ws.root), num_rounds=2, local_steps=8, batch_size=8, seq_len=64,
         eval_batches=2, min_expert_tokens=16, min_members=2, round_timeout=300.0,
     )
     return base.with_overrides(**overrides)
 
 
+# the demo's training recipe: with the default (adamw, lr 0.003) one of the three domains may end a
+# 2-round run a hair worse, depending on which system text built the tiny corpora
+RECIPE = {k.replace("-", "_"): v for k, v in DEMO_TRAINING.items() if k != "local-steps"}
+
+
 @pytest.fixture(scope="module")
 def two_rounds(tiny_workspace: Workspace):
-    result = simulate(config(tiny_workspace), LogReporter(), num_members=3, run_name="fresh")
+    result = simulate(config(tiny_workspace, **RECIPE), LogReporter(), num_members=3, run_name="fresh")
     return tiny_workspace, result
 
 
@@ -85,10 +91,10 @@ def test_every_committed_round_is_in_a_verifiable_ledger(two_rounds) -> None:
 
 def test_restart_after_round_1_resumes_at_round_2_with_identical_state(two_rounds) -> None:
     ws, _ = two_rounds
-    first = simulate(config(ws, num_rounds=1), LogReporter(), num_members=3, run_name="resumed")
+    first = simulate(config(ws, num_rounds=1, **RECIPE), LogReporter(), num_members=3, run_name="resumed")
     assert [s.round for s in first.summaries] == [1]
     after_1 = Checkpoints(ws.run_dir("resumed")).load()
-    second = simulate(config(ws, num_rounds=2), LogReporter(), num_members=3, run_name="resumed")
+    second = simulate(config(ws, num_rounds=2, **RECIPE), LogReporter(), num_members=3, run_name="resumed")
     assert [s.round for s in second.summaries] == [2]  # round 1 was not redone
     fresh_1 = Checkpoints(ws.run_dir("fresh")).load(1)
     assert all(torch.equal(after_1.state[k], fresh_1.state[k]) for k in fresh_1.state)
