@@ -25,8 +25,9 @@ from client.trainer import TrainConfig, TrainResult, train_local
 from protos.messages import LOCAL_OPTIMIZERS, ProtocolError, TrainInstruction, TrainReply
 from model.base import Base, load_base
 from model.corpus import DataError
-from model.member_data import TEXT, read_documents
-from model.io import load_tensors, save_tensors, tensors_from_bytes
+from model.member_data import TEXT, Document, read_documents
+from model.quality import ROUNDS_PER_LEVEL, QualityReport, clean, content, curriculum_levels, grade
+from model.io import atomic_write_json, load_tensors, save_tensors, tensors_from_bytes
 from model.lora import LoraMoE
 from model.tokenizer import pack_documents
 
@@ -50,6 +51,8 @@ class Node:
     ca: Path | None = None  # a SuperNode: the consortium CA that signed the roster
     secagg_min_group: int = 2  # the smallest survivor list this member signs
     data_column: str = TEXT  # the plain-text field of .jsonl/.json/.csv/.parquet records
+    data_pipeline: bool = False  # model/quality.py: duplicates and junk dropped, a curriculum
+    curriculum_levels: int = 1  # difficulty levels opened one by one over the rounds (1: none)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object], ins: NodeHints) -> Node:
@@ -66,7 +69,12 @@ class Node:
                 raise ValueError(f"node config secagg-min-group {raw!r}: must be an integer >= 2")
             ca = Path(str(node_config["ca"])) if "ca" in node_config else None
             column = str(node_config.get("data-column", TEXT))
-            return cls(member, data, state, base, str(node_config.get("device", "auto")), roster, ca, min_group, column)
+            pipeline = str(node_config.get("data-pipeline", "off"))
+            levels = str(node_config.get("curriculum-levels", "1"))
+            if pipeline not in ("on", "off") or not levels.isdigit() or not 1 <= int(levels) <= 10:
+                raise ValueError(f"node config data-pipeline {pipeline!r} / curriculum-levels {levels!r}: expected on/off and 1-10")
+            return cls(member, data, state, base, str(node_config.get("device", "auto")), roster, ca, min_group, column,
+                       pipeline == "on", int(levels))
         members = sorted(p.name for p in Path(ins.members_dir).iterdir() if p.is_dir())
         partition = int(node_config["partition-id"])  # type: ignore[arg-type]
         if partition >= len(members):
@@ -90,21 +98,51 @@ def load_member_model(base_path: Path, sha256: str) -> tuple[Base, LoraMoE]:
     return _LOADED[key]
 
 
-def member_blocks(node: Node, base: Base, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def member_blocks(node: Node, base: Base, seq_len: int, lora: LoraMoE | None = None, rnd: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The member's private data as (N, seq_len) token blocks and their labels (model/tokenizer.py:
-    -100 where nothing is trained), cached in the node's state dir."""
+    -100 where nothing is trained), cached in the node's state dir. With the data pipeline on,
+    duplicates and junk are dropped first (report: <state-dir>/data-quality.json) and round `rnd`
+    trains on the difficulty levels its curriculum has opened."""
     docs = read_documents(node.data_path, node.data_column)
     digest = hashlib.sha256(base.sha256.encode())
     for doc in docs:
         digest.update(hashlib.sha256(json.dumps([doc.text, doc.messages]).encode()).digest())
-    cache = node.state_dir / f"tokens-{seq_len}-{digest.hexdigest()[:16]}.safetensors"
+    levels = node.curriculum_levels if node.data_pipeline and lora is not None else 1
+    opened = curriculum_levels(rnd, levels, ROUNDS_PER_LEVEL)
+    pipeline = f"-q{opened}of{levels}" if node.data_pipeline else ""
+    cache = node.state_dir / f"tokens-{seq_len}-{digest.hexdigest()[:16]}{pipeline}.safetensors"
     if cache.is_file():
         cached = load_tensors(cache)
         return cached["blocks"], cached["labels"]
-    blocks, labels = pack_documents(base.tokenizer, docs, seq_len, source=str(node.data_path))
     node.state_dir.mkdir(parents=True, exist_ok=True)
+    if node.data_pipeline:
+        report = QualityReport()
+        docs = clean(docs, report)
+        atomic_write_json(node.state_dir / QUALITY_REPORT, {"files": report.files, "kept": len(docs)})
+    if levels > 1 and lora is not None:
+        docs = [d for d, g in zip(docs, grade(base_losses(lora, base, docs, seq_len), levels), strict=True) if g < opened]
+    blocks, labels = pack_documents(base.tokenizer, docs, seq_len, source=str(node.data_path))
     save_tensors(cache, {"blocks": blocks, "labels": labels})
     return blocks, labels
+
+
+QUALITY_REPORT = "data-quality.json"
+
+
+def base_losses(lora: LoraMoE, base: Base, docs: list[Document], seq_len: int) -> list[float]:
+    """The frozen base's mean token loss on each document's first `seq_len` tokens (its difficulty)."""
+    losses = []
+    model = lora.model
+    model.eval()  # the trainer puts it back in training mode
+    with torch.no_grad(), model.disable_adapter():
+        for doc in docs:
+            ids = base.tokenizer(content(doc), add_special_tokens=False)["input_ids"][:seq_len]
+            if len(ids) < 2:
+                losses.append(0.0)
+                continue
+            batch = torch.tensor([ids])
+            losses.append(float(model(input_ids=batch, labels=batch).loss))
+    return losses
 
 
 VIEW = "view.safetensors"
@@ -240,7 +278,7 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
     if ins.local_opt not in LOCAL_OPTIMIZERS:
         raise ProtocolError(f"TRAIN local_opt {ins.local_opt!r} is not one of {', '.join(LOCAL_OPTIMIZERS)}")
     base, lora = load_member_model(node.base_path, ins.base_sha256)
-    blocks, labels = member_blocks(node, base, ins.seq_len)
+    blocks, labels = member_blocks(node, base, ins.seq_len, lora, ins.round)
     state = receive_state(ins, node)
     precision = select_precision(ins.precision, node.device)
     result = train_local(

@@ -244,6 +244,8 @@ def join_command(
     secagg_min_group: Annotated[int, typer.Option(help="Smallest group whose sum this member helps unmask.")] = 3,
     trusted_entities: Annotated[Path | None, typer.Option(help="The operator's app-signing key (trusted-entities.yaml; default: beside --ca): run only apps it signed.")] = None,
     data_column: Annotated[str, typer.Option(help="The plain-text field of .jsonl/.json/.csv/.parquet records.")] = "text",
+    data_pipeline: Annotated[bool, typer.Option(help="Drop duplicates and junk before training (report: <state-dir>/data-quality.json).")] = True,
+    curriculum_levels: Annotated[int, typer.Option(min=1, max=10, help="With the pipeline: difficulty levels opened easy to hard, one more every 2 rounds (1: none).")] = 3,
 ) -> None:
     """Member daemon: check data, certificates, keys and roster, then run a SuperNode with them
     as node config; stop cleanly on SIGTERM."""
@@ -259,7 +261,9 @@ def join_command(
             raise DeployError("give --base (the base model folder) or --hub (fetch it from the operator's hub)")
         child, state = _start_supernode(superlink, member, data, ca, key, state_dir, base, device,
                                         clientapp_port, flwr_home, log_file, roster, secagg_min_group,
-                                        trusted_entities or ca.parent / "trusted-entities.yaml", data_column)
+                                        trusted_entities or ca.parent / "trusted-entities.yaml",
+                                        {"data-column": data_column, "data-pipeline": "on" if data_pipeline else "off",
+                                         "curriculum-levels": str(curriculum_levels)})
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
     try:
@@ -310,7 +314,7 @@ def _check_roster(member: str, roster: Path, ca: Path, key: Path, state_dir: Pat
 
 def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Path, state_dir: Path, base: Path,
                      device: str, clientapp_port: int, flwr_home: Path | None, log_file: Path | None,
-                     roster: Path | None, secagg_min_group: int, trusted: Path, column: str) -> tuple[Child, Path]:
+                     roster: Path | None, secagg_min_group: int, trusted: Path, options: dict[str, str]) -> tuple[Child, Path]:
     from model.corpus import DataError
     from model.member_data import read_documents
 
@@ -322,7 +326,7 @@ def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Pat
     if not os.access(data, os.R_OK):
         raise DeployError(f"data {data}: not readable by this user")
     try:
-        texts = read_documents(data, column)  # the same reader the ClientApp uses: a bad file is named now
+        texts = read_documents(data, options["data-column"])  # the same reader the ClientApp uses: a bad file is named now
     except DataError as exc:
         raise DeployError(f"data: {exc}") from None
     if not texts:
@@ -335,8 +339,7 @@ def _start_supernode(superlink: str, member: str, data: Path, ca: Path, key: Pat
         raise DeployError(f"state dir {state_dir}: not writable")
     roster = _check_roster(member, roster or ca.parent / "roster.json", ca, key, state_dir)
     config = {"data-path": str(data), "member": member, "state-dir": str(state_dir), "base-path": str(base),
-              "device": device, "ca": str(ca), "roster": str(roster), "secagg-min-group": str(secagg_min_group),
-              "data-column": column}
+              "device": device, "ca": str(ca), "roster": str(roster), "secagg-min-group": str(secagg_min_group), **options}
     env = flower_env((flwr_home or state_dir / "flwr-home").resolve())
     argv = supernode_argv(superlink, ca, key, config, clientapp_port)
     if trusted.is_file():

@@ -28,7 +28,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from model.corpus import DataError, clean_text
@@ -44,6 +44,7 @@ class Document:
 
     text: str | None = None
     messages: tuple[tuple[str, str], ...] = ()
+    source: str = field(default="", compare=False)  # the file it came from (the quality report)
 
     @property
     def is_chat(self) -> bool:
@@ -82,9 +83,10 @@ def _read_file(path: Path, column: str) -> list[Document]:
             raise DataError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
         if path.suffix == ".txt":
             text = clean_text(raw)
-            return [Document(text=text)] if text else _none(path)
+            return [Document(text=text, source=str(path))] if text else _none(path)
         records = {".jsonl": _jsonl, ".json": _json, ".csv": _csv}[path.suffix](path, raw)
-    docs = [doc for where, record in records if (doc := _document(record, f"{path}: {where}", column)) is not None]
+    docs = [replace(doc, source=str(path)) for where, record in records
+            if (doc := _document(record, f"{path}: {where}", column)) is not None]
     return docs or _none(path)
 
 
@@ -146,7 +148,7 @@ def _document(record: object, where: str, column: str) -> Document | None:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with fields, got {type(record).__name__}")
 
-    def field(name: str, required: bool = True) -> str:
+    def value_of(name: str, required: bool = True) -> str:
         value = record.get(name)
         if value is None and not required:
             return ""
@@ -162,13 +164,13 @@ def _document(record: object, where: str, column: str) -> Document | None:
         return _chat(record["messages"], where)
     answer = "output" if "output" in record else "response" if "response" in record else None
     if "instruction" in record and answer:
-        prompt = "\n\n".join(p for p in (field("instruction"), field("input", required=False)) if p)
-        return _pair(prompt, field(answer), where)
+        prompt = "\n\n".join(p for p in (value_of("instruction"), value_of("input", required=False)) if p)
+        return _pair(prompt, value_of(answer), where)
     if "prompt" in record and "completion" in record:
-        return _pair(field("prompt"), field("completion"), where)
+        return _pair(value_of("prompt"), value_of("completion"), where)
     for name in dict.fromkeys((column, TEXT)):  # the named column, and "text" always
         if name in record:
-            text = field(name)
+            text = value_of(name)
             return Document(text=text) if text else None
     known = f'"{column}", "instruction" with "output" or "response", "prompt" with "completion", or "messages"'
     raise DataError(f"{where} has none of the fields {known} (it has {', '.join(sorted(map(str, record))) or 'none'})")

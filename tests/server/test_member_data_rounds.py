@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 
+import pytest
 import torch
 
 from client.app import app
@@ -50,3 +51,53 @@ def test_a_member_with_instruction_chat_and_csv_data_trains_a_round_on_its_answe
     ignored = labels == IGNORE
     assert 0.05 < float(ignored.float().mean()) < 0.9  # prompts and templates masked, answers and notes trained
     assert torch.equal(labels[~ignored], blocks[~ignored])
+
+
+def test_the_data_pipeline_drops_junk_reports_it_and_opens_harder_levels_over_the_rounds(ws: Workspace) -> None:
+    from client.node import QUALITY_REPORT, Node, base_losses, load_member_model, member_blocks
+    from model.member_data import read_documents
+    from model.quality import clean, grade
+    from model.tokenizer import pack_documents
+    from model.base import load_base
+
+    folder = ws.members_dir / "code"
+    texts = [json.loads(line)["text"] for line in (folder / "train.jsonl").read_text().splitlines()]
+    (folder / "zz_copy.txt").write_text(texts[5])
+    (folder / "zz_blob.txt").write_text("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0NTY3" * 60)
+    sha = load_base(ws.base).sha256
+    base, lora = load_member_model(ws.base, sha)
+    plain = Node("code", folder, ws.root / "nodes" / "plain", ws.base)
+    piped = Node("code", folder, ws.root / "nodes" / "piped", ws.base, data_pipeline=True, curriculum_levels=3)
+    everything, _ = member_blocks(plain, base, 64, lora, 1)
+    easy, easy_labels = member_blocks(piped, base, 64, lora, 1)
+    report = json.loads((piped.state_dir / QUALITY_REPORT).read_text())["files"]
+    assert report[str(folder / "zz_copy.txt")] == {"read": 1, "kept": 0, "exact duplicate": 1}
+    assert report[str(folder / "zz_blob.txt")] == {"read": 1, "kept": 0, "random bytes": 1}
+    middle, _ = member_blocks(piped, base, 64, lora, 3)
+    hard, _ = member_blocks(piped, base, 64, lora, 5)
+    assert easy.shape[0] < middle.shape[0] < hard.shape[0] < everything.shape[0]
+    # round 1 trains exactly the third of the kept documents the frozen base finds easiest
+    kept = clean(read_documents(folder))
+    losses = base_losses(lora, base, kept, 64)
+    levels = grade(losses, 3)
+    assert torch.equal(easy, pack_documents(base.tokenizer, [d for d, g in zip(kept, levels) if g == 0], 64)[0])
+    mean = [sum(x for x, g in zip(losses, levels) if g == level) / levels.count(level) for level in range(3)]
+    assert mean[0] < mean[1] < mean[2]
+    again, again_labels = member_blocks(Node("code", folder, ws.root / "nodes" / "again", ws.base, data_pipeline=True,
+                                             curriculum_levels=3), base, 64, lora, 1)
+    assert torch.equal(again, easy) and torch.equal(again_labels, easy_labels)  # deterministic
+
+
+def test_node_config_sets_the_pipeline_and_refuses_bad_values(tmp_path) -> None:  # noqa: ANN001
+    from types import SimpleNamespace
+
+    from client.node import Node
+
+    hints = SimpleNamespace(base_path=str(tmp_path), members_dir=str(tmp_path), nodes_dir=str(tmp_path))
+    node = Node.from_node_config({"data-path": str(tmp_path / "d"), "data-pipeline": "on", "curriculum-levels": "4",
+                                  "data-column": "body"}, hints)
+    assert (node.data_pipeline, node.curriculum_levels, node.data_column) == (True, 4, "body")
+    assert Node.from_node_config({"data-path": str(tmp_path / "d")}, hints).data_pipeline is False
+    for bad in ({"data-pipeline": "yes"}, {"curriculum-levels": "0"}, {"curriculum-levels": "x"}):
+        with pytest.raises(ValueError, match="data-pipeline"):
+            Node.from_node_config({"data-path": str(tmp_path / "d"), **bad}, hints)
