@@ -21,14 +21,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-# The deployment tests scrape a real run with the distribution's Prometheus (Debian's package).
-prometheus:
-	@command -v prometheus >/dev/null 2>&1 || { \
-	  command -v apt-get >/dev/null 2>&1 || { echo "error: prometheus not found and no apt-get to install it (install Prometheus 2.x and put it on PATH)"; exit 1; }; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  echo "installing Debian's prometheus package (the deployment tests scrape a real run with it)"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	}
+# The deployment tests scrape a real run with the distribution's Prometheus: Debian's package,
+# downloaded and unpacked under .fedmoe/ (not installed: no root needed, and the system's
+# /usr/share/doc, which the demo corpora are built from, stays as it is).
+PROMETHEUS := .fedmoe/prometheus/usr/bin/prometheus
+
+prometheus: $(PROMETHEUS)
+
+$(PROMETHEUS):
+	@command -v apt-get >/dev/null 2>&1 || { echo "error: no apt-get to fetch Debian's prometheus package (put a Prometheus 2.x binary at $(PROMETHEUS))"; exit 1; }
+	@echo "fetching Debian's prometheus package into .fedmoe/prometheus (the deployment tests scrape a real run with it)"
+	@rm -rf .fedmoe/prometheus-deb && mkdir -p .fedmoe/prometheus-deb
+	@cd .fedmoe/prometheus-deb && { apt-get download prometheus >/dev/null 2>&1 || \
+	  { echo "updating apt's package lists"; $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && apt-get download prometheus >/dev/null; }; }
+	@dpkg-deb -x .fedmoe/prometheus-deb/prometheus_*.deb .fedmoe/prometheus
+	@rm -rf .fedmoe/prometheus-deb
+	@$(PROMETHEUS) --version | head -1
 
 demo: $(STAMP)
 	$(BIN)/fedmoe demo
