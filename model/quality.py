@@ -6,7 +6,8 @@ difficulty levels for a curriculum.
 2. Heuristic filters in the spirit of Gopher/C4 (Rae et al. 2021, Raffel et al. 2020): too few
    words, random bytes (character entropy over 6 bits, or most characters in 'words' over 25
    characters long: base64, hex dumps), too many
-   symbols, and repetition (a large share of repeated lines or of one repeated word 3-gram).
+   symbols, and repetition (a large share of repeated lines, or of the text inside word 5-grams
+   that occur more than once).
 3. Difficulty: the frozen base's mean token loss per document, cut into `levels` equal-count
    levels (0: easiest). The curriculum (`curriculum_levels`) opens one level more every
    `rounds_per_level` rounds, easy to hard.
@@ -35,8 +36,8 @@ NUM_PERM = 128
 MAX_ENTROPY_BITS = 6.0  # natural text and code stay near 4-5 bits per character
 MAX_LONG_WORD_SHARE = 0.3  # characters in "words" over 25 characters (base64, hex dumps)
 MAX_SYMBOL_RATIO = 0.3  # characters neither letters, digits, whitespace nor ASCII punctuation
-MAX_REPEATED_LINES = 0.3  # share of non-blank lines that repeat an earlier line
-MAX_TOP_TRIGRAM = 0.2  # share of word 3-grams taken by the most common one
+MAX_REPEATED_LINES = 0.5  # share of non-blank lines that repeat an earlier line (Gopher: 0.3)
+MAX_DUPLICATE_5GRAMS = 0.7  # share of characters in word 5-grams seen more than once (Gopher: 0.15; code and licences repeat more)
 _WORD = re.compile(r"\w+", re.UNICODE)
 _ASCII_PUNCT = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
@@ -85,10 +86,20 @@ def junk_reason(text: str) -> str | None:
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     if len(lines) >= 5 and 1 - len(set(lines)) / len(lines) > MAX_REPEATED_LINES:
         return "repeated lines"
-    trigrams = Counter(zip(words, words[1:], words[2:], strict=False))
-    if len(words) >= 30 and trigrams.most_common(1)[0][1] / max(len(words) - 2, 1) > MAX_TOP_TRIGRAM:
+    if len(words) >= 30 and _duplicate_ngram_share(words, 5) > MAX_DUPLICATE_5GRAMS:
         return "repetition"
     return None
+
+
+def _duplicate_ngram_share(words: list[str], n: int) -> float:
+    """Share of the words' characters inside word n-grams that occur more than once (Gopher's rule)."""
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    counts = Counter(grams)
+    covered = [False] * len(words)
+    for i, gram in enumerate(grams):
+        if counts[gram] > 1:
+            covered[i : i + n] = [True] * n
+    return sum(len(w) for w, c in zip(words, covered, strict=True) if c) / max(sum(map(len, words)), 1)
 
 
 def _minhash(text: str):  # noqa: ANN202 - datasketch.MinHash
