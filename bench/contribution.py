@@ -45,7 +45,7 @@ from client.trainer import TrainConfig, train_local
 from server.config import RunConfig
 from server.workspace import Workspace
 from model.base import load_base
-from model.corpus import read_texts
+from model.member_data import read_texts
 from model.lora import expert_of
 from model.tokenizer import pack
 from server.init import InitConfig, init_workspace

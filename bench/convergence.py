@@ -40,7 +40,7 @@ from fedmoe.cli import DEMO_ROUNDS, DEMO_SECURE_CLIP, DEMO_SECURE_CODEC, DEMO_TR
 from fedmoe.simulation import simulate
 from model.base import load_base
 from model.chatter import silence_library_chatter
-from model.corpus import read_texts
+from model.member_data import read_texts
 from model.precision import select_precision
 from model.tokenizer import pack
 from server.checkpoint import Checkpoints

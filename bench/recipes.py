@@ -39,7 +39,7 @@ from client.trainer import TrainConfig, train_local
 from fedmoe.cli import DEMO_ROUNDS, DEMO_TRAINING
 from model.base import load_base
 from model.chatter import silence_library_chatter
-from model.corpus import read_texts
+from model.member_data import read_texts
 from model.precision import select_precision
 from model.tokenizer import pack
 from server.config import RunConfig

@@ -40,7 +40,7 @@ from fedmoe.simulation import simulate
 from server.workspace import Workspace
 from model.chatter import silence_library_chatter
 from model.base import load_base
-from model.corpus import read_texts
+from model.member_data import read_texts
 from model.lora import expert_of
 from privacy.secagg_member import MemberSession
 from privacy.secagg_server import ServerSession

@@ -26,7 +26,7 @@ from protos.messages import LOCAL_OPTIMIZERS, ProtocolError, TrainInstruction, T
 from model.base import Base, load_base
 from model.corpus import DataError
 from model.member_data import TEXT, Document, read_documents
-from model.quality import ROUNDS_PER_LEVEL, QualityReport, clean, content, curriculum_levels, grade
+from model.quality import ROUNDS_PER_LEVEL, QualityReport, clean, curriculum_levels, grade
 from model.io import atomic_write_json, load_tensors, save_tensors, tensors_from_bytes
 from model.lora import LoraMoE
 from model.tokenizer import pack_documents
@@ -136,7 +136,7 @@ def base_losses(lora: LoraMoE, base: Base, docs: list[Document], seq_len: int) -
     model.eval()  # the trainer puts it back in training mode
     with torch.no_grad(), model.disable_adapter():
         for doc in docs:
-            ids = base.tokenizer(content(doc), add_special_tokens=False)["input_ids"][:seq_len]
+            ids = base.tokenizer(doc.content, add_special_tokens=False)["input_ids"][:seq_len]
             if len(ids) < 2:
                 losses.append(0.0)
                 continue

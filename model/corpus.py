@@ -6,7 +6,7 @@ copyright files (legal), man pages (manuals), Debian changelogs and package READ
 becomes one member's private data; disjoint files of every domain form the operator's general
 pre-training mixture and held-out validation sets.
 
-Member data (`read_texts`) is a `.txt` file, a `.jsonl` file, or a folder of them.
+Member data is read by model/member_data.py.
 """
 
 from __future__ import annotations
@@ -295,65 +295,3 @@ def build_demo_corpora(
     }
     _write_atomic(out_dir / "corpora.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return built
-
-
-# ---------------------------------------------------------------------------- reader
-
-
-def _read_file(path: Path) -> list[str]:
-    if path.suffix not in {".txt", ".jsonl"}:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}' (expected .txt or .jsonl)")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e.strerror})") from None
-    if not data.strip():
-        raise DataError(f"{path}: file is empty")
-    try:
-        raw = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
-    if path.suffix == ".txt":
-        texts = [clean_text(raw)]
-    else:
-        texts = []
-        # split("\n"), not splitlines(): JSON strings may hold \x1e, \x85 or U+2028 verbatim.
-        for number, line in enumerate(raw.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
-                raise DataError(f"{path}: line {number} is not valid JSON") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise DataError(f'{path}: line {number} has no "text" field')
-            text = record["text"]
-            if not isinstance(text, str):
-                raise DataError(f'{path}: line {number}: "text" is not a string')
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates such as "\ud800" from JSON escapes
-                raise DataError(f'{path}: line {number}: "text" is not valid Unicode') from None
-            texts.append(clean_text(text))
-    texts = [t for t in texts if t]
-    if not texts:
-        raise DataError(f"{path}: file yields no text")
-    return texts
-
-
-def read_texts(path: Path) -> list[str]:
-    """Documents from a `.txt`/`.jsonl` file or a folder of them (recursive, sorted by path).
-
-    A `.txt` file is one document (whole file: splitting on blank lines would cut code and
-    prose apart mid-thought). A `.jsonl` file holds one document per line as `{"text": ...}`.
-    Text is cleaned like the demo corpora. Any problem raises `DataError` naming the file.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_file():
-        return _read_file(path)
-    files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"} and p.is_file())
-    if not files:
-        raise DataError(f"{path}: folder has no .txt or .jsonl files")
-    return [text for f in files for text in _read_file(f)]

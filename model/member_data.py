@@ -50,6 +50,16 @@ class Document:
     def is_chat(self) -> bool:
         return self.text is None
 
+    @property
+    def content(self) -> str:
+        """The document's text: a conversation's turns joined by newlines."""
+        return self.text if self.text is not None else "\n".join(c for _, c in self.messages)
+
+
+def read_texts(path: Path, column: str = TEXT) -> list[str]:
+    """The documents' text, every token alike (the operator's validation and pre-training sets)."""
+    return [doc.content for doc in read_documents(path, column)]
+
 
 def read_documents(path: Path, column: str = TEXT) -> list[Document]:
     """Documents of a member file or folder (recursive, sorted by path); `column` names the plain-text

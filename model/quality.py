@@ -63,10 +63,6 @@ class QualityReport:
         return out
 
 
-def content(doc: Document) -> str:
-    return doc.text if doc.text is not None else "\n".join(c for _, c in doc.messages)
-
-
 def junk_reason(text: str) -> str | None:
     """Why a document is junk by the heuristic filters (None: it passes)."""
     words = _WORD.findall(text)
@@ -121,7 +117,7 @@ def clean(docs: Sequence[Document], report: QualityReport | None = None) -> list
     lsh = MinHashLSH(threshold=NEAR_DUPLICATE, num_perm=NUM_PERM)
     kept = []
     for number, doc in enumerate(docs):
-        text = content(doc)
+        text = doc.content
         report.count(doc.source, "read")
         digest = hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
         reason = "exact duplicate" if digest in seen else junk_reason(text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from model.base import Base
-from model.corpus import read_texts
+from model.member_data import read_texts
 from model.lora import LoraMoE
 from model.moe import evaluate_loss
 from model.precision import select_precision

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from model.precision import select_precision
 from server.workspace import Workspace
 from model.base import MANIFEST, save_base
-from model.corpus import build_demo_corpora, read_texts
+from model.corpus import build_demo_corpora
+from model.member_data import read_texts
 from model.lora import LoraSpec
 from model.moe import MoEConfig, build_model
 from model.pretrain import pretrain

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.corpus import MAX_DOC_CHARS, DataError, build_demo_corpora, groff_to_text, read_texts
+from model.corpus import MAX_DOC_CHARS, DataError, build_demo_corpora, groff_to_text
+from model.member_data import read_texts
 
 SIZES = dict(bytes_per_domain=200_000, general_bytes=200_000, val_bytes=30_000)
 
@@ -98,7 +99,7 @@ def test_reads_txt_and_jsonl_folders(tmp_path):
     (tmp_path / "b.txt").write_text("second\r\n\n\n\n\nparagraph  \n")
     (tmp_path / "sub" / "a.jsonl").write_text(
         json.dumps({"text": "one", "id": 1}) + "\n\n" + json.dumps({"text": "two\u2028x"}) + "\n")
-    (tmp_path / "ignored.csv").write_text("x")
+    (tmp_path / "ignored.md").write_text("x")
     assert read_texts(tmp_path) == ["second\n\nparagraph", "one", "two\u2028x"]
     assert read_texts(tmp_path / "b.txt") == ["second\n\nparagraph"]
 
@@ -110,8 +111,8 @@ def test_reads_txt_and_jsonl_folders(tmp_path):
         ("blank.jsonl", b"  \n\n", "file is empty"),
         ("latin1.txt", b"caf\xe9 ok", "invalid UTF-8 at byte offset 3"),
         ("bad.jsonl", b'{"text": "a"}\n{"text": \n', "line 2 is not valid JSON"),
-        ("notext.jsonl", b'{"body": "a"}\n', 'line 1 has no "text" field'),
-        ("array.jsonl", b'["a"]\n', 'line 1 has no "text" field'),
+        ("notext.jsonl", b'{"body": "a"}\n', 'line 1 has none of the fields "text"'),
+        ("array.jsonl", b'["a"]\n', "line 1: expected an object with fields, got list"),
         ("number.jsonl", b'{"text": "a"}\n{"text": 3}\n', 'line 2: "text" is not a string'),
         ("surrogate.jsonl", b'{"text": "\\ud800"}\n', "not valid Unicode"),
         ("nothing.jsonl", b'{"text": ""}\n{"text": "  "}\n', "yields no text"),
@@ -131,8 +132,8 @@ def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(DataError, match="nope.*no such file"):
         read_texts(tmp_path / "nope")
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "x.csv").write_text("a,b")
-    with pytest.raises(DataError, match="data: folder has no .txt or .jsonl files"):
+    (tmp_path / "data" / "x.md").write_text("a,b")
+    with pytest.raises(DataError, match="data: folder has no .txt, .jsonl, .json, .csv, .parquet files"):
         read_texts(tmp_path / "data")
 
 

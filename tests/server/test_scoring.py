@@ -14,7 +14,7 @@ from model.precision import select_precision
 from client.trainer import TrainConfig, train_local
 from server.config import RunConfig
 from model.base import load_base
-from model.corpus import read_texts
+from model.member_data import read_texts
 from model.tokenizer import pack
 from server.evaluation import validation_sets
 from server.scoring import combine_group_sums, open_value, score_open
