@@ -62,31 +62,12 @@ def pack(
     *,
     source: str = "texts",
 ) -> torch.Tensor:
-    """Token blocks (num_blocks, seq_len) of `texts` joined by eos; the ragged tail is dropped.
+    """Token blocks (num_blocks, seq_len) of plain `texts` joined by eos; the ragged tail is dropped.
 
     `max_tokens` caps the token stream (documents past the cap are not even tokenized).
     Raises `DataError` naming `source` when there is not enough text for one block.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    eos = tokenizer.eos_token_id
-    limit = max_tokens if max_tokens is not None else float("inf")
-    stream: list[int] = []
-    chunk = 256  # documents per batched (parallel) encode call
-    for start in range(0, len(texts), chunk):
-        ids = tokenizer(list(texts[start : start + chunk]), add_special_tokens=False)["input_ids"]
-        for doc in ids:
-            if stream:
-                stream.append(eos)
-            stream.extend(doc)
-        if len(stream) >= limit:
-            break
-    if max_tokens is not None:
-        del stream[max_tokens:]
-    blocks = len(stream) // seq_len
-    if blocks == 0:
-        raise DataError(f"{source}: {len(stream)} tokens, too short for one block of {seq_len}")
-    return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
+    return pack_documents(tokenizer, [Document(text=t) for t in texts], seq_len, max_tokens, source=source)[0]
 
 
 IGNORE = -100  # the label the loss skips (transformers' convention)
@@ -178,7 +159,7 @@ def pack_documents(
     mask = torch.tensor(trained[: blocks * seq_len], dtype=torch.bool).view(blocks, seq_len)
     keep = mask[:, 1:].any(dim=1)  # the first position is never a target (labels shift by one)
     if not bool(keep.any()):
-        raise DataError(f"{source}: {len(stream)} tokens, too few to train on in blocks of {seq_len}")
+        raise DataError(f"{source}: {len(stream)} tokens, too short for one block of {seq_len} with tokens to train on")
     ids_t, mask = ids_t[keep], mask[keep]
     return ids_t, torch.where(mask, ids_t, torch.full_like(ids_t, IGNORE))
 

@@ -158,5 +158,5 @@ def test_blocks_holding_only_prompt_tokens_are_dropped(tokenizer) -> None:  # no
     assert bool((labels[:, 1:] != IGNORE).any(dim=1).all())
     per_doc = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text, _ in segments_of(tokenizer, doc))
     assert blocks.shape[0] <= 6 < (3 * per_doc + 2) // 8  # most blocks held prompt tokens only
-    with pytest.raises(DataError, match="too few to train on"):
+    with pytest.raises(DataError, match="too short for one block of 512 with tokens to train on"):
         pack_documents(tokenizer, [doc], seq_len=512)
