@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from model.precision import Precision
+from model import families
 from model.lora import LoraMoE, expert_of
 from model.moe import balance_loss, routed_token_counts
 from model.tokenizer import batches
@@ -82,10 +83,10 @@ def train_local(
     params = lora.trainable_parameters()
     optimizer = make_optimizer(config.optimizer, params, config.lr)
     scaler = precision.make_scaler()
-    top_k = int(model.config.num_experts_per_tok)
+    top_k = families.top_k(model.config)
     aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
 
-    routed = torch.zeros(model.config.num_hidden_layers, model.config.num_local_experts, dtype=torch.int64)
+    routed = torch.zeros(model.config.num_hidden_layers, families.num_experts(model.config), dtype=torch.int64)
     losses: list[float] = []
     gradient_sum: dict[str, torch.Tensor] | None = None
     stream = batches(blocks, config.batch_size, seed=config.seed)

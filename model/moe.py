@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
+from model import families
+
 
 @dataclass(frozen=True)
 class MoEConfig:
@@ -57,7 +59,7 @@ def build_model(config: MoEConfig, *, seed: int = 0) -> PreTrainedModel:
 
 
 def num_experts(model: PreTrainedModel) -> int:
-    return int(model.config.num_local_experts)
+    return families.num_experts(model.config)
 
 
 def routed_token_counts(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
