@@ -87,6 +87,7 @@ def train_local(
     aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
 
     routed = torch.zeros(model.config.num_hidden_layers, families.num_experts(model.config), dtype=torch.int64)
+    moe_rows = families.moe_layers(model)  # router_logits has one entry per MoE layer, not per layer
     losses: list[float] = []
     gradient_sum: dict[str, torch.Tensor] | None = None
     stream = batches(blocks, config.batch_size, seed=config.seed)
@@ -101,7 +102,7 @@ def train_local(
         loss = out.loss
         if config.expert_load is not None and out.aux_loss is not None:
             # the model's own term balances this member's batch; swap it for the consortium's
-            consortium = balance_loss(out.router_logits, top_k, config.expert_load, config.balance_weight)
+            consortium = balance_loss(out.router_logits, top_k, config.expert_load[moe_rows], config.balance_weight)
             loss = out.loss - aux_coef * out.aux_loss + aux_coef * consortium
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -114,7 +115,7 @@ def train_local(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        routed += routed_token_counts(out.router_logits, top_k)
+        routed[moe_rows] += routed_token_counts(out.router_logits, top_k)
         aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
         losses.append(float(out.loss.detach()) - aux_coef * aux)
 

@@ -97,3 +97,14 @@ def check_supported(config: object, parameter_names: list[str] | None = None) ->
             continue  # frozen and never in the trainable state
         role_of(name)
     return family
+
+
+_MOE_LAYER = re.compile(r"layers\.(\d+)\.mlp\.experts\.")
+
+
+def moe_layers(model: object) -> list[int]:
+    """Indices of the decoder layers with routed experts, in order: the layers that `router_logits`
+    stands for (DeepSeek-V3's first `first_k_dense_replace` and Qwen's `mlp_only_layers` are dense)."""
+    layers = {int(m.group(1)) for name, _ in model.named_parameters()  # type: ignore[attr-defined]
+              if (m := _MOE_LAYER.search(name))}
+    return sorted(layers)
