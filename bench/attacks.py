@@ -61,6 +61,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "server")]  # the in-process gri
 import client.app as client_app  # noqa: E402
 import client.node as client_node  # noqa: E402
 from client.free_rider import FREE_RIDER, NOISE_STD  # noqa: E402
+from model import families  # noqa: E402
 from client.node import Node, load_member_model, member_seed, receive_state  # noqa: E402
 from client.trainer import TrainResult  # noqa: E402
 from fake_grid import FakeGrid, task_identity  # noqa: E402
@@ -151,7 +152,7 @@ class Adversaries:
         previous = views[-1] if views else None
         views[:] = [*views[-2:], {k: v.clone() for k, v in state.items()}]
         config = lora.model.config
-        layers, experts, top_k = int(config.num_hidden_layers), int(config.num_local_experts), int(config.num_experts_per_tok)
+        layers, experts, top_k = int(config.num_hidden_layers), families.num_experts(config), families.top_k(config)
         num_examples = ins.local_steps * ins.batch_size
         num_tokens = num_examples * ins.seq_len
         claimed = {f"{layer}:{e}": num_tokens * top_k // experts for layer in range(layers) for e in range(experts)}

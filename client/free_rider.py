@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from model import families
 from client.node import Node, NodeHints, load_member_model, member_seed, receive_state, reply_for
 from client.trainer import TrainResult
 from protos.messages import TrainInstruction, TrainReply
@@ -40,7 +41,7 @@ def free_ride(ins: TrainInstruction, node: Node) -> TrainReply:
     _, lora = load_member_model(node.base_path, ins.base_sha256)
     state = receive_state(ins, node)  # keeps its view of the consortium model current, as honest members do
     config = lora.model.config
-    layers, experts, top_k = int(config.num_hidden_layers), int(config.num_local_experts), int(config.num_experts_per_tok)
+    layers, experts, top_k = int(config.num_hidden_layers), families.num_experts(config), families.top_k(config)
     num_examples = ins.local_steps * ins.batch_size
     num_tokens = num_examples * ins.seq_len
     claimed = {f"{layer}:{e}": num_tokens * top_k // experts for layer in range(layers) for e in range(experts)}

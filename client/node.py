@@ -20,6 +20,7 @@ from aggregation.codec_config import CodecConfig
 from aggregation.feedback import ErrorFeedback
 from aggregation.robust import clip_l2
 from client import secure
+from model import families
 from model.precision import select_precision
 from client.trainer import TrainConfig, TrainResult, train_local
 from protos.messages import LOCAL_OPTIMIZERS, ProtocolError, TrainInstruction, TrainReply
@@ -262,7 +263,7 @@ def expert_load_of(ins: TrainInstruction, lora: LoraMoE) -> torch.Tensor | None:
     if not 0 < ins.balance_weight <= 1:
         raise ProtocolError(f"TRAIN: balance-weight {ins.balance_weight} outside (0, 1]")
     config = lora.model.config
-    shape = (int(config.num_hidden_layers), int(config.num_local_experts))
+    shape = (int(config.num_hidden_layers), families.num_experts(config))
     try:
         load = tensors_from_bytes(ins.expert_load, source=f"round {ins.round} expert load")["load"]
     except (ValueError, KeyError) as exc:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from model.precision import Precision
+from model import families
 from model.lora import LoraMoE, expert_of
 from model.moe import balance_loss, routed_token_counts
 from model.tokenizer import batches
@@ -83,10 +84,11 @@ def train_local(
     params = lora.trainable_parameters()
     optimizer = make_optimizer(config.optimizer, params, config.lr)
     scaler = precision.make_scaler()
-    top_k = int(model.config.num_experts_per_tok)
+    top_k = families.top_k(model.config)
     aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
 
-    routed = torch.zeros(model.config.num_hidden_layers, model.config.num_local_experts, dtype=torch.int64)
+    routed = torch.zeros(model.config.num_hidden_layers, families.num_experts(model.config), dtype=torch.int64)
+    moe_rows = families.moe_layers(model)  # router_logits has one entry per MoE layer, not per layer
     losses: list[float] = []
     gradient_sum: dict[str, torch.Tensor] | None = None
     targets = blocks if labels is None else labels
@@ -105,7 +107,7 @@ def train_local(
         loss = out.loss
         if config.expert_load is not None and out.aux_loss is not None:
             # the model's own term balances this member's batch; swap it for the consortium's
-            consortium = balance_loss(out.router_logits, top_k, config.expert_load, config.balance_weight)
+            consortium = balance_loss(out.router_logits, top_k, config.expert_load[moe_rows], config.balance_weight)
             loss = out.loss - aux_coef * out.aux_loss + aux_coef * consortium
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -118,7 +120,7 @@ def train_local(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        routed += routed_token_counts(out.router_logits, top_k)
+        routed[moe_rows] += routed_token_counts(out.router_logits, top_k)
         aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
         losses.append(float(out.loss.detach()) - aux_coef * aux)
 

@@ -64,6 +64,7 @@ def _init(ws, config, from_pretrained=None) -> None:  # type: ignore[no-untyped-
     from rich.progress import Progress
 
     from model.base import BaseModelError
+    from model.families import UnsupportedModel
     from model.corpus import DataError
     from server.init import init_workspace
 
@@ -78,7 +79,7 @@ def _init(ws, config, from_pretrained=None) -> None:  # type: ignore[no-untyped-
 
         try:
             init_workspace(ws, config, from_pretrained=from_pretrained, log=progress.console.print, on_step=on_step)
-        except (DataError, BaseModelError, OSError) as exc:
+        except (DataError, BaseModelError, UnsupportedModel, OSError) as exc:
             raise _fail(str(exc)) from None
 
 

@@ -38,6 +38,8 @@ from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import PreTrainedModel
 
+from model.families import UnsupportedModel, role_of
+
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 ROUTER_MODULE = "gate"
@@ -73,11 +75,14 @@ KINDS = ("attention", "experts", "router", "head")  # the trainable state's para
 
 def kind_of(name: str) -> str:
     """The kind of a trainable-state tensor (canonical name): one of KINDS."""
-    if _EXPERT_KEY.search(name):
+    role = role_of(name)  # UnsupportedModel for a name no family rule describes, never a guess
+    if role == "routed_expert":
+        if not _EXPERT_KEY.search(name):
+            raise UnsupportedModel(f"routed-expert tensor {name!r} is not split per expert (no .lora_B.e<e>)")
         return "experts"
-    if name.startswith(f"{HEAD_MODULE}."):
-        return "head"
-    return "router" if f".mlp.{ROUTER_MODULE}." in name else "attention"
+    if role in ("router", "head"):
+        return role
+    return "attention"  # attention, shared experts, dense MLPs: shared, aggregated by the member's tokens
 
 
 def expert_of(name: str) -> str | None:

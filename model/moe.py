@@ -1,6 +1,7 @@
-"""The shared model: a Hugging Face Mixtral-family MoE causal LM, built from a config.
+"""The shared model: a Hugging Face MoE causal LM; the embedded demo base is a Mixtral built from a config.
 
-Why Mixtral: its sparse block is plain top-k routing over experts with no shared expert, so
+Checkpoints of the other supported families (model/families.py) are loaded as they are. Why Mixtral
+for the demo: its sparse block is plain top-k routing over experts with no shared expert, so
 every feed-forward parameter belongs to exactly one expert and "the experts a member's tokens
 route to" is well defined; real Mixtral checkpoints load with `AutoModelForCausalLM` as they
 are. In transformers 5 the experts are fused 3-D parameters (`mlp.experts.gate_up_proj`
@@ -13,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
+
+from model import families
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ def build_model(config: MoEConfig, *, seed: int = 0) -> PreTrainedModel:
 
 
 def num_experts(model: PreTrainedModel) -> int:
-    return int(model.config.num_local_experts)
+    return families.num_experts(model.config)
 
 
 def routed_token_counts(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:

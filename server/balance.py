@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from aggregation.specialization import consortium_load, routing_entropy, top_member_share
+from model import families
 from model.lora import LoraMoE, expert_of
 from server.secure import Sums
 from server.validate import Received
@@ -23,7 +24,7 @@ def observe_expert_load(
 ) -> tuple[torch.Tensor | None, float, dict[str, object]]:
     """(consortium load (L, E) or None when nothing was routed, a member's part of it, specialization)."""
     config = lora.model.config
-    layers, experts = int(config.num_hidden_layers), int(config.num_local_experts)
+    layers, experts = int(config.num_hidden_layers), families.num_experts(config)
     counts: dict[str, float] = {}
     if secure:
         for _, weights in group_sums.values():  # every tensor of an expert carries its routed tokens

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from model import families
 
 from model.precision import select_precision
 from server.workspace import Workspace
@@ -65,8 +67,11 @@ def init_workspace(
     staging = ws.root / ".base-staging"
     shutil.rmtree(staging, ignore_errors=True)
     if from_pretrained is not None:
+        # refused up front, in one line naming what is missing, not later inside every member
+        families.check_supported(AutoConfig.from_pretrained(from_pretrained))
         log(f"using the HF checkpoint {from_pretrained} as the frozen base")
         model = AutoModelForCausalLM.from_pretrained(from_pretrained)
+        families.check_supported(model.config, [name for name, _ in model.named_parameters()])
         tokenizer = AutoTokenizer.from_pretrained(from_pretrained)
     else:
         general = read_texts(ws.general_dir)
