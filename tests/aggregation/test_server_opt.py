@@ -9,9 +9,11 @@ import torch
 
 from aggregation.server_opt import ServerOptError, ServerOptimizer, check_state
 
-X0 = {"a": torch.tensor([1.0, -2.0, 0.5]), "expert.0": torch.tensor([0.25, 0.25])}
-D1 = {"a": torch.tensor([0.1, -0.2, 0.0]), "expert.0": torch.tensor([0.5, -0.5])}
-D2 = {"a": torch.tensor([-0.3, 0.1, 0.2])}  # expert.0 not trained in round 2
+A = "model.layers.0.self_attn.q_proj.lora_B.weight"  # an attention adapter
+E0 = "model.layers.0.mlp.experts.down_proj.lora_B.e0"  # one routed expert
+X0 = {A: torch.tensor([1.0, -2.0, 0.5]), E0: torch.tensor([0.25, 0.25])}
+D1 = {A: torch.tensor([0.1, -0.2, 0.0]), E0: torch.tensor([0.5, -0.5])}
+D2 = {A: torch.tensor([-0.3, 0.1, 0.2])}  # the expert not trained in round 2
 
 
 def run(opt: ServerOptimizer, *deltas: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -27,8 +29,8 @@ def close(tensor: torch.Tensor, expected: list[float]) -> None:
 
 def test_fedavg_with_unit_lr_adds_the_mean_update_exactly() -> None:
     state, opt_state = run(ServerOptimizer(), D1, D2)
-    assert torch.equal(state["a"], X0["a"] + D1["a"] + D2["a"])
-    assert torch.equal(state["expert.0"], X0["expert.0"] + D1["expert.0"])
+    assert torch.equal(state[A], X0[A] + D1[A] + D2[A])
+    assert torch.equal(state[E0], X0[E0] + D1[E0])
     assert opt_state == {}
 
 
@@ -36,10 +38,10 @@ def test_fedavgm_accumulates_momentum() -> None:
     eta, beta = 0.5, 0.9
     state, opt_state = run(ServerOptimizer("fedavgm", lr=eta, momentum=beta), D1, D2)
     for i in range(3):
-        v1 = D1["a"][i].item()
-        v2 = beta * v1 + D2["a"][i].item()
-        close(state["a"][i : i + 1], [X0["a"][i].item() + eta * v1 + eta * v2])
-        close(opt_state["v/a"][i : i + 1], [v2])
+        v1 = D1[A][i].item()
+        v2 = beta * v1 + D2[A][i].item()
+        close(state[A][i : i + 1], [X0[A][i].item() + eta * v1 + eta * v2])
+        close(opt_state[f"v/{A}"][i : i + 1], [v2])
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
@@ -47,19 +49,19 @@ def test_adaptive_steps_match_the_hand_computed_ones(name: str) -> None:
     eta, b1, b2, tau = 0.01, 0.9, 0.99, 1e-3
     state, opt_state = run(ServerOptimizer(name, lr=eta, beta1=b1, beta2=b2, tau=tau), D1, D2)
     for i in range(3):
-        x = X0["a"][i].item()
+        x = X0[A][i].item()
         m = v = 0.0
-        for t, d in ((1, D1["a"][i].item()), (2, D2["a"][i].item())):
+        for t, d in ((1, D1[A][i].item()), (2, D2[A][i].item())):
             m = b1 * m + (1 - b1) * d
             if name == "fedadam":
                 v = b2 * v + (1 - b2) * d * d
             else:
                 v = v - (1 - b2) * d * d * (1.0 if v > d * d else -1.0 if v < d * d else 0.0)
             x += eta * (m / (1 - b1**t)) / (math.sqrt(v / (1 - b2**t)) + tau)
-        close(state["a"][i : i + 1], [x])
-        close(opt_state["m/a"][i : i + 1], [m])
-        close(opt_state["v/a"][i : i + 1], [v])
-    assert int(opt_state["t/a"]) == 2
+        close(state[A][i : i + 1], [x])
+        close(opt_state[f"m/{A}"][i : i + 1], [m])
+        close(opt_state[f"v/{A}"][i : i + 1], [v])
+    assert int(opt_state[f"t/{A}"]) == 2
 
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
@@ -67,20 +69,20 @@ def test_an_untrained_expert_keeps_its_value_and_state(name: str) -> None:
     opt = ServerOptimizer(name, lr=0.1)
     after_1, state_1 = run(opt, D1)
     after_2, state_2 = opt.step(after_1, D2, state_1)
-    assert torch.equal(after_2["expert.0"], after_1["expert.0"])
-    for key in [k for k in state_1 if k.endswith("/expert.0")]:
+    assert torch.equal(after_2[E0], after_1[E0])
+    for key in [k for k in state_1 if k.endswith(f"/{E0}")]:
         assert torch.equal(state_2[key], state_1[key]), key
-    assert not torch.equal(after_2["a"], after_1["a"])
+    assert not torch.equal(after_2[A], after_1[A])
     if name != "fedavgm":  # its own step count: trained once, so its next step is its second
-        assert int(state_2["t/expert.0"]) == 1 and int(state_2["t/a"]) == 2
-        after_3, state_3 = opt.step(after_2, {"expert.0": D1["expert.0"]}, state_2)
-        assert int(state_3["t/expert.0"]) == 2
+        assert int(state_2[f"t/{E0}"]) == 1 and int(state_2[f"t/{A}"]) == 2
+        after_3, state_3 = opt.step(after_2, {E0: D1[E0]}, state_2)
+        assert int(state_3[f"t/{E0}"]) == 2
 
 
 def test_the_first_adaptive_step_is_about_lr_per_coordinate() -> None:
     # bias correction: m̂ = Δ, v̂ = Δ², so the first step is η Δ / (|Δ| + τ) ≈ η sign(Δ)
-    state, _ = run(ServerOptimizer("fedadam", lr=0.01, tau=1e-9), {"a": torch.tensor([0.1, -3.0, 0.0])})
-    close(state["a"] - X0["a"], [0.01, -0.01, 0.0])
+    state, _ = run(ServerOptimizer("fedadam", lr=0.01, tau=1e-9), {A: torch.tensor([0.1, -3.0, 0.0])})
+    close(state[A] - X0[A], [0.01, -0.01, 0.0])
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -98,19 +100,19 @@ def test_updates_that_do_not_fit_the_state_are_refused() -> None:
     with pytest.raises(ServerOptError, match="unknown tensor 'b'"):
         opt.step(X0, {"b": torch.zeros(3)}, {})
     with pytest.raises(ServerOptError, match=r"shape \(2,\), expected \(3,\)"):
-        opt.step(X0, {"a": torch.zeros(2)}, {})
+        opt.step(X0, {A: torch.zeros(2)}, {})
 
 
 def test_committed_state_is_checked_against_the_trainable_state() -> None:
-    shapes = {"a": (3,), "expert.0": (2,)}
+    shapes = {A: (3,), E0: (2,)}
     _, good = run(ServerOptimizer("fedyogi"), D1, D2)
     check_state(good, shapes, "round-0002")
     bad_cases = [
         ({**good, "m/gone": torch.zeros(3)}, "names no tensor"),
         ({**good, "q/a": torch.zeros(3)}, "names no tensor"),
-        ({**good, "v/a": torch.zeros(4)}, r"shape \(4,\), expected \(3,\)"),
-        ({**good, "t/a": torch.tensor([2])}, r"shape \(1,\), expected \(\)"),
-        ({**good, "m/a": torch.tensor([0.0, float("inf"), 0.0])}, "not finite"),
+        ({**good, f"v/{A}": torch.zeros(4)}, r"shape \(4,\), expected \(3,\)"),
+        ({**good, f"t/{A}": torch.tensor([2])}, r"shape \(1,\), expected \(\)"),
+        ({**good, f"m/{A}": torch.tensor([0.0, float("inf"), 0.0])}, "not finite"),
     ]
     for state, message in bad_cases:
         with pytest.raises(ServerOptError, match=message):
@@ -123,17 +125,17 @@ def test_warmup_ramps_the_server_lr_per_tensor_over_its_own_steps() -> None:
     eta, b1, b2, tau, w = 0.01, 0.9, 0.99, 1e-3, 4
     state, opt_state = run(ServerOptimizer("fedyogi", lr=eta, beta1=b1, beta2=b2, tau=tau, warmup=w), D1, D2)
     for i in range(3):
-        x, m, v = X0["a"][i].item(), 0.0, 0.0
-        for t, d in ((1, D1["a"][i].item()), (2, D2["a"][i].item())):
+        x, m, v = X0[A][i].item(), 0.0, 0.0
+        for t, d in ((1, D1[A][i].item()), (2, D2[A][i].item())):
             m = b1 * m + (1 - b1) * d
             v = v - (1 - b2) * d * d * (1.0 if v > d * d else -1.0 if v < d * d else 0.0)
             x += eta * (t / w) * (m / (1 - b1**t)) / (math.sqrt(v / (1 - b2**t)) + tau)
-        close(state["a"][i : i + 1], [x])
+        close(state[A][i : i + 1], [x])
     # fedavg keeps only the step count it needs for the ramp: 1/2 of the mean, then all of it
     state, opt_state = run(ServerOptimizer("fedavg", lr=1.0, warmup=2), D1, D2, D2)
-    close(state["a"], (X0["a"] + 0.5 * D1["a"] + D2["a"] + D2["a"]).tolist())
-    close(state["expert.0"], (X0["expert.0"] + 0.5 * D1["expert.0"]).tolist())
-    assert int(opt_state["t/a"]) == 3 and int(opt_state["t/expert.0"]) == 1
+    close(state[A], (X0[A] + 0.5 * D1[A] + D2[A] + D2[A]).tolist())
+    close(state[E0], (X0[E0] + 0.5 * D1[E0]).tolist())
+    assert int(opt_state[f"t/{A}"]) == 3 and int(opt_state[f"t/{E0}"]) == 1
     with pytest.raises(ServerOptError, match="server-warmup must be >= 0"):
         ServerOptimizer(warmup=-1)
 
