@@ -119,11 +119,12 @@ def test_a_step_with_server_optimizer_settings_that_are_not_one_is_refused(setti
     from protos.messages import ProtocolError
     from test_config_protocol import _ins as instruction
 
-    held = step_view({"w": torch.zeros(4)}, {})
-    ok = replay_step(held, encode_step({"w": torch.ones(4)}), replace(instruction(), server_optimizer=json.dumps(GOOD_SETTINGS)))
-    assert int(ok["opt/t/w"]) == 1 and float(ok["w"][0]) > 0  # the good settings step
+    W = "model.layers.0.self_attn.q_proj.lora_B.weight"  # a name the MoE families describe
+    held = step_view({W: torch.zeros(4)}, {})
+    ok = replay_step(held, encode_step({W: torch.ones(4)}), replace(instruction(), server_optimizer=json.dumps(GOOD_SETTINGS)))
+    assert int(ok[f"opt/t/{W}"]) == 1 and float(ok[W][0]) > 0  # the good settings step
     with pytest.raises((ProtocolError, ServerOptError), match="server"):
-        replay_step(held, encode_step({"w": torch.ones(4)}), replace(instruction(), server_optimizer=settings))
+        replay_step(held, encode_step({W: torch.ones(4)}), replace(instruction(), server_optimizer=settings))
 
 
 def test_two_runs_on_the_same_nodes_keep_their_own_views(ws: Workspace) -> None:
