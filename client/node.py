@@ -27,6 +27,7 @@ from protos.messages import LOCAL_OPTIMIZERS, ProtocolError, TrainInstruction, T
 from model.base import Base, load_base
 from model.corpus import DataError
 from model.member_data import TEXT, Document, read_documents
+from model.quantize import QUANTIZATIONS, quantize_base
 from model.quality import ROUNDS_PER_LEVEL, QualityReport, clean, curriculum_levels, grade
 from model.io import atomic_write_json, load_tensors, save_tensors, tensors_from_bytes
 from model.lora import LoraMoE
@@ -54,9 +55,19 @@ class Node:
     data_column: str = TEXT  # the plain-text field of .jsonl/.json/.csv/.parquet records
     data_pipeline: bool = False  # model/quality.py: duplicates and junk dropped, a curriculum
     curriculum_levels: int = 1  # difficulty levels opened one by one over the rounds (1: none)
+    base_quantization: str = "none"  # model/quantize.py: the frozen base held in int8 or nf4 here
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object], ins: NodeHints) -> Node:
+        """`_from_node_config`, with the member's choice of base quantization (either kind of node)."""
+        node = cls._from_node_config(node_config, ins)
+        quantization = str(node_config.get("base-quantization", "none"))
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"node config base-quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+        return replace(node, base_quantization=quantization)
+
+    @classmethod
+    def _from_node_config(cls, node_config: Mapping[str, object], ins: NodeHints) -> Node:
         """A SuperNode names its data explicitly; a simulated node is a partition of the demo."""
         if "data-path" in node_config:
             data = Path(str(node_config["data-path"]))
@@ -86,16 +97,20 @@ class Node:
 
 # One base per process: Flower reuses a node's process across rounds, and a simulation actor
 # serves several members in turn; the trainable state is reset from the message every round.
-_LOADED: dict[tuple[str, str], tuple[Base, LoraMoE]] = {}
+_LOADED: dict[tuple[str, str, str], tuple[Base, LoraMoE]] = {}
 
 
-def load_member_model(base_path: Path, sha256: str) -> tuple[Base, LoraMoE]:
-    """The round's base (checked against its sha256) with the LoRA attached, cached per process."""
-    key = (str(base_path), sha256)
+def load_member_model(base_path: Path, sha256: str, quantization: str = "none") -> tuple[Base, LoraMoE]:
+    """The round's base (checked against its sha256) with the LoRA attached, its frozen weights
+    quantized as the member chose (model/quantize.py), cached per process."""
+    key = (str(base_path), sha256, quantization)
     if key not in _LOADED:
         base = load_base(base_path, expected_sha256=sha256)
-        _LOADED.clear()
-        _LOADED[key] = (base, base.with_lora())
+        for other in [k for k in _LOADED if k[:2] != key[:2]]:  # another base: one per process
+            del _LOADED[other]
+        lora = base.with_lora()
+        quantize_base(lora.model, quantization)
+        _LOADED[key] = (base, lora)
     return _LOADED[key]
 
 
@@ -278,7 +293,7 @@ def expert_load_of(ins: TrainInstruction, lora: LoraMoE) -> torch.Tensor | None:
 def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
     if ins.local_opt not in LOCAL_OPTIMIZERS:
         raise ProtocolError(f"TRAIN local_opt {ins.local_opt!r} is not one of {', '.join(LOCAL_OPTIMIZERS)}")
-    base, lora = load_member_model(node.base_path, ins.base_sha256)
+    base, lora = load_member_model(node.base_path, ins.base_sha256, node.base_quantization)
     blocks, labels = member_blocks(node, base, ins.seq_len, lora, ins.round)
     state = receive_state(ins, node)
     precision = select_precision(ins.precision, node.device)
@@ -299,7 +314,8 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         precision,
         labels=labels,
     )
-    return reply_for(result, ins, node, lora, precision.name)
+    quantized = f" on an {node.base_quantization} base" if node.base_quantization != "none" else ""
+    return reply_for(result, ins, node, lora, precision.name + quantized)
 
 
 def reply_for(result: TrainResult, ins: TrainInstruction, node: Node, lora: LoraMoE, precision: str) -> TrainReply:

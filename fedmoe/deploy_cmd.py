@@ -246,6 +246,7 @@ def join_command(
     data_column: Annotated[str, typer.Option(help="The plain-text field of .jsonl/.json/.csv/.parquet records.")] = "text",
     data_pipeline: Annotated[bool, typer.Option(help="Drop duplicates and junk before training (report: <state-dir>/data-quality.json).")] = True,
     curriculum_levels: Annotated[int, typer.Option(min=1, max=10, help="With the pipeline: difficulty levels opened easy to hard, one more every 2 rounds (1: none).")] = 3,
+    base_quantization: Annotated[str, typer.Option(help="Hold the frozen base in int8 or nf4 on this member (none: as the operator made it).")] = "none",
 ) -> None:
     """Member daemon: check data, certificates, keys and roster, then run a SuperNode with them
     as node config; stop cleanly on SIGTERM."""
@@ -253,6 +254,10 @@ def join_command(
     try:
         if secagg_min_group < 2:
             raise DeployError(f"--secagg-min-group {secagg_min_group}: must be >= 2")
+        from model.quantize import QUANTIZATIONS
+
+        if base_quantization not in QUANTIZATIONS:
+            raise DeployError(f"--base-quantization {base_quantization!r}: must be one of {', '.join(QUANTIZATIONS)}")
         if hub:
             from fedmoe.hub_cmd import base_from_hub
 
@@ -263,7 +268,8 @@ def join_command(
                                         clientapp_port, flwr_home, log_file, roster, secagg_min_group,
                                         trusted_entities or ca.parent / "trusted-entities.yaml",
                                         {"data-column": data_column, "data-pipeline": "on" if data_pipeline else "off",
-                                         "curriculum-levels": str(curriculum_levels)})
+                                         "curriculum-levels": str(curriculum_levels),
+                                         "base-quantization": base_quantization})
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
     try:
