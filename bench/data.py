@@ -12,21 +12,41 @@ repeats one phrase, and near copies of real documents (a few words touched). Row
 Every row trains the same number of steps of the same batch shape (equal training tokens) with
 the production trainer (`client/trainer.py`) and its labels. Writes bench/results/data.json:
 `ppl_gain_pipeline` (1 - ppl(pipeline) / ppl(raw), target >= 0.05), the other rows' gains, what
-the pipeline dropped (counted from its report), and the keys of the issue this benchmark does
-not measure yet as null with the reason.
-Run: `.venv/bin/python bench/data.py [--member legal] [--steps 150]` (~3 min on 2 cores).
+the pipeline dropped (counted from its report).
+
+`--part int8` (model/quantize.py): the frozen base held in bf16 vs int8 (and nf4). Memory, each arm
+in its own process: the frozen weights' bytes counted tensor by tensor (`base_memory_ratio_int8`,
+target <= 0.55), the process's resident memory before training and its peak while training
+(sampled every 5 ms), and tokens/s, on a base with a real MoE's proportions (experts most of the
+weights; built at random, no training needed to weigh it). Quality, in this process: the same
+member trains the same steps from the demo base with its frozen weights in bf16 and in int8,
+scored on its validation set (`ppl_rel_diff_int8` = |ppl(int8) / ppl(bf16) - 1|, target <= 0.02).
+
+`--part families`: a tiny checkpoint of each supported MoE family is adopted by `fedmoe init
+--from-pretrained`, two members train one federated round (the real ClientApp through the test
+suite's in-process grid), every MoE layer's experts change, and the release loads with
+transformers + peft and changes the logits (`families_supported`, target >= 5).
+Run: `.venv/bin/python bench/data.py [--part all|pipeline|int8|families] [--member legal] [--steps 150]`
+(~3 min per part on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import psutil
+import torch
 
 from rich.console import Console
 from rich.table import Table
@@ -35,9 +55,12 @@ from client.node import base_losses
 from client.trainer import TrainConfig, train_local
 from model.base import load_base
 from model.chatter import silence_library_chatter
+from model.lora import LoraMoE, LoraSpec
 from model.member_data import read_documents
+from model.moe import MoEConfig, build_model
 from model.precision import select_precision
 from model.quality import QualityReport, clean, grade
+from model.quantize import base_weight_bytes, quantize_base
 from model.tokenizer import pack_documents
 from server.config import RunConfig
 from server.evaluation import evaluate, validation_sets
@@ -45,6 +68,7 @@ from server.init import InitConfig, init_workspace
 from server.workspace import Workspace
 
 RESULTS = Path(__file__).parent / "results" / "data.json"
+TESTS = Path(__file__).parents[1] / "tests"
 LEVELS = 3
 
 
@@ -75,9 +99,11 @@ def plant(folder: Path, texts: list[str], seed: int) -> dict[str, int]:
     return kinds
 
 
-def train_row(label: str, ws: Workspace, blocks_by_phase: list[tuple], steps: int, cfg: RunConfig, console: Console) -> dict:
+def train_row(label: str, ws: Workspace, blocks_by_phase: list[tuple], steps: int, cfg: RunConfig, console: Console,
+              quantization: str = "none") -> dict:
     base = load_base(ws.base)
     lora = base.with_lora()
+    quantize_base(lora.model, quantization)
     val = validation_sets(ws, base, cfg)
     state = lora.get_state()
     precision = select_precision(cfg.precision)
@@ -97,18 +123,7 @@ def train_row(label: str, ws: Workspace, blocks_by_phase: list[tuple], steps: in
     return {"training_tokens": tokens, "val_loss": losses, "seconds": time.perf_counter() - began}
 
 
-def main() -> None:
-    silence_library_chatter()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
-    parser.add_argument("--member", default="legal")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    console = Console()
-    ws = Workspace(args.workspace.resolve())
-    init_workspace(ws, InitConfig(), log=console.print)
-    cfg = RunConfig.from_user_config({"workspace": str(ws.root)})
+def pipeline_part(args: argparse.Namespace, ws: Workspace, cfg: RunConfig, console: Console) -> dict:
     base = load_base(ws.base)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.member
@@ -141,22 +156,192 @@ def main() -> None:
         table.add_row(label, f"{row['training_tokens']:,}", f"{math.exp(loss):.2f}", f"{row['ppl_gain_vs_raw']:+.1%}",
                       f"{row['seconds'] / rows['raw']['seconds']:.2f}")
     console.print(table)
-    not_built = "not measured: the quantized base (issue 16 item 4) is not built yet"
-    result = {
+    return {
         "ppl_gain_pipeline": rows["pipeline"]["ppl_gain_vs_raw"],
         "ppl_gain_pipeline_curriculum": rows["pipeline + curriculum"]["ppl_gain_vs_raw"],
-        "targets": {"ppl_gain_pipeline": 0.05, "base_memory_ratio_int8": 0.55, "ppl_rel_diff_int8": 0.02,
-                    "families_supported": 5},
-        "base_memory_ratio_int8": None, "ppl_rel_diff_int8": None, "int8": not_built,
         "member": args.member, "steps": args.steps, "planted_junk_files": planted,
         "documents": len(docs), "kept": len(kept), "junk_files_dropped": junk_dropped,
         "real_documents_dropped": report.dropped() - junk_dropped, "rows": rows,
     }
+
+
+# a base with a real MoE's proportions (OLMoE, Mixtral: the experts hold ~90% of the weights)
+MEMORY_MODEL = MoEConfig(vocab_size=8192, hidden_size=384, intermediate_size=768, num_layers=6, num_heads=6,
+                         num_kv_heads=2, num_experts=16, top_k=2)
+
+
+def memory_arm(mode: str, steps: int) -> dict:
+    """One arm of the memory measurement, in its own process: the base built in bf16 (never in
+    fp32), the LoRA attached, the frozen base left in bf16 or quantized, then `steps` training steps."""
+    process = psutil.Process()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    model = build_model(MEMORY_MODEL)
+    torch.set_default_dtype(torch.float32)
+    spec = LoraSpec(train_head=True)
+    lora = LoraMoE(model, spec, LoraMoE.make_lora_init(model, spec, seed=0))
+    quantize_base(lora.model, mode if mode != "bf16" else "none")
+    gc.collect()
+    weights = base_weight_bytes(lora.model)
+    rss_before = process.memory_info().rss
+    peak = [rss_before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    blocks = torch.randint(0, MEMORY_MODEL.vocab_size, (64, 128), generator=torch.Generator().manual_seed(0))
+    result = train_local(lora, lora.get_state(), blocks, TrainConfig(local_steps=steps, batch_size=4, lr=1e-3, seed=0,
+                                                                      min_expert_tokens=0), select_precision("auto"))
+    done.set()
+    sampler.join()
+    return {"base_weight_bytes": weights, "rss_before_training": rss_before, "rss_peak_training": peak[0],
+            "tokens_per_s": result.num_tokens / result.seconds, "tokens": result.num_tokens, "train_loss": result.train_loss}
+
+
+def int8_part(args: argparse.Namespace, ws: Workspace, cfg: RunConfig, console: Console) -> dict:
+    arms = {}
+    for mode in ("bf16", "int8", "nf4"):
+        out = subprocess.run([sys.executable, __file__, "--memory-arm", mode, "--memory-steps", str(args.memory_steps)],
+                             capture_output=True, text=True, check=True)
+        arms[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        console.print(f"memory arm {mode}: {arms[mode]}")
+    base = load_base(ws.base)
+    blocks = [pack_documents(base.tokenizer, read_documents(ws.members_dir / args.member), cfg.seq_len)]
+    quality = {mode: train_row(f"{args.member}, {mode} base", ws, blocks, args.steps, cfg, console, quantization=q)
+               for mode, q in (("bf16", "none"), ("int8", "int8"), ("nf4", "nf4"))}
+    ppl = {mode: math.exp(row["val_loss"][args.member]) for mode, row in quality.items()}
+    bf16 = arms["bf16"]
+    table = Table(title=f"frozen base in bf16 vs quantized: memory ({MEMORY_MODEL.num_layers} layers x "
+                        f"{MEMORY_MODEL.num_experts} experts, {args.memory_steps} steps), quality ({args.member}, {args.steps} steps)")
+    for col in ("base", "weight bytes", "vs bf16", "RSS peak training", "vs bf16", "tokens/s vs bf16",
+                f"{args.member} val ppl", "vs bf16"):
+        table.add_column(col, justify="right")
+    for mode, arm in arms.items():
+        table.add_row(mode, f"{arm['base_weight_bytes'] / 2**20:.1f} MiB", f"{arm['base_weight_bytes'] / bf16['base_weight_bytes']:.3f}",
+                      f"{arm['rss_peak_training'] / 2**20:.0f} MiB", f"{arm['rss_peak_training'] / bf16['rss_peak_training']:.3f}",
+                      f"{arm['tokens_per_s'] / bf16['tokens_per_s']:.2f}", f"{ppl[mode]:.2f}", f"{ppl[mode] / ppl['bf16']:.4f}")
+    console.print(table)
+    return {
+        "base_memory_ratio_int8": arms["int8"]["base_weight_bytes"] / bf16["base_weight_bytes"],
+        "base_memory_ratio_nf4": arms["nf4"]["base_weight_bytes"] / bf16["base_weight_bytes"],
+        "ppl_rel_diff_int8": abs(ppl["int8"] / ppl["bf16"] - 1),
+        "ppl_rel_diff_nf4": abs(ppl["nf4"] / ppl["bf16"] - 1),
+        "rss_peak_ratio_int8": arms["int8"]["rss_peak_training"] / bf16["rss_peak_training"],
+        "tokens_per_s_ratio_int8": arms["int8"]["tokens_per_s"] / bf16["tokens_per_s"],
+        "int8": {"memory_model": MEMORY_MODEL.as_dict(), "memory_steps": args.memory_steps, "memory_arms": arms,
+                 "quality_member": args.member, "quality_steps": args.steps, "quality_ppl": ppl,
+                 "quality_rows": quality,
+                 "bf16_quality_arm": "the frozen weights stored fp32 and run under bf16 autocast (what a member runs by "
+                                     "default); the int8 and nf4 arms dequantize to fp32 under the same autocast"},
+    }
+
+
+def families_part(args: argparse.Namespace, ws: Workspace, cfg: RunConfig, console: Console) -> dict:
+    sys.path[:0] = [str(TESTS / "model"), str(TESTS / "server"), str(TESTS)]
+    from family_configs import FAMILIES, tiny_config  # the test suite's tiny checkpoints, one per family
+    from fake_grid import FakeGrid, task_identity  # the real ClientApp, messages passed in process
+    from conftest import TINY_INIT
+
+    outcome = {}
+    for family in sorted(FAMILIES):
+        began = time.perf_counter()
+        try:
+            check_family(family, ws, FAMILIES, tiny_config, FakeGrid, task_identity, TINY_INIT)
+            outcome[family] = "passed"
+        except Exception as exc:  # noqa: BLE001 - a benchmark row records what failed and goes on
+            outcome[family] = f"failed: {type(exc).__name__}: {exc}"
+        console.print(f"{family}: {outcome[family]} ({time.perf_counter() - began:.1f} s)")
+    return {"families_supported": sum(v == "passed" for v in outcome.values()), "families": outcome}
+
+
+def check_family(family: str, demo: Workspace, configs: dict, tiny_config, FakeGrid, task_identity, init) -> None:  # noqa: ANN001, N803
+    """Adopt a tiny checkpoint, train one round with two members, release, load the release."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from client.app import app
+    from model import families
+    from model.lora import expert_of
+    from server.checkpoint import Checkpoints
+    from server.release import export_release
+    from server.rounds import run_rounds
+    from server.summary import LogReporter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(demo.base)
+        torch.manual_seed(0)
+        checkpoint = Path(tmp) / "checkpoint"
+        AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=len(tokenizer))).save_pretrained(checkpoint)
+        tokenizer.save_pretrained(checkpoint)
+        ws = Workspace(Path(tmp) / "ws")
+        shutil.copytree(demo.corpora, ws.corpora)
+        init_workspace(ws, init, from_pretrained=checkpoint, log=lambda _: None)
+        config = RunConfig(workspace=str(ws.root), num_rounds=1, local_steps=2, batch_size=4, seq_len=32,
+                           eval_batches=1, min_expert_tokens=1, min_members=2, round_timeout=120.0, codec="fp16",
+                           contribution="off")
+        with task_identity():
+            run_rounds(FakeGrid(app, 2), config, LogReporter(), run_name="families")
+        checkpoints = Checkpoints(ws.run_dir("families"))
+        before, after = checkpoints.load(0), checkpoints.load(1)
+        if before is None or after is None:
+            raise RuntimeError("round 1 was not committed")
+        changed = {n for n in after.state if not torch.equal(after.state[n], before.state[n])}
+        trained = {int(expert_of(n).split(":")[0]) for n in changed if expert_of(n)}
+        moe = families.moe_layers(load_base(ws.base).model)
+        if trained != set(moe):
+            raise RuntimeError(f"experts changed in layers {sorted(trained)}, MoE layers are {moe}")
+        release = export_release(ws.base, after.state, Path(tmp) / "release", round=1)
+        ids = torch.randint(0, len(tokenizer), (1, 8))
+        with torch.no_grad():
+            plain = AutoModelForCausalLM.from_pretrained(release.path / "base")
+            base_logits = plain(input_ids=ids).logits
+            logits = PeftModel.from_pretrained(plain, release.path / "adapter")(input_ids=ids).logits
+        if type(plain).__name__ != configs[family][1] or not torch.isfinite(logits).all() \
+                or torch.allclose(logits, base_logits):
+            raise RuntimeError("the release does not load as the family's model with a working adapter")
+
+
+PARTS = {"pipeline": pipeline_part, "int8": int8_part, "families": families_part}
+
+
+def main() -> None:
+    silence_library_chatter()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", type=Path, default=Path(".fedmoe/demo"))
+    parser.add_argument("--part", choices=["all", *PARTS], default="all")
+    parser.add_argument("--member", default="legal")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--memory-steps", type=int, default=6)
+    parser.add_argument("--memory-arm", choices=["bf16", "int8", "nf4"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.memory_arm:
+        print(json.dumps(memory_arm(args.memory_arm, args.memory_steps)))
+        return
+    console = Console(width=max(Console().width, 140))  # the tables stay readable in a log
+    ws = Workspace(args.workspace.resolve())
+    init_workspace(ws, InitConfig(), log=console.print)
+    cfg = RunConfig.from_user_config({"workspace": str(ws.root)})
+    result: dict = {"targets": {"ppl_gain_pipeline": 0.05, "base_memory_ratio_int8": 0.55, "ppl_rel_diff_int8": 0.02,
+                                "families_supported": 5}}
+    for name, part in PARTS.items():
+        if args.part in ("all", name):
+            result.update(part(args, ws, cfg, console))
+            result[f"commit_{name}"] = commit()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.is_file():  # keep what other parts of this benchmark wrote (families_supported)
+    if args.out.is_file():  # keep what the parts not run this time wrote
         result = {**json.loads(args.out.read_text()), **result}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {args.out}")
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return out.stdout.strip()
 
 
 if __name__ == "__main__":
