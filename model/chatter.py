@@ -7,7 +7,6 @@ simulation engine load — call `silence_library_chatter()` so round progress st
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 
@@ -18,6 +17,3 @@ def silence_library_chatter() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # bitsandbytes' CPU backend (a member's quantized base, model/quantize.py) tries to fetch an
-    # optional kernel from the Hugging Face hub on import and logs a warning when it cannot
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
