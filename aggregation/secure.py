@@ -24,6 +24,11 @@ only ceil(log2(n*2*qmax + 1)) bits: 12 bits for 10 members with int8, against 8 
 aggregation. Counts are exact integers (limbs are recombined after summing); updates are the
 codec's integers summed exactly (decode_integers / dequantize_sum).
 
+Member-level DP (privacy/distributed_dp.py): with `noise_variance` > 0 every member adds its share
+of Skellam noise to the update elements (not to the counts) before masking, so a sum's elements
+may stray `headroom` below 0 or above n*2*qmax; the ring is that much wider, and a sum's element
+above the top of that range is a negative one wrapped around the ring.
+
 Written here: no library joins a codec to a masking protocol; the arithmetic is a few lines.
 """
 
@@ -39,7 +44,8 @@ from aggregation.codec import decode_integers, dequantize_sum
 from aggregation.codec_config import CodecConfig
 from aggregation.quantize import shared_scale
 from aggregation.sparsify import kept_count
-from privacy.secagg import ring_bits_for
+from privacy.distributed_dp import headroom
+from privacy.secagg import MAX_RING_BITS, InvalidInput, ring_bits_for
 
 TOKENS = "tokens"  # the weight group of every tensor that belongs to no expert
 
@@ -57,6 +63,7 @@ class SecureLayout:
     codec: CodecConfig  # secure-compatible: shared clip, no topk
     codec_seed: int  # the round's shared seed (random-k coordinates)
     budget: int  # the round's token budget (local_steps * batch_size * seq_len)
+    noise_variance: float = 0.0  # member-level DP: Skellam noise variance every unmasked sum carries at least
     _kept: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -96,9 +103,23 @@ class SecureLayout:
     def vector_length(self) -> int:
         return sum(self._kept.values()) + len(self.weight_groups) * self.limbs
 
-    def ring_bits(self, members: int) -> int:
-        """Bits the sum of `members` vectors needs without wrapping."""
-        return ring_bits_for(members, self.qmax)
+    @property
+    def update_elements(self) -> int:
+        """The leading elements of the vector that carry the update (the counts follow)."""
+        return sum(self._kept.values())
+
+    def headroom(self, members: int, threshold: int) -> int:
+        """How far DP noise moves a sum of `members` inputs outside [0, members*2*qmax]."""
+        return headroom(self.noise_variance, members, threshold)
+
+    def ring_bits(self, members: int, threshold: int = 1) -> int:
+        """Bits the sum of `members` vectors needs without wrapping (noise headroom on both sides)."""
+        bits = ring_bits_for(members, self.qmax)
+        if self.noise_variance > 0:
+            bits = max(bits, (members * 2 * self.qmax + 2 * self.headroom(members, threshold)).bit_length())
+            if bits > MAX_RING_BITS:
+                raise InvalidInput(f"noise variance {self.noise_variance:g} needs a {bits}-bit ring > {MAX_RING_BITS}")
+        return bits
 
     def weights(self, num_tokens: int, expert_tokens: Mapping[str, int]) -> dict[str, int]:
         """Each weight group's count, clipped to the budget (what the member may claim)."""
@@ -143,23 +164,35 @@ class SecureLayout:
         return torch.cat(parts).to(torch.int64)
 
     def decode_sum(
-        self, total: torch.Tensor, members: int
+        self, total: torch.Tensor, members: int, *, threshold: int = 1, ring_bits: int = 0
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """(sum_i w_i * delta_i, sum_i w_i) per tensor from the sum of `members` inputs.
 
-        Weights are in units of the budget; a tensor whose weight sum is 0 is left out.
+        Weights are in units of the budget; a tensor whose weight sum is 0 is left out. With DP
+        noise, `threshold` and `ring_bits` are the group's: the noise's headroom and the ring
+        its negative elements wrapped around.
         """
         if total.shape != (self.vector_length,):
             raise SecureInputError(f"sum has shape {tuple(total.shape)}, expected ({self.vector_length},)")
-        # Every honest input element is in [0, 2*qmax], so the sum of `members` of them is in
-        # [0, members*2*qmax]: anything outside means some member fed in out-of-range elements.
-        # (In-range garbage cannot be told from an update here; that would take range proofs.)
-        low, high = int(total.min()), int(total.max())
-        if low < 0 or high > members * 2 * self.qmax:
-            raise SecureInputError(
-                f"sum of {members} inputs has elements in [{low}, {high}], outside [0, {members * 2 * self.qmax}]: "
-                "a member's input was out of range"
-            )
+        spread = self.headroom(members, threshold)
+        if spread:
+            if not ring_bits:
+                raise SecureInputError("a sum with DP noise needs its ring width to be decoded")
+            total = total.clone()
+            update = total[: self.update_elements]
+            update[update > members * 2 * self.qmax + spread] -= 1 << ring_bits  # wrapped negatives
+        # Every honest input element is in [0, 2*qmax] (plus the noise's spread), so the sum of
+        # `members` of them is in [0, members*2*qmax]: anything outside means some member fed in
+        # out-of-range elements. (In-range garbage cannot be told from an update here; that would
+        # take range proofs.)
+        for part, lowest, highest in ((total[: self.update_elements], -spread, members * 2 * self.qmax + spread),
+                                      (total[self.update_elements:], 0, members * 2 * self.qmax)):
+            low, high = (int(part.min()), int(part.max())) if part.numel() else (0, 0)
+            if low < lowest or high > highest:
+                raise SecureInputError(
+                    f"sum of {members} inputs has elements in [{low}, {high}], outside [{lowest}, {highest}]: "
+                    "a member's input was out of range"
+                )
         offset = 0
         integers = {}
         for name in sorted(self.shapes):

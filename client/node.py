@@ -329,7 +329,8 @@ def reply_for(result: TrainResult, ins: TrainInstruction, node: Node, lora: Lora
         counts = layout.weights(result.num_tokens, result.expert_tokens)
         payload = compress_update(layout.prescale(result.delta, counts), ins, node, update_seed)
         trained_from = f"view {ins.view_sha256} round {ins.round} seed {ins.seed}"
-        secure.keep_input(node.state_dir, ins.run, ins.round, layout.encode(payload, counts), trained_from)
+        secure.keep_input(node.state_dir, ins.run, ins.round, layout.encode(payload, counts), trained_from,
+                          noise=secure.Noise(ins.dp_noise_variance, layout.update_elements))
         update, identity = b"", secure.public_bytes(secure.identity_key(node.state_dir))
     else:
         update = compress_update(result.delta, ins, node, update_seed)

@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from protos.messages import ProtocolError, SecAggMessage, RUN_NAME, TrainInstruc
 from model.io import load_tensors, save_tensors
 from model.lora import LoraMoE, expert_of
 from privacy.certs import CertError, load_cert
+from privacy.distributed_dp import skellam_share
 from privacy.roster import IDENTITY, verify_roster
 from privacy.roster import identity_key as roster_identity
 from privacy.secagg import ProtocolViolation, SecAggError, SecAggParams
@@ -77,7 +79,30 @@ def round_dir(state_dir: Path, run: str, rnd: int) -> Path:
     return state_dir / "secagg" / run / f"round-{rnd:05d}"
 
 
-def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor, trained_from: str = "") -> None:
+@dataclass(frozen=True)
+class Noise:
+    """Member-level DP (privacy/distributed_dp.py): the variance every unmasked sum carries and
+    the leading elements of the ring input it goes on (the update; the counts follow)."""
+
+    variance: float = 0.0
+    elements: int = 0
+
+    def share(self, vector: torch.Tensor, threshold: int, ring_bits: int) -> torch.Tensor:
+        """`vector` with this member's share (variance / threshold: any sum the operator can unmask
+        has at least `threshold` inputs), drawn from the OS's randomness, never from a seed the
+        operator knows (the trainer's is), and reduced into the ring."""
+        if self.variance <= 0:
+            return vector
+        if not 0 < self.elements <= vector.shape[0] or threshold < 1:
+            raise ProtocolViolation(f"DP noise on {self.elements} of {vector.shape[0]} elements, threshold {threshold}")
+        secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        noisy = vector.clone()
+        noisy[: self.elements] += skellam_share(self.variance / threshold, self.elements, secret)
+        return noisy % (1 << ring_bits)
+
+
+def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor, trained_from: str = "",
+               noise: Noise = Noise()) -> None:
     """Keep this round's ring input until the mask stage. Everything older goes, including an
     earlier attempt at this same round (a round the server re-runs is trained and keyed anew).
 
@@ -93,6 +118,7 @@ def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor, traine
     os.chmod(folder, 0o700)
     save_tensors(folder / "input.safetensors", {"x": vector})
     (folder / "trained-from").write_text(trained_from or f"run {run} round {rnd}")
+    (folder / "noise.json").write_text(json.dumps(asdict(noise)))
 
 
 def handle_stage(
@@ -168,6 +194,8 @@ def _answer(msg: SecAggMessage, session: MemberSession, folder: Path, state_dir:
         out: dict[str, object] = {"receivers": sorted(ciphertexts), "ciphertexts": [ciphertexts[r] for r in sorted(ciphertexts)]}
     elif msg.stage == "mask":
         x = load_tensors(folder / "input.safetensors")["x"]
+        noise = Noise(**json.loads((folder / "noise.json").read_text())) if (folder / "noise.json").is_file() else Noise()
+        x = noise.share(x, session.params.threshold, session.params.ring_bits)
         masked = session.masked_input(x, msg.pairs("senders", "ciphertexts"))
         out = {"packed": masked.packed}
     elif msg.stage == "check":

@@ -81,6 +81,8 @@ class RichReporter:
         if summary.shares:
             shares = "  ".join(f"{m} {s:.0%}" for m, s in sorted(summary.shares.items()))
             self.progress.console.print(f"  contribution shares so far: {shares}")
+        if summary.dp_member_epsilon is not None:
+            self.progress.console.print(f"  member-level DP: ε {summary.dp_member_epsilon:.2f} spent so far")
 
     def note(self, text: str) -> None:
         self.progress.console.print(f"[yellow]{text}[/yellow]")

@@ -15,15 +15,17 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 8  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
+PROTOCOL_VERSION = 9  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
 # 3: TRAIN carries the expert balance (`balance`, the consortium's `expert_load`, `balance_weight`)
 # 4: TRAIN carries the members' local optimizer (`local_opt`)
 # 5: TRAIN `state_kind` "step" (the member replays the server optimizer's step, `server_optimizer`)
 # 6: SecAgg's survivor-list check stage; sessions bound to run and group; no identities on the wire
 # 7: TRAIN carries the member-side L2 bound of the update (`update_clip`)
 # 8: TRAIN's `server_optimizer` carries the server lr's multiplier per parameter kind
+# 9: TRAIN carries the member-level DP noise variance every unmasked sum carries (`dp_noise_variance`)
 
 
+MAX_NOISE_VARIANCE = 1e24  # 9 standard deviations of it fit a 62-bit ring with room to spare
 LOCAL_OPTIMIZERS = ("adamw", "sgd")  # TRAIN `local_opt`: the members' optimizer for their local steps
 
 
@@ -73,6 +75,7 @@ class TrainInstruction:
     expert_load: bytes  # safetensors {"load": (L, E)}: the consortium's routed-token fractions; b"": none yet
     balance_weight: float  # the member's part of the consortium's tokens, in (0, 1]
     server_optimizer: str  # "step" broadcast: JSON of the server optimizer the member replays
+    dp_noise_variance: float = 0.0  # secure: Skellam noise every unmasked sum carries, ring units (0: none)
 
     def to_record(self) -> RecordDict:
         config = {k: v for k, v in asdict(self).items() if k != "state"}
@@ -93,10 +96,12 @@ class TrainInstruction:
         if config.pop("version", None) != PROTOCOL_VERSION:
             raise ProtocolError(f"TRAIN message has protocol version other than {PROTOCOL_VERSION}")
         ins = cls(state=_typed("state", state, bytes), **_typed_fields(cls, config, skip={"state"}))
-        for name in ("lr", "codec_clip", "update_clip"):
+        for name in ("lr", "codec_clip", "update_clip", "dp_noise_variance"):
             value = getattr(ins, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ProtocolError(f"TRAIN {name} {value!r} is not a finite number >= 0")
+        if ins.dp_noise_variance > MAX_NOISE_VARIANCE:
+            raise ProtocolError(f"TRAIN dp_noise_variance {ins.dp_noise_variance:g} is above {MAX_NOISE_VARIANCE:g} (no ring holds it)")
         if not RUN_NAME.fullmatch(ins.run):  # members keep state under the run's name
             raise ProtocolError(f"TRAIN run {ins.run[:80]!r} is not a run name (1-64 letters, digits, '.', '_', '-')")
         return ins

@@ -73,7 +73,7 @@ def broadcast(run: Run, roster: Roster, rnd: int, codec_seed: int) -> tuple[list
             codec=codec, codec_clip=config.codec_clip, update_clip=config.update_clip, codec_seed=codec_seed,
             precision=config.precision, secure=config.secagg == "on",
             balance=config.expert_balance, expert_load=load_payload, balance_weight=run.load_weight,
-            server_optimizer=server_optimizer,
+            server_optimizer=server_optimizer, dp_noise_variance=run.dp.variance if run.dp else 0.0,
         )
         content = ins.to_record()
         bytes_down[node] = recorddict_to_proto(content).ByteSize()  # what goes on the wire

@@ -57,6 +57,8 @@ class RunConfig:
     secagg_neighbours: int = 0  # neighbours per member (SecAgg+); 0: about 2*log2(members)
     secagg_ring_bits: int = 0  # ring width; 0: what the sum of the group needs (12 bits for 10 int8 members)
     secagg_timeout: float = 120.0  # seconds per secure-aggregation stage
+    dp_member_epsilon: float = 0.0  # > 0: member-level DP over the run, Skellam noise in the masked sums (secagg on)
+    dp_member_delta: float = 1e-5  # ... its delta
     local_opt: str = "adamw"  # the members' local optimizer: "adamw" or "sgd" (client/trainer.py)
     expert_balance: str = "consortium"  # members balance expert load against the consortium's, or their own
     update_norm_bound: float = 3.0  # open mode: an update's L2 norm is scaled down to this x the round's median (0: off)
@@ -139,6 +141,12 @@ class RunConfig:
             (0 <= self.aggregator_trim < 0.5, "aggregator-trim must be in [0, 0.5)"),
             (self.secagg == "off" or self.aggregator == "mean",
              "secagg = 'on' shows the operator only sums, which a robust aggregator cannot use: set aggregator = 'mean'"),
+            (math.isfinite(self.dp_member_epsilon) and self.dp_member_epsilon >= 0,
+             "dp-member-epsilon must be a finite number >= 0 (0: off)"),
+            (0 < self.dp_member_delta < 1, "dp-member-delta must be in (0, 1)"),
+            (self.dp_member_epsilon == 0 or (self.secagg == "on" and self.update_clip > 0),
+             "dp-member-epsilon adds noise inside secure aggregation and needs the members' clip: set secagg = 'on' "
+             "and update-clip > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -41,6 +41,7 @@ from server.ledger import Ledger, OperatorKey, utc_now
 from server.sampling import Roster, plan_round, sample_members
 from server.binding import UNBOUND_WARNING, MemberBinding
 from server.ledger_sync import record_in_ledger
+from server.member_dp import MemberDP, member_dp
 from server.rights import Policy, load_policy, past_probation
 from aggregation.robust import robust_aggregate
 from server.scoring import CoalitionValue, RoundScores, combine_group_sums, open_value, score_groups, score_open
@@ -90,6 +91,7 @@ class Run:
     policy: Policy = field(default_factory=Policy)  # the workspace's usage-rights policy (probation)
     sitting_out: set[str] = field(default_factory=set)  # members past their probation
     contribution_base: float | None = None  # the committed model's loss on contribution_sets, if known
+    dp: MemberDP | None = None  # member-level DP: the noise every unmasked sum carries (server/member_dp.py)
 
 
 def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: str = "default") -> list[RoundSummary]:
@@ -160,6 +162,7 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
         round=rnd, val_loss=val_loss, members=sorted(received.reports, key=lambda r: r.member),
         rejected=received.rejected, seconds=time.perf_counter() - started,
         scores=scores, shares=shares, contribution=how, timing=laps.seconds, specialization=specialization,
+        dp_member_epsilon=run.dp.spent(rnd) if run.dp else None,
     )
     load_list = run.expert_load.tolist() if run.expert_load is not None else None  # a resume sends it again
     manifest = {**_manifest(summary, run.base, config), "expert_load": load_list,
@@ -231,7 +234,7 @@ def open_run(config: RunConfig, run_name: str) -> Run:
         optimizer=config.server_optimizer(), opt_state=opt_state,
         expert_load=expert_load, load_weight=load_weight, book=book, estimator=estimator, first=first, resumed=committed is not None,
         policy=load_policy(ws.policy) if ws.policy.is_file() else Policy(),  # a bad policy stops the run here
-        history=history,
+        history=history, dp=member_dp(config, shapes),
     )
 
 
@@ -252,7 +255,7 @@ def secure_stages(
         groups=[g for g in groups if g],
         directory=run.identities.directory(),
         layout=SecureLayout(run.shapes, {n: expert_of(n) or TOKENS for n in run.shapes}, config.codec_config(), codec_seed,
-                            config.token_budget),
+                            config.token_budget, noise_variance=run.dp.variance if run.dp else 0.0),
         settings=SecureSettings(
             threshold=config.secagg_threshold, neighbours=config.secagg_neighbours, ring_bits=config.secagg_ring_bits,
             min_group=config.contribution_min_group if config.contribution_mode == "secure" else 0,
@@ -385,6 +388,7 @@ def _manifest(summary: RoundSummary, base: Base, config: RunConfig) -> dict[str,
         "contribution": summary.contribution,
         "specialization": summary.specialization,
         "timing": summary.timing,  # the commit and the ledger append after it are not in it
+        "dp_member_epsilon": summary.dp_member_epsilon,  # member-level DP: the consortium's ε so far (None: off)
         "members_train_seconds": sum(m.seconds for m in summary.members),
         "run_config": config.as_user_config(),
     }

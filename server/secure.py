@@ -93,11 +93,12 @@ def make_params(
     k = settings.neighbours or auto_neighbours(n)
     degree = min(2 * math.ceil(k / 2), n - 1)
     seed = hashlib.sha256(f"fedmoe-secagg-graph|{settings.seed}|{rnd}|{index}|".encode() + nonce).digest()
-    needed = layout.ring_bits(n)
+    threshold = threshold_for(degree + 1, settings.threshold)
+    needed = layout.ring_bits(n, threshold)  # with DP noise, its headroom too
     if settings.ring_bits and settings.ring_bits < needed:
         raise InvalidInput(f"secagg-ring-bits {settings.ring_bits} is too narrow: the sum of {n} members needs {needed}")
     return SecAggParams(
-        round=rnd, members=tuple(sorted(members)), threshold=threshold_for(degree + 1, settings.threshold),
+        round=rnd, members=tuple(sorted(members)), threshold=threshold,
         neighbours=k, ring_bits=settings.ring_bits or needed, vector_length=layout.vector_length, graph_seed=seed,
         session=secagg_session(run, index),
     )
@@ -286,7 +287,9 @@ class _SecureRound:
                 continue
             summed = frozenset(survivors[group.index])
             try:
-                self.out.sums[summed] = self.layout.decode_sum(total, len(summed))  # type: ignore[arg-type]
+                params = group.session.params
+                self.out.sums[summed] = self.layout.decode_sum(  # type: ignore[arg-type]
+                    total, len(summed), threshold=params.threshold, ring_bits=params.ring_bits)
             except ValueError as exc:
                 self.out.aborted[group.name] = f"sum does not decode: {exc}"
 

@@ -39,6 +39,7 @@ class RoundSummary:
     contribution: dict[str, object] = field(default_factory=dict)  # how scores were computed
     timing: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds (Laps)
     specialization: dict[str, object] = field(default_factory=dict)  # how members share experts
+    dp_member_epsilon: float | None = None  # member-level DP: ε spent by the consortium's sums so far (None: off)
 
     @property
     def bytes_up(self) -> int:
@@ -84,7 +85,8 @@ class LogReporter:
 
     def round_finished(self, summary: RoundSummary) -> None:
         losses = ", ".join(f"{d}={v:.3f}" for d, v in summary.val_loss.items())
-        log.info("round %d committed: val loss %s", summary.round, losses)
+        log.info("round %d committed: val loss %s%s", summary.round, losses,
+                 "" if summary.dp_member_epsilon is None else f" (member-level DP: ε {summary.dp_member_epsilon:.2f} spent)")
 
     def note(self, text: str) -> None:
         log.warning("%s", text)

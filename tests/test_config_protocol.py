@@ -71,11 +71,16 @@ def test_malformed_messages_are_refused() -> None:
     content.config_records["config"]["version"] = 99
     with pytest.raises(ProtocolError, match="protocol version"):
         TrainInstruction.from_record(content)
-    for field, value in (("update_clip", float("nan")), ("update_clip", -1.0), ("codec_clip", float("inf")), ("lr", -0.1)):
+    for field, value in (("update_clip", float("nan")), ("update_clip", -1.0), ("codec_clip", float("inf")), ("lr", -0.1),
+                         ("dp_noise_variance", -1.0), ("dp_noise_variance", float("nan"))):
         content = _ins().to_record()
         content.config_records["config"][field] = value
         with pytest.raises(ProtocolError, match=f"TRAIN {field} .* is not a finite number >= 0"):
             TrainInstruction.from_record(content)
+    content = _ins().to_record()
+    content.config_records["config"]["dp_noise_variance"] = 1e30
+    with pytest.raises(ProtocolError, match="dp_noise_variance 1e\\+30 is above"):
+        TrainInstruction.from_record(content)
     for run in ("../../home/acme", "a/b", "", ".hidden", "x" * 65):  # members keep state under the run's name
         content = _ins().to_record()
         content.config_records["config"]["run"] = run
