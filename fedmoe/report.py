@@ -182,6 +182,11 @@ def _markdown(run_dir: Path, manifests: Sequence[dict[str, Any]], costs: Sequenc
                    f"{prices.million_tokens} {currency} per million tokens."),
               ("Formula: `gpu_hours = (member_gpus * sum(member training seconds) + server_gpus * round seconds)"
                " / 3600`; `cost = price_gpu_hour * gpu_hours + price_million_tokens * tokens / 1e6`.")]
+    spent = [(m["round"], m["dp_member_epsilon"]) for m in manifests if m.get("dp_member_epsilon") is not None]
+    if spent:
+        lines += ["", "## Member-level differential privacy", "",
+                  "ε the consortium's sums have spent after each round (δ as configured, `dp-member-delta`):", "",
+                  "| round | ε spent |", "|---:|---:|"] + [f"| {r} | {eps:.3f} |" for r, eps in spent]
     if last.get("shares"):
         lines += ["", f"## Contribution shares after round {last['round']}", "", "| member | share |", "|---|---:|"]
         lines += [f"| {k} | {v:.1%} |" for k, v in sorted(last["shares"].items(), key=lambda kv: -kv[1])]

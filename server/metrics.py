@@ -142,6 +142,9 @@ class PrometheusReporter:
         self.share = Gauge("fedmoe_contribution_share", "Cumulative contribution share", ["member"], registry=r)
         self.gpu_hours = Counter("fedmoe_estimated_gpu_hours", "GPU-hours billed (see the cost formula)", registry=r)
         self.cost = Counter("fedmoe_estimated_cost", "Estimated cost (configured prices)", ["kind"], registry=r)
+        self.dp_member_epsilon = Gauge("fedmoe_dp_member_epsilon",
+                                       "Member-level DP: epsilon the consortium's sums have spent so far (dp-member-epsilon > 0)",
+                                       registry=r)
         self.round_cost = Gauge("fedmoe_last_round_estimated_cost", "Estimated cost of the last round", registry=r)
         self.notes = Counter("fedmoe_notes", "Warnings from the round loop (rejections, timeouts)", registry=r)
         self.price = Gauge("fedmoe_price", "Configured price", ["unit"], registry=r)
@@ -190,6 +193,8 @@ class PrometheusReporter:
         self.tokens.inc(tokens)
         for member, share in summary.shares.items():
             self.share.labels(member).set(share)
+        if summary.dp_member_epsilon is not None:
+            self.dp_member_epsilon.set(summary.dp_member_epsilon)
         cost = estimate_cost(summary.seconds, [m.seconds for m in summary.members], tokens, self.prices)
         self.gpu_hours.inc(cost.gpu_hours)
         self.cost.labels("compute").inc(cost.compute)

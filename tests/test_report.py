@@ -18,7 +18,7 @@ def _member(name: str, seconds: float, tokens: int) -> dict:
             "train_loss": 3.0, "seconds": seconds, "experts_sent": 4, "precision": "bf16 on cpu"}
 
 
-def _run(run_dir: Path, *, shares: bool = True, secure: bool = False) -> Checkpoints:
+def _run(run_dir: Path, *, shares: bool = True, secure: bool = False, dp: bool = False) -> Checkpoints:
     checkpoints = Checkpoints(run_dir)
     state = {"w": torch.zeros(4)}
     for rnd in range(4):
@@ -30,6 +30,7 @@ def _run(run_dir: Path, *, shares: bool = True, secure: bool = False) -> Checkpo
             "bytes_up": sum(m["bytes_up"] for m in members), "bytes_down": sum(m["bytes_down"] for m in members),
             "seconds": 30.0 if rnd else 0.0,
             "shares": {"acme": 0.5, "globex": 0.3, "initech": 0.2} if rnd and shares else {},
+            **({"dp_member_epsilon": 2.5 * rnd} if rnd and dp else {}),
             **({"timing": {"sample": 0.5, "broadcast": 1.0, "train": 22.0, "secure": 4.0, "evaluate": 2.5},
                 "members_train_seconds": sum(m["seconds"] for m in members),
                 "specialization": {"expert_top_member_share": None, "routing_entropy": {}} if secure else
@@ -85,6 +86,15 @@ def test_a_secure_run_reports_specialization_as_not_known_in_a_well_formed_table
     table = text.split("## Expert specialization")[1].split("\n\n")[1].splitlines()
     assert table[0] == "| round | top member's share of an expert |" and table[1] == "|---:|---:|"
     assert table[2:] == [f"| {r} | not known (secure) |" for r in (1, 2, 3)]
+
+
+def test_a_run_with_member_level_dp_reports_the_epsilon_spent_after_each_round(tmp_path: Path) -> None:
+    _run(tmp_path / "run", secure=True, dp=True)
+    text = write_report(tmp_path / "run", tmp_path / "out").summary.read_text()
+    table = text.split("## Member-level differential privacy")[1].split("\n\n")[2].splitlines()
+    assert table == ["| round | ε spent |", "|---:|---:|", "| 1 | 2.500 |", "| 2 | 5.000 |", "| 3 | 7.500 |"]
+    _run(tmp_path / "plain")
+    assert "differential privacy" not in write_report(tmp_path / "plain", tmp_path / "out2").summary.read_text()
 
 
 def test_report_of_a_run_with_nothing_committed_is_a_clear_error(tmp_path: Path) -> None:

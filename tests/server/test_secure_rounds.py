@@ -423,9 +423,12 @@ def test_member_level_dp_noise_is_summed_blind_and_its_epsilon_recorded_per_roun
     from server.member_dp import member_dp
 
     cfg = config(ws.root, num_rounds=2, local_steps=4, secagg_timeout=5.0, update_clip=3.0, dp_member_epsilon=8.0)
+    from server.metrics import PrometheusReporter
+
     inputs = Inputs(ws, "dp")
+    reporter = PrometheusReporter(LogReporter())
     with task_identity():
-        summaries = run_rounds(FakeGrid(app, len(ws.members()), before=inputs), cfg, LogReporter(), run_name="dp")
+        summaries = run_rounds(FakeGrid(app, len(ws.members()), before=inputs), cfg, reporter, run_name="dp")
     dp = member_dp(cfg, load_base(ws.base).with_lora().shapes())
     assert dp is not None and dp.variance > 0
     spent = [s.dp_member_epsilon for s in summaries]
@@ -433,6 +436,7 @@ def test_member_level_dp_noise_is_summed_blind_and_its_epsilon_recorded_per_roun
     assert spent[1] == pytest.approx(8.0, rel=1e-3)  # calibrated for the run's two rounds
     manifests = Checkpoints(ws.run_dir("dp")).manifests()
     assert [m["dp_member_epsilon"] for m in manifests[1:]] == spent
+    assert reporter.registry.get_sample_value("fedmoe_dp_member_epsilon") == spent[1]
     # what was committed is the survivors' noiseless sum plus the noise: off from it by whole codec steps
     noiseless = expected_delta(ws, cfg, 1, [inputs.by_round[1]])
     committed = committed_delta(ws, "dp", 1)
