@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from flwr.serverapp import Grid
@@ -23,7 +23,6 @@ from flwr.serverapp import Grid
 from aggregation.contribution import ContributionError, ScoreBook, contribution_shares
 from aggregation.fedavg import Update
 from aggregation.group_estimator import GroupValueEstimator
-from aggregation.secure import TOKENS, SecureLayout
 from aggregation.schedule import update_drift
 from aggregation.server_opt import ServerOptimizer, check_state
 from model.base import Base, load_base
@@ -32,20 +31,23 @@ from model.precision import Precision, select_precision
 from server.checkpoint import Checkpoints
 from server.config import RunConfig, changed_server_settings
 from server.balance import observe_expert_load
-from server.broadcast import broadcast
+from server.broadcast import broadcast, round_view
 from server.evaluation import evaluate, evaluate_with_head, validation_sets
 from server.grid import exchange
 from server.history import PublicHistory
 from server.identities import Identities
 from server.ledger import Ledger, OperatorKey, utc_now
-from server.sampling import Roster, plan_round, sample_members
+from server.sampling import plan_round, sample_members
 from server.binding import UNBOUND_WARNING, MemberBinding
 from server.ledger_sync import record_in_ledger
 from server.member_dp import MemberDP, member_dp
 from server.rights import Policy, load_policy, past_probation
 from aggregation.robust import robust_aggregate
 from server.scoring import CoalitionValue, RoundScores, combine_group_sums, open_value, score_groups, score_open
-from server.secure import SecureSettings, Sums, secure_aggregate
+from server.faults import kill_point
+from server.journal import Journal, state_digest
+from server.secure import Sums
+from server.secure_stages import secure_stages
 from server.summary import Laps, Reporter, RoundSummary
 from server.validate import Received, reject_members, validate_replies
 from server.workspace import Workspace
@@ -108,27 +110,19 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     run.round, decision = plan_round(run.config, run.checkpoints.manifests, rnd, reporter.note)
     config = run.round
     codec_seed = config.seed * 1_000_003 + rnd  # the round's shared seed (randk coordinates)
-    sitting_out = past_probation(run.policy, run.ledger.records(), secure=config.contribution_mode == "secure")
-    for member in sorted(sitting_out - run.sitting_out):
-        reporter.note(f"round {rnd}: member {member!r} stays under min_share after its probation: no longer sampled")
-    run.sitting_out = sitting_out
-    roster = sample_members(grid, config, run.ws, run.node_member, rnd, reporter.note, run.binding, sitting_out)
-    reporter.round_started(rnd, len(roster.nodes))
-    laps("sample")
-    messages, bytes_down = broadcast(run, roster, rnd, codec_seed)
-    laps("broadcast")
-    replies = exchange(grid, messages, config.round_timeout, lambda n: reporter.member_done(rnd, n, len(roster.nodes)))
-    laps("train")  # until the last reply: the members' training and the transport both ways
-    received = validate_replies(
-        replies, roster, rnd=rnd, config=config, shapes=run.shapes, codec_seed=codec_seed, bytes_down=bytes_down,
-        identities=run.identities, node_member=run.node_member, held_views=run.held_views, note=reporter.note,
-        binding=run.binding,
-    )
-    adaptive_open = config.schedule == "adaptive" and config.secagg == "off"
-    drift = update_drift([u.delta for u in received.updates]) if adaptive_open else None  # what the schedule reads
-    laps("validate")
-    group_sums = secure_stages(grid, run, roster, received, rnd, codec_seed, reporter.note) if config.secagg == "on" else {}
-    laps("secure")
+    journal, from_state = Journal(run.checkpoints.run_dir), state_digest(run.state)
+    journaled = journal.read(rnd, from_state) if config.secagg == "on" else None
+    if journaled is not None:  # unmasked before a restart: never asked of the members again
+        reporter.note(f"round {rnd}: finished from its journal (its group sums were unmasked before a restart)")
+        received, group_sums, drift = journaled.received, journaled.group_sums, None
+        reporter.round_started(rnd, len(received.reports))
+        round_view(run)  # the view the members trained from, as the round's broadcast set it
+    else:
+        received, group_sums, drift = gather(grid, run, rnd, codec_seed, reporter, laps)
+        kill_point("after-unmask")
+        if group_sums:
+            journal.write(rnd, from_state, received, group_sums)
+        kill_point("after-journal")
     require_enough(received, config, rnd, reporter.note)
     # secure scoring rejects nobody, so it waits for the evaluation: the committed model's head
     # loss is the value of all groups together, one coalition evaluation fewer
@@ -169,10 +163,42 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
                 "load_weight": run.load_weight, "drift": drift, "schedule": decision}
     view = run.view if config.broadcast == "delta" else None  # only a patch chain resumes from it
     run.checkpoints.commit(rnd, run.state, manifest, view=view, optimizer=run.opt_state)
+    journal.clear(rnd)
+    kill_point("after-commit")
     run.last_step = step if config.broadcast == "step" else None  # what moved the state members hold
     record_in_ledger(run.ledger, run.checkpoints, config)  # after the commit: a crash between re-syncs
     reporter.round_finished(summary)
     return summary
+
+
+def gather(
+    grid: Grid, run: Run, rnd: int, codec_seed: int, reporter: Reporter, laps: Laps
+) -> tuple[Received, dict[frozenset[str], Sums], float | None]:
+    """Sample, send TRAIN, validate the replies, and under secure aggregation unmask the group sums."""
+    config = run.round
+    sitting_out = past_probation(run.policy, run.ledger.records(), secure=config.contribution_mode == "secure")
+    for member in sorted(sitting_out - run.sitting_out):
+        reporter.note(f"round {rnd}: member {member!r} stays under min_share after its probation: no longer sampled")
+    run.sitting_out = sitting_out
+    roster = sample_members(grid, config, run.ws, run.node_member, rnd, reporter.note, run.binding, sitting_out)
+    reporter.round_started(rnd, len(roster.nodes))
+    laps("sample")
+    messages, bytes_down = broadcast(run, roster, rnd, codec_seed)
+    laps("broadcast")
+    replies = exchange(grid, messages, config.round_timeout, lambda n: reporter.member_done(rnd, n, len(roster.nodes)))
+    laps("train")  # until the last reply: the members' training and the transport both ways
+    received = validate_replies(
+        replies, roster, rnd=rnd, config=config, shapes=run.shapes, codec_seed=codec_seed, bytes_down=bytes_down,
+        identities=run.identities, node_member=run.node_member, held_views=run.held_views, note=reporter.note,
+        binding=run.binding,
+    )
+    adaptive_open = config.schedule == "adaptive" and config.secagg == "off"
+    drift = update_drift([u.delta for u in received.updates]) if adaptive_open else None  # what the schedule reads
+    laps("validate")
+    kill_point("after-train")
+    group_sums = secure_stages(grid, run, roster, received, rnd, codec_seed, reporter.note) if config.secagg == "on" else {}
+    laps("secure")
+    return received, group_sums, drift
 
 
 def open_run(config: RunConfig, run_name: str) -> Run:
@@ -236,50 +262,6 @@ def open_run(config: RunConfig, run_name: str) -> Run:
         policy=load_policy(ws.policy) if ws.policy.is_file() else Policy(),  # a bad policy stops the run here
         history=history, dp=member_dp(config, shapes),
     )
-
-
-def secure_stages(
-    grid: Grid, run: Run, roster: Roster, received: Received, rnd: int, codec_seed: int, note: Callable[[str], None]
-) -> dict[frozenset[str], Sums]:
-    """Five more exchanges (server/secure.py); the operator learns only each group's sum.
-
-    `received` keeps the reports of the members that survived, with their secure-aggregation
-    bytes and time added; those that dropped out are among its rejections.
-    """
-    config = run.round
-    reported = {r.member: r.node_id for r in received.reports}
-    node_member = run.node_member
-    groups = [{node_member[n]: n for n in group if reported.get(node_member.get(n, "")) == n} for group in roster.groups]
-    outcome = secure_aggregate(
-        grid, rnd=rnd, run=run.name,
-        groups=[g for g in groups if g],
-        directory=run.identities.directory(),
-        layout=SecureLayout(run.shapes, {n: expert_of(n) or TOKENS for n in run.shapes}, config.codec_config(), codec_seed,
-                            config.token_budget, noise_variance=run.dp.variance if run.dp else 0.0),
-        settings=SecureSettings(
-            threshold=config.secagg_threshold, neighbours=config.secagg_neighbours, ring_bits=config.secagg_ring_bits,
-            min_group=config.contribution_min_group if config.contribution_mode == "secure" else 0,
-            timeout=config.secagg_timeout, seed=config.seed, min_members=config.min_members,
-        ),
-        hints={"base_path": str(run.ws.base), "members_dir": str(run.ws.members_dir), "nodes_dir": str(run.ws.root / "nodes")},
-        note=note,
-    )
-    for member, why in sorted(outcome.dropped.items()):
-        received.rejected[member] = f"secure aggregation: {why}"
-        note(f"round {rnd}: {member} dropped out of secure aggregation at {why}")
-    for owner, secret in sorted(outcome.tampered.items()):
-        note(f"round {rnd}: tampered shares of {owner}'s {secret} were revealed at unmask; rebuilt from the others")
-    for member, why in sorted(outcome.flagged.items()):
-        note(f"round {rnd}: {member} misbehaved in secure aggregation (its input is still summed): {why}")
-    for group, why in sorted(outcome.aborted.items()):
-        note(f"round {rnd}: secure aggregation of group {group} aborted: {why}")
-    received.reports = [
-        replace(r, bytes_up=r.bytes_up + outcome.bytes_up.get(r.member, 0),
-                bytes_down=r.bytes_down + outcome.bytes_down.get(r.member, 0),
-                secagg_seconds=outcome.member_seconds.get(r.member, 0.0))
-        for r in received.reports if r.member in outcome.survivors
-    ]
-    return outcome.sums
 
 
 def require_enough(received: Received, config: RunConfig, rnd: int, note: Callable[[str], None]) -> None:

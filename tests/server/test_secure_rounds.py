@@ -269,11 +269,8 @@ def test_a_round_the_round_cannot_commit_is_never_unmasked(ws: Workspace) -> Non
     assert Checkpoints(ws.run_dir("few")).latest_round() == 0
 
 
-def test_a_rerun_round_is_unmasked_only_for_the_survivors_of_its_first_unmask(
-    ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    cfg = config(ws.root, secagg_threshold=3)
-    gone = 1002
+def _crash_after_unmasking(ws: Workspace, cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, gone: int) -> Inputs:
+    """The operator unmasks the sum of four survivors of round 1, then crashes before committing."""
     commit = Checkpoints.commit
 
     def crash_once(self, rnd, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
@@ -281,19 +278,47 @@ def test_a_rerun_round_is_unmasked_only_for_the_survivors_of_its_first_unmask(
             raise RuntimeError("operator crashed after unmasking round 1")
         return commit(self, rnd, *args, **kwargs)
 
-    # 1. the operator unmasks the sum of four survivors, then crashes before committing
+    inputs = Inputs(ws, "rerun")
     monkeypatch.setattr(Checkpoints, "commit", crash_once)
     with task_identity(), pytest.raises(RuntimeError, match="crashed"):
-        run_rounds(FakeGrid(app, 5, drop=lambda node, kind: node == gone and kind in (MASK, UNMASK)), cfg, LogReporter(),
-                   run_name="rerun")
+        run_rounds(FakeGrid(app, 5, before=inputs, drop=lambda node, kind: node == gone and kind in (MASK, UNMASK)), cfg,
+                   LogReporter(), run_name="rerun")
     monkeypatch.setattr(Checkpoints, "commit", commit)
-    # 2. re-run with all five: the sum of five minus the first sum would be the fifth's update
+    return inputs
+
+
+def test_a_round_unmasked_before_a_crash_is_finished_from_its_journal_without_asking_anyone(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(ws.root, secagg_threshold=3)
+    first = _crash_after_unmasking(ws, cfg, monkeypatch, gone=1002)
+    # on main the round could then only finish with these same four survivors; now the operator
+    # finishes it from the journal even if a member never comes back, and asks no member anything
+    grid = FakeGrid(app, 5, drop=lambda node, kind: node == 1000)
+    with task_identity():
+        [summary] = run_rounds(grid, cfg, LogReporter(), run_name="rerun")
+    assert "finished from its journal" in caplog.text
+    assert grid.seen == []  # no TRAIN, no secure-aggregation stage
+    assert len(summary.members) == 4 and "mask" in summary.rejected[ws.members()[2]]
+    assert_applied(ws, "rerun", 1, expected_delta(ws, cfg, 1, [first.by_round[1]]))
+    assert not any((ws.run_dir("rerun") / "journal").iterdir())  # gone with the commit
+
+
+def test_without_its_journal_a_rerun_round_is_unmasked_only_for_the_survivors_of_its_first_unmask(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(ws.root, secagg_threshold=3)
+    gone = 1002
+    _crash_after_unmasking(ws, cfg, monkeypatch, gone)
+    for path in (ws.run_dir("rerun") / "journal").iterdir():  # lost (the members' own check is what is left)
+        path.unlink()
+    # re-run with all five: the sum of five minus the first sum would be the fifth's update
     grid = FakeGrid(app, 5)
     with task_identity(), pytest.raises(RoundAborted, match="round 1 aborted: 0 valid"):
         run_rounds(grid, cfg, LogReporter(), run_name="rerun")
     assert "was already unmasked for survivors" in caplog.text
     assert Checkpoints(ws.run_dir("rerun")).latest_round() == 0
-    # 3. the same four survivors again: nothing new is revealed, and the round commits
+    # the same four survivors again: nothing new is revealed, and the round commits
     inputs = Inputs(ws, "rerun")
     with task_identity():
         [summary] = run_rounds(FakeGrid(app, 5, before=inputs, drop=lambda node, kind: node == gone and kind in (MASK, UNMASK)),
