@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from aggregation.codec_config import CodecConfig
 from aggregation.secure import TOKENS, SecureLayout
 from protos.messages import ProtocolError, SecAggMessage, RUN_NAME, TrainInstruction, member_name, secagg_session
-from model.io import load_tensors, save_tensors
+from model.io import atomic_write_bytes, load_tensors, save_tensors
 from model.lora import LoraMoE, expert_of
 from privacy.certs import CertError, load_cert
 from privacy.roster import IDENTITY, verify_roster
@@ -91,8 +91,10 @@ def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor, traine
             shutil.rmtree(old, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
+    # trained-from first: a node killed in between leaves no input, so it never answers a stage
+    # of this round with half its state (the input's presence is what "trained" means below)
+    atomic_write_bytes(folder / "trained-from", (trained_from or f"run {run} round {rnd}").encode())
     save_tensors(folder / "input.safetensors", {"x": vector})
-    (folder / "trained-from").write_text(trained_from or f"run {run} round {rnd}")
 
 
 def handle_stage(
@@ -236,8 +238,26 @@ def _remember_reveal(state_dir: Path, trained_from: str, survivors: list[str]) -
 
 
 def _reveals(state_dir: Path) -> dict[str, list[str]]:
+    """The unmask record. Not a cache: a damaged one cannot be rebuilt (what it held is exactly
+    what a server re-running a round must not learn a second time), and starting it empty would
+    let that server difference two unmaskings of one update. So it refuses every unmask, one
+    line naming the file; rounds that need no unmask from this node go on."""
     path = state_dir / "secagg" / "revealed.json"
-    return dict(json.loads(path.read_text())) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        seen = json.loads(path.read_text())
+        if not isinstance(seen, dict) or not all(
+            isinstance(v, list) and all(isinstance(m, str) for m in v) for v in seen.values()
+        ):
+            raise ValueError("not an object of survivor lists")
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ProtocolViolation(
+            f"{path}: unmask record unreadable ({reason}); refusing to unmask until it is restored "
+            "(it cannot be rebuilt: an empty one would let a re-run round unmask an update twice)"
+        ) from None
+    return dict(seen)
 
 
 def load_roster(path: Path, ca: Path) -> dict[str, Ed25519PublicKey]:
@@ -276,12 +296,6 @@ def simulated_roster(nodes_dir: Path, members: Sequence[str]) -> dict[str, Ed255
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Owner-only file, written whole (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Owner-only file, written whole: atomic_write_bytes' temp file is created 0600 (mkstemp),
+    fsynced, renamed over `path`, and the folder fsynced."""
+    atomic_write_bytes(path, data)
