@@ -70,8 +70,9 @@ def export_release(
     ReleaseError (one line, naming `out`) when `out` is not a release, or when the disk refuses
     a write (ENOSPC, ...): the staging folder is removed and whatever was at `out` stays as it was.
     """
-    _restore_interrupted_swap(out)
+    out = Path(os.path.abspath(out))  # "." and "../x" name their folder too
     check_release_target(out)
+    _restore_interrupted_swap(out)
     staging = out.with_name(f".{out.name}.staging")
     try:
         shutil.rmtree(staging, ignore_errors=True)
