@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from client.caches import warn_rebuilt
 from model.io import atomic_write_json
 
 METRICS_FILE = "metrics.json"
@@ -59,8 +60,9 @@ def record_round(
     path = state_dir / METRICS_FILE
     try:
         totals = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
         totals = {}  # a damaged metrics file only restarts the counters
+        warn_rebuilt(path, "metrics", (str(exc).splitlines() or [type(exc).__name__])[0], "restarting the counters")
     seconds = max(float(seconds), 1e-9)
     totals.update({
         "member": member,

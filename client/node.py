@@ -20,6 +20,7 @@ from aggregation.codec_config import CodecConfig
 from aggregation.feedback import ErrorFeedback
 from aggregation.robust import clip_l2
 from client import secure
+from client.caches import read_residual, read_token_cache, read_view
 from model import families
 from model.precision import select_precision
 from client.trainer import TrainConfig, TrainResult, train_local
@@ -29,7 +30,7 @@ from model.corpus import DataError
 from model.member_data import TEXT, Document, read_documents
 from model.quantize import QUANTIZATIONS, quantize_base
 from model.quality import ROUNDS_PER_LEVEL, QualityReport, clean, curriculum_levels, grade
-from model.io import atomic_write_json, load_tensors, save_tensors, tensors_from_bytes
+from model.io import atomic_write_json, save_tensors, tensors_from_bytes
 from model.lora import LoraMoE
 from model.tokenizer import pack_documents
 
@@ -127,9 +128,9 @@ def member_blocks(node: Node, base: Base, seq_len: int, lora: LoraMoE | None = N
     opened = curriculum_levels(rnd, levels, ROUNDS_PER_LEVEL)
     pipeline = f"-q{opened}of{levels}" if node.data_pipeline else ""
     cache = node.state_dir / f"tokens-{seq_len}-{digest.hexdigest()[:16]}{pipeline}.safetensors"
-    if cache.is_file():
-        cached = load_tensors(cache)
-        return cached["blocks"], cached["labels"]
+    cached = read_token_cache(cache, seq_len) if cache.is_file() else None
+    if cached is not None:
+        return cached
     node.state_dir.mkdir(parents=True, exist_ok=True)
     if node.data_pipeline:
         report = QualityReport()
@@ -190,7 +191,9 @@ def receive_state(ins: TrainInstruction, node: Node) -> dict[str, torch.Tensor]:
         path = view_path(node, ins.run)
         if not path.is_file():
             raise StaleView(f"{path}: no view to apply the round {ins.round} {ins.state_kind} to")
-        held = load_tensors(path)
+        held = read_view(path)
+        if held is None:
+            raise StaleView(f"{path}: held view is unreadable")
         if view_digest(held) != ins.base_view_sha256:
             raise StaleView(f"{path}: held view is not the one the round {ins.round} {ins.state_kind} is for")
         try:
@@ -256,7 +259,7 @@ def compress_update(delta: dict[str, torch.Tensor], ins: TrainInstruction, node:
     folder = _residual_path(node, ins, 0).parent
     prefix = _residual_path(node, ins, 0).name.removesuffix("00000.safetensors")
     earlier = sorted(p for p in folder.glob(f"{prefix}*.safetensors") if p < _residual_path(node, ins, ins.round))
-    feedback = ErrorFeedback(load_tensors(earlier[-1]) if earlier else {})
+    feedback = ErrorFeedback((read_residual(earlier[-1]) or {}) if earlier else {})
     generator = torch.Generator().manual_seed(seed)
     payload = feedback.compress(delta, config, seed=ins.codec_seed, generator=generator)
     save_tensors(_residual_path(node, ins, ins.round), feedback.residual)

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from aggregation.codec_config import CodecConfig
 from aggregation.secure import TOKENS, SecureLayout
 from protos.messages import ProtocolError, SecAggMessage, RUN_NAME, TrainInstruction, member_name, secagg_session
-from model.io import load_tensors, save_tensors
+from model.io import atomic_write_bytes, load_tensors, save_tensors
 from model.lora import LoraMoE, expert_of
 from privacy.certs import CertError, load_cert
 from privacy.distributed_dp import skellam_share
@@ -101,6 +101,15 @@ class Noise:
         return noisy % (1 << ring_bits)
 
 
+def _noise(path: Path) -> Noise:
+    """The DP noise setting kept with the input (written before it: never missing beside one)."""
+    try:
+        fields = json.loads(path.read_text())
+        return Noise(float(fields["variance"]), int(fields["elements"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ProtocolViolation(f"{path}: unreadable ({exc}); this round's input cannot be masked") from None
+
+
 def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor, trained_from: str = "",
                noise: Noise = Noise()) -> None:
     """Keep this round's ring input until the mask stage. Everything older goes, including an
@@ -116,9 +125,11 @@ def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor, traine
             shutil.rmtree(old, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
+    # trained-from first: a node killed in between leaves no input, so it never answers a stage
+    # of this round with half its state (the input's presence is what "trained" means below)
+    atomic_write_bytes(folder / "trained-from", (trained_from or f"run {run} round {rnd}").encode())
+    atomic_write_bytes(folder / "noise.json", json.dumps(asdict(noise)).encode())  # before the input, too
     save_tensors(folder / "input.safetensors", {"x": vector})
-    (folder / "trained-from").write_text(trained_from or f"run {run} round {rnd}")
-    (folder / "noise.json").write_text(json.dumps(asdict(noise)))
 
 
 def handle_stage(
@@ -194,7 +205,7 @@ def _answer(msg: SecAggMessage, session: MemberSession, folder: Path, state_dir:
         out: dict[str, object] = {"receivers": sorted(ciphertexts), "ciphertexts": [ciphertexts[r] for r in sorted(ciphertexts)]}
     elif msg.stage == "mask":
         x = load_tensors(folder / "input.safetensors")["x"]
-        noise = Noise(**json.loads((folder / "noise.json").read_text())) if (folder / "noise.json").is_file() else Noise()
+        noise = _noise(folder / "noise.json")
         x = noise.share(x, session.params.threshold, session.params.ring_bits)
         masked = session.masked_input(x, msg.pairs("senders", "ciphertexts"))
         out = {"packed": masked.packed}
@@ -264,8 +275,26 @@ def _remember_reveal(state_dir: Path, trained_from: str, survivors: list[str]) -
 
 
 def _reveals(state_dir: Path) -> dict[str, list[str]]:
+    """The unmask record. Not a cache: a damaged one cannot be rebuilt (what it held is exactly
+    what a server re-running a round must not learn a second time), and starting it empty would
+    let that server difference two unmaskings of one update. So it refuses every unmask, one
+    line naming the file; rounds that need no unmask from this node go on."""
     path = state_dir / "secagg" / "revealed.json"
-    return dict(json.loads(path.read_text())) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        seen = json.loads(path.read_text())
+        if not isinstance(seen, dict) or not all(
+            isinstance(v, list) and all(isinstance(m, str) for m in v) for v in seen.values()
+        ):
+            raise ValueError("not an object of survivor lists")
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ProtocolViolation(
+            f"{path}: unmask record unreadable ({reason}); refusing to unmask until it is restored "
+            "(it cannot be rebuilt: an empty one would let a re-run round unmask an update twice)"
+        ) from None
+    return dict(seen)
 
 
 def load_roster(path: Path, ca: Path) -> dict[str, Ed25519PublicKey]:
@@ -304,12 +333,6 @@ def simulated_roster(nodes_dir: Path, members: Sequence[str]) -> dict[str, Ed255
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Owner-only file, written whole (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Owner-only file, written whole: atomic_write_bytes' temp file is created 0600 (mkstemp),
+    fsynced, renamed over `path`, and the folder fsynced."""
+    atomic_write_bytes(path, data)

@@ -135,14 +135,17 @@ def export(
 def _export(root: Path, run_name: str, out: Path | None) -> Path:
     from server.workspace import Workspace
     from server.checkpoint import Checkpoints
-    from server.release import export_release
+    from server.release import ReleaseError, export_release
 
     ws = Workspace(root)
     committed = Checkpoints(ws.run_dir(run_name)).load()
     if committed is None:
         raise _fail(f"{ws.run_dir(run_name)}: no committed round to export (run `fedmoe run` first)")
     target = out or ws.release_dir(f"{run_name}-round-{committed.round}")
-    release = export_release(ws.base, committed.state, target, round=committed.round, val_loss=committed.manifest["val_loss"])
+    try:
+        release = export_release(ws.base, committed.state, target, round=committed.round, val_loss=committed.manifest["val_loss"])
+    except ReleaseError as exc:
+        raise _fail(str(exc)) from None
     console.print(f"release of round {release.round} written to [bold]{release.path}[/bold]")
     return release.path
 

@@ -205,11 +205,35 @@ def revoke(layout: CertLayout, member: str) -> bool:
 # ---------------------------------------------------------------- key creation
 
 
-def _create(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+def _create(path: Path, data: bytes, mode: int) -> bool:
+    """Create `path` holding all of `data`, unless it exists (False: another process made it).
+
+    A key is written to a temp file beside it, fsynced, linked into place (a link, unlike a
+    rename, never replaces what is there) and the folder fsynced: a crash or a full disk leaves
+    no key or the whole key, never a torn one that the next start would find and refuse.
+    CertError (one line, naming `path`) when the disk refuses the write."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as exc:
+        raise CertError(f"{path}: cannot write the key ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def identity_key(path: Path) -> Ed25519PrivateKey:
@@ -218,18 +242,14 @@ def identity_key(path: Path) -> Ed25519PrivateKey:
     if not path.exists():
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        _create(tmp, pem, 0o600)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process made it first: use that one
-        finally:
-            tmp.unlink(missing_ok=True)
+        _create(path, pem, 0o600)  # False: another process made it first, and that one is used
     try:
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError) as exc:
-        raise CertError(f"{path}: not a readable PEM private key ({exc})") from None
+        # never replaced by a new key: the roster registers this one, and a member with another
+        # key is not the same member (the operator must register it again)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CertError(f"{path}: not a readable PEM private key ({reason}); restore it, or register a new key with the operator") from None
     if not isinstance(loaded, Ed25519PrivateKey):
         raise CertError(f"{path}: not an Ed25519 private key")
     return loaded

@@ -9,7 +9,8 @@
     <run>/COMMITTED                      {"round": 3, "sha256": ...}, replaced last
 
 A round is committed when COMMITTED names it; a crash before that leaves the previous round
-committed and the half-written folder is overwritten when the round is run again.
+committed and the half-written folder is overwritten when the round is run again. A write the
+disk refuses (ENOSPC, EIO) is a one-line CheckpointError naming the round that stays committed.
 """
 
 from __future__ import annotations
@@ -56,7 +57,29 @@ class Checkpoints:
         view: dict[str, torch.Tensor] | None = None,
         optimizer: dict[str, torch.Tensor] | None = None,
     ) -> str:
-        """Commit round `rnd`; returns the sha256 of the committed state."""
+        """Commit round `rnd`; returns the sha256 of the committed state.
+
+        CheckpointError when the disk refuses a write: every file is replaced atomically and
+        COMMITTED last, so the round committed before stays committed, whole."""
+        try:
+            return self._commit(rnd, state, manifest, view, optimizer)
+        except OSError as exc:
+            try:
+                kept = self.latest_round()
+            except (OSError, ValueError, KeyError, TypeError):
+                kept = None
+            reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+            stays = f"round {kept} stays committed" if kept is not None else "nothing is committed yet"
+            raise CheckpointError(f"{self.round_dir(rnd)}: cannot commit round {rnd} ({reason}); {stays}") from None
+
+    def _commit(
+        self,
+        rnd: int,
+        state: dict[str, torch.Tensor],
+        manifest: dict[str, Any],
+        view: dict[str, torch.Tensor] | None,
+        optimizer: dict[str, torch.Tensor] | None,
+    ) -> str:
         payload = tensors_to_bytes(state, torch.float32)
         digest = hashlib.sha256(payload).hexdigest()
         folder = self.round_dir(rnd)

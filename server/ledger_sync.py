@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from server.checkpoint import Checkpoints
 from server.config import RunConfig
-from server.ledger import Ledger, Record
+from server.ledger import Ledger, LedgerError, Record
 from server.rights import SHARE
 
 
@@ -38,4 +38,7 @@ def record_in_ledger(ledger: Ledger, checkpoints: Checkpoints, config: RunConfig
                    kind=SHARE, **line)
             for m in sorted(known)
         ]
-        ledger.append_round(taking_part + credited)
+        try:
+            ledger.append_round(taking_part + credited)
+        except LedgerError as exc:  # e.g. a full disk: the checkpoint is the truth, the ledger follows it
+            raise LedgerError(f"{exc}; round {manifest['round']} is committed and enters the ledger when the run resumes") from None

@@ -78,10 +78,13 @@ class Ledger:
         self._conn.execute("BEGIN IMMEDIATE")  # take the write lock before reading the state
         try:
             yield
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            # SQLite rolls back by itself on some errors (SQLITE_FULL, SQLITE_IOERR): a second
+            # ROLLBACK would then fail and hide the error that matters
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
 
     def append_round(self, records: Sequence[Record]) -> SignedTreeHead:
         """Append one round's records and sign the new tree head, in one transaction.
@@ -98,6 +101,17 @@ class Ledger:
         if len(rounds) != 1:
             raise LedgerError(f"append_round: records span rounds {rounds}, expected one round")
         rnd = rounds[0]
+        try:
+            return self._append(key, records, rnd)
+        except sqlite3.DatabaseError as exc:  # disk full, I/O error, read-only file: rolled back
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise LedgerError(
+                f"{self.path}: cannot append round {rnd} ({reason}); nothing of it was appended,"
+                " earlier rounds are as they were"
+            ) from None
+
+    def _append(self, key: OperatorKey, records: list[Record], rnd: int) -> SignedTreeHead:
+        """append_round's one transaction."""
         with self._transaction():
             hashes = self._leaf_hashes()
             latest = self._latest_head()

@@ -74,3 +74,129 @@ def test_a_base_from_before_the_head_adapter_still_loads_without_it(head_base: P
         assert "rank_typo" in str(exc)
     else:
         raise AssertionError("an unknown LoRA setting was accepted")
+
+
+# ---------------------------------------------------------------- where a release may be written
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name != folder.name)
+
+
+def test_export_refuses_a_folder_that_is_not_a_release(tiny_base_path: Path, tmp_path: Path) -> None:
+    from server.release import ReleaseError
+
+    state = load_base(tiny_base_path).with_lora().get_state()
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("a user's notes\n")
+    with pytest.raises(ReleaseError) as refused:
+        export_release(tiny_base_path, state, notes, round=1)
+    message = str(refused.value)
+    assert "\n" not in message and str(notes) in message and "not a fedmoe release" in message
+    assert _tree(notes) == {"notes.txt": b"a user's notes\n"} and _siblings(notes) == []
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    with pytest.raises(ReleaseError, match="not a folder"):
+        export_release(tiny_base_path, state, a_file, round=1)
+    assert a_file.read_text() == "keep me"
+
+
+def test_export_refuses_a_release_holding_a_file_it_does_not_list(tiny_base_path: Path, tmp_path: Path) -> None:
+    from server.release import ReleaseError
+
+    state = load_base(tiny_base_path).with_lora().get_state()
+    out = tmp_path / "release"
+    export_release(tiny_base_path, state, out, round=1)
+    (out / "adapter" / "my-eval.txt").write_text("results")
+    before = _tree(out)
+    with pytest.raises(ReleaseError, match="adapter/my-eval.txt"):
+        export_release(tiny_base_path, state, out, round=2)
+    assert _tree(out) == before
+
+
+def test_export_replaces_a_release_and_a_failed_write_keeps_the_old_one(
+    tiny_base_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    import server.release as release_module
+    from server.release import ReleaseError
+
+    state = load_base(tiny_base_path).with_lora().get_state()
+    out = tmp_path / "release"
+    (out).mkdir()  # an empty folder takes a release: nothing in it to lose
+    export_release(tiny_base_path, state, out, round=1)
+    old = _tree(out)
+
+    def disk_full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(release_module, "atomic_write_json", disk_full)  # release.json is written last
+        with pytest.raises(ReleaseError) as failed:
+            export_release(tiny_base_path, state, out, round=2)
+    message = str(failed.value)
+    assert "\n" not in message and str(out) in message and "No space left on device" in message
+    assert "unchanged" in message
+    assert _tree(out) == old and _siblings(out) == []  # the old release, whole; no staging left
+
+    export_release(tiny_base_path, state, out, round=2)
+    assert json.loads((out / "release.json").read_text())["round"] == 2 and _siblings(out) == []
+
+
+def test_a_crash_between_the_fallback_renames_leaves_the_old_release_restorable(
+    tiny_base_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without an atomic exchange the old release is renamed aside first; a crash right after
+    must not lose it: the next export puts it back before anything else."""
+    import server.release as release_module
+
+    state = load_base(tiny_base_path).with_lora().get_state()
+    out = tmp_path / "release"
+    export_release(tiny_base_path, state, out, round=1)
+    old = _tree(out)
+
+    class Killed(BaseException):
+        pass
+
+    real_rename = Path.rename
+
+    def rename(self: Path, target: Path) -> Path:
+        if self.name.endswith(".staging"):
+            raise Killed  # the process dies between the two renames
+        return real_rename(self, target)
+
+    monkeypatch.setattr(release_module, "_exchange", lambda a, b: False)
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", rename)
+        with pytest.raises(Killed):
+            export_release(tiny_base_path, state, out, round=2)
+    assert not out.exists()  # the crash left it aside
+    release_module._restore_interrupted_swap(out)
+    assert _tree(out) == old
+    export_release(tiny_base_path, state, out, round=2)
+    assert json.loads((out / "release.json").read_text())["round"] == 2
+    assert _siblings(out) == []
+
+
+def test_cli_export_refuses_a_users_folder_with_one_line(ws, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+    from server.checkpoint import Checkpoints
+
+    Checkpoints(ws.run_dir("default")).commit(0, load_base(ws.base).with_lora().get_state(), {"val_loss": {}})
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("a user's notes\n")
+    result = CliRunner().invoke(app, ["export", "--workspace", str(ws.root), "--out", str(notes)], env={"COLUMNS": "400"})
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(notes) in lines[0], result.output
+    assert _tree(notes) == {"notes.txt": b"a user's notes\n"}
