@@ -7,8 +7,9 @@
   counts the kill points after which the run resumed to the identical state (target 1.0).
 - Soak: `--soak-rounds` secure rounds (default 100) in one process, each TRAIN and secure-
   aggregation message to a member lost with probability `--dropout` (default 0.2; the member
-  drops out at that stage). A round that aborts (too few members) is retried by resuming the run,
-  as an operator's supervisor would; `soak_rounds_completed` counts committed rounds, and the
+  drops out at that stage). A round that aborts (too few members) is retried (`round-retries`, no
+  backoff here), and a round still aborted after its retries by resuming the run, as an
+  operator's supervisor would; `soak_rounds_completed` counts committed rounds, and the
   process's resident memory after each round gives the growth over the soak (first tenth of the
   rounds vs the last tenth) and the children left running at the end (`leaked_processes`).
 - Memory at scale: an open run with 10 and with 100 simulated members (each its own process,
@@ -103,7 +104,8 @@ def soak(template: Workspace, tmp: Path, rounds: int, dropout: float, console: C
 
     ws = fresh(template, tmp / "soak")
     # members answer inside the grid's push (in process): a reply missing after a short wait never comes
-    config = RunConfig(workspace=str(ws.root), num_rounds=rounds, **{**SECURE, "round_timeout": 2.0, "secagg_timeout": 0.5})
+    config = RunConfig(workspace=str(ws.root), num_rounds=rounds,
+                       **{**SECURE, "round_timeout": 2.0, "secagg_timeout": 0.5, "round_retry_backoff": 0.0})
     rng = random.Random(0)
     stages = [TRAIN, *(secagg_message_type(s) for s in SECAGG_STAGES)]
     plan: dict[int, str | None] = {}  # node -> the stage it drops out at this round (None: stays)

@@ -47,6 +47,8 @@ class RunConfig:
     eval_batches: int = 8
     seed: int = 0
     round_timeout: float = 600.0
+    round_retries: int = 3  # a round aborted for too few members runs again this many times before the run stops
+    round_retry_backoff: float = 10.0  # seconds before the first retry, doubling with each
     contribution: str = "auto"  # "open": GTG-Shapley on updates; "secure": group sums; "off"; "auto": by secagg
     contribution_min_group: int = 3  # secure contribution: smallest group whose sum is revealed
     contribution_batches: int = 2  # validation batches per domain for each coalition evaluation
@@ -144,6 +146,9 @@ class RunConfig:
             (math.isfinite(self.dp_member_epsilon) and self.dp_member_epsilon >= 0,
              "dp-member-epsilon must be a finite number >= 0 (0: off)"),
             (0 < self.dp_member_delta < 1, "dp-member-delta must be in (0, 1)"),
+            (self.round_retries >= 0, "round-retries must be >= 0"),
+            (math.isfinite(self.round_retry_backoff) and self.round_retry_backoff >= 0,
+             "round-retry-backoff must be a finite number of seconds >= 0"),
             (self.dp_member_epsilon == 0 or (self.secagg == "on" and self.update_clip > 0),
              "dp-member-epsilon adds noise inside secure aggregation and needs the members' clip: set secagg = 'on' "
              "and update-clip > 0"),

@@ -57,6 +57,13 @@ class RoundAborted(RuntimeError):
     """Too few valid updates: nothing is committed, the global state stays as it was."""
 
 
+class TooFewMembers(RoundAborted):
+    """Fewer valid updates than min-members: retried (round-retries) before the run gives up."""
+
+
+SLEEP = time.sleep  # the retry backoff's wait (tests replace it)
+
+
 @dataclass
 class Run:
     """The operator's state across the rounds of one run: what a restart rebuilds from disk."""
@@ -102,7 +109,20 @@ def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: s
     reporter.start(run.first, config.num_rounds, resumed=run.resumed)
     if run.binding.warn:
         reporter.note(UNBOUND_WARNING)
-    return [run_round(grid, run, rnd, reporter) for rnd in range(run.first, config.num_rounds + 1)]
+    summaries = []
+    for rnd in range(run.first, config.num_rounds + 1):
+        for retry in range(config.round_retries + 1):
+            try:
+                summaries.append(run_round(grid, run, rnd, reporter))
+                break
+            except TooFewMembers as exc:
+                if retry == config.round_retries:
+                    raise
+                wait = config.round_retry_backoff * 2**retry
+                reporter.note(f"round {rnd}: retry {retry + 1} of {config.round_retries} in {wait:g}s ({exc})")
+                SLEEP(wait)
+                run = open_run(config, run_name)  # as a restart would: the round runs again from the committed state
+    return summaries
 
 
 def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummary:
@@ -120,10 +140,10 @@ def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummar
     else:
         received, group_sums, drift = gather(grid, run, rnd, codec_seed, reporter, laps)
         kill_point("after-unmask")
+        require_enough(received, config, rnd, reporter.note)  # an aborted round is never journaled
         if group_sums:
             journal.write(rnd, from_state, received, group_sums)
         kill_point("after-journal")
-    require_enough(received, config, rnd, reporter.note)
     # secure scoring rejects nobody, so it waits for the evaluation: the committed model's head
     # loss is the value of all groups together, one coalition evaluation fewer
     score_late = config.contribution_mode == "secure" and bool(group_sums)
@@ -270,7 +290,7 @@ def require_enough(received: Received, config: RunConfig, rnd: int, note: Callab
     if valid < config.min_members:
         reason = f"round {rnd} aborted: {valid} valid update(s), min-members is {config.min_members}; state stays at round {rnd - 1}"
         note(reason)
-        raise RoundAborted(reason)
+        raise TooFewMembers(reason)
 
 
 def score_round(

@@ -152,7 +152,7 @@ def test_too_few_members_aborts_cleanly_and_commits_nothing(tiny_workspace: Work
     for member in ws.members()[:3]:
         (ws.members_dir / member / "empty.txt").write_text("")
     with pytest.raises(SimulationFailed, match="round 1 aborted: 0 valid update"):
-        simulate(config(ws, num_rounds=1), LogReporter(), num_members=3)
+        simulate(config(ws, num_rounds=1, round_retries=0), LogReporter(), num_members=3)
     assert Checkpoints(ws.run_dir()).latest_round() == 0  # only the initial state
 
 

@@ -44,6 +44,7 @@ def config(ws: Path, **overrides: object) -> RunConfig:
         workspace=str(ws), num_rounds=1, local_steps=2, batch_size=4, seq_len=64, eval_batches=1,
         min_expert_tokens=8, min_members=2, round_timeout=5.0, codec="randk0.2+int8", codec_clip=0.05,
         secagg="on", secagg_timeout=0.3, contribution="off", contribution_batches=1,
+        round_retries=0,  # an abort ends the run here; tests/server/test_retry_rounds.py retries
     )
     return base.with_overrides(**overrides)
 
