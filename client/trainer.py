@@ -51,6 +51,8 @@ class TrainResult:
     experts_sent: int
     experts_skipped: int
     mean_gradient: dict[str, torch.Tensor] | None = None  # track_gradient: mean clipped raw gradient
+    dp_epsilon: float | None = None  # DP on: ε the node has spent so far, with this round (client/node.py fills it)
+    dp_delta: float | None = None
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
