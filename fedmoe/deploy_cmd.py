@@ -246,6 +246,7 @@ def join_command(
     data_column: Annotated[str, typer.Option(help="The plain-text field of .jsonl/.json/.csv/.parquet records.")] = "text",
     data_pipeline: Annotated[bool, typer.Option(help="Drop duplicates and junk before training (report: <state-dir>/data-quality.json).")] = True,
     curriculum_levels: Annotated[int, typer.Option(min=1, max=10, help="With the pipeline: difficulty levels opened easy to hard, one more every 2 rounds (1: none).")] = 3,
+    dp: Annotated[list[str] | None, typer.Option(help="Record-level DP-SGD: node config dp-* keys as KEY=VALUE, e.g. --dp target-epsilon=8 (README 'Differential privacy').")] = None,
 ) -> None:
     """Member daemon: check data, certificates, keys and roster, then run a SuperNode with them
     as node config; stop cleanly on SIGTERM."""
@@ -253,6 +254,13 @@ def join_command(
     try:
         if secagg_min_group < 2:
             raise DeployError(f"--secagg-min-group {secagg_min_group}: must be >= 2")
+        dp_keys = {"dp": "on", **{f"dp-{k}": v for k, _, v in (kv.partition("=") for kv in dp)}} if dp else {}
+        from privacy.dp import DPConfig, DPConfigError  # torch and peft: only for this command
+
+        try:  # refused here, in one line, rather than in every round
+            DPConfig.from_node_config(dp_keys)
+        except DPConfigError as exc:
+            raise DeployError(f"--dp: {exc}") from None
         if hub:
             from fedmoe.hub_cmd import base_from_hub
 
@@ -263,7 +271,7 @@ def join_command(
                                         clientapp_port, flwr_home, log_file, roster, secagg_min_group,
                                         trusted_entities or ca.parent / "trusted-entities.yaml",
                                         {"data-column": data_column, "data-pipeline": "on" if data_pipeline else "off",
-                                         "curriculum-levels": str(curriculum_levels)})
+                                         "curriculum-levels": str(curriculum_levels), **dp_keys})
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
     try:

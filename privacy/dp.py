@@ -97,6 +97,9 @@ class DPConfig:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> DPConfig | None:
         """None when `dp` is absent or "off"; else the checked settings, or DPConfigError in one line."""
+        unknown = sorted(k for k in node_config if k.startswith("dp-") and k not in cls.KEYS)
+        if unknown:
+            raise DPConfigError(f"node config {unknown[0]}: unknown DP key (known: {', '.join(cls.KEYS[1:])})")
         switch = str(node_config.get("dp", "off"))
         if switch not in ("on", "off"):
             raise DPConfigError(f"node config dp {switch!r}: expected on or off")

@@ -150,6 +150,7 @@ def test_a_damaged_budget_file_is_refused_not_reset(tmp_path: Path) -> None:
         ({"dp": "on", "dp-target-epsilon": "8", "dp-noise-multiplier": "nan"}, "dp-noise-multiplier 'nan'"),
         ({"dp": "on", "dp-target-epsilon": "8", "dp-rounds": "0"}, "dp-rounds '0'"),
         ({"dp": "on", "dp-target-epsilon": "8", "dp-accountant": "gdp"}, "dp-accountant 'gdp'"),
+        ({"dp": "on", "dp-target-epsilon": "8", "dp-epsilon": "4"}, "node config dp-epsilon: unknown DP key"),
     ],
 )
 def test_bad_dp_config_is_refused_in_one_line(config: dict[str, str], message: str) -> None:

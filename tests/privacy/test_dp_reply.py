@@ -147,3 +147,16 @@ def test_a_member_whose_budget_is_spent_declines_with_one_line(tmp_path: Path) -
     assert answer.has_error() and answer.error.code == DP_BUDGET
     assert answer.error.reason.startswith("member 'acme': DP budget spent: ε 7.9 of 8")
     assert "\n" not in answer.error.reason
+
+
+def test_fedmoe_join_passes_dp_settings_as_node_config_and_refuses_bad_ones_before_starting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app as cli
+
+    args = ["join", "--superlink", "127.0.0.1:1", "--member", "acme", "--data", str(tmp_path), "--ca", str(tmp_path / "ca.pem"),
+            "--key", str(tmp_path / "k"), "--state-dir", str(tmp_path / "s")]
+    for bad, message in ((["--dp", "target-epsilon=0"], "--dp: node config dp-target-epsilon '0': expected a number > 0"),
+                         (["--dp", "target-epsilon=8", "--dp", "epsilon=4"], "--dp: node config dp-epsilon: unknown DP key")):
+        result = CliRunner().invoke(cli, [*args, *bad])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
