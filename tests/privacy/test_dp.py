@@ -191,3 +191,9 @@ def test_dp_training_lowers_held_out_loss() -> None:
     print(f"DP-SGD 15 steps at ε {eps:.2f}: held-out loss {before:.3f} -> {after:.3f}")
     assert after < before - 0.1
     assert math.isfinite(result.train_loss) and result.num_examples == 15 * 8
+
+
+def test_every_dp_node_config_key_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for key in DPConfig.KEYS:
+        assert f"| `{key}` |" in readme, key
