@@ -18,6 +18,7 @@ from model.base import BaseModelError
 from model.chatter import silence_library_chatter
 from model.corpus import DataError
 from model.precision import PrecisionError
+from privacy.dp import BudgetFileError, BudgetSpent
 from privacy.secagg import SecAggError
 from protos.messages import SECAGG_STAGES, Hello, ProtocolError, SecAggMessage, TrainInstruction, TrainReply
 
@@ -26,7 +27,7 @@ silence_library_chatter()  # this module is a process's entry point (SuperNode, 
 app = ClientApp()
 
 # Error codes in replies (Flower reserves small numbers; ours are 100+).
-DATA_ERROR, BASE_ERROR, CONFIG_ERROR, STALE_VIEW, SECAGG_ERROR = 101, 102, 103, 104, 105
+DATA_ERROR, BASE_ERROR, CONFIG_ERROR, STALE_VIEW, SECAGG_ERROR, DP_BUDGET = 101, 102, 103, 104, 105, 106
 
 
 def node_of(context: Context, hints: NodeHints) -> Node:
@@ -58,8 +59,10 @@ def serve_train(msg: Message, context: Context, play: Callable[[TrainInstruction
         return Message(error=Error(BASE_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
     except StaleView as exc:
         return Message(error=Error(STALE_VIEW, f"member {node.member!r}: {exc}"), reply_to=msg)
-    except (PrecisionError, ProtocolError) as exc:
+    except (PrecisionError, ProtocolError, BudgetFileError) as exc:
         return Message(error=Error(CONFIG_ERROR, f"member {node.member!r}: {exc}"), reply_to=msg)
+    except BudgetSpent as exc:  # declines, like any refusal: the round goes on without it
+        return Message(error=Error(DP_BUDGET, f"member {node.member!r}: {exc}"), reply_to=msg)
     try:  # the daemon's metrics (client/metrics.py); never fails the round
         record_round(
             node.state_dir, member=node.member, round=ins.round, num_tokens=reply.num_tokens,

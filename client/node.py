@@ -33,6 +33,7 @@ from model.quality import ROUNDS_PER_LEVEL, QualityReport, clean, curriculum_lev
 from model.io import atomic_write_json, save_tensors, tensors_from_bytes
 from model.lora import LoraMoE
 from model.tokenizer import pack_documents
+from privacy.dp import Budget, DPConfig, sample_rate
 
 
 class NodeHints(Protocol):
@@ -57,6 +58,7 @@ class Node:
     data_pipeline: bool = False  # model/quality.py: duplicates and junk dropped, a curriculum
     curriculum_levels: int = 1  # difficulty levels opened one by one over the rounds (1: none)
     base_quantization: str = "none"  # model/quantize.py: the frozen base held in int8 or nf4 here
+    dp: DPConfig | None = None  # record-level DP-SGD (node config `dp-*`, privacy/dp.py); None: off
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object], ins: NodeHints) -> Node:
@@ -87,13 +89,14 @@ class Node:
             if pipeline not in ("on", "off") or not levels.isdigit() or not 1 <= int(levels) <= 10:
                 raise ValueError(f"node config data-pipeline {pipeline!r} / curriculum-levels {levels!r}: expected on/off and 1-10")
             return cls(member, data, state, base, str(node_config.get("device", "auto")), roster, ca, min_group, column,
-                       pipeline == "on", int(levels))
+                       pipeline == "on", int(levels), dp=DPConfig.from_node_config(node_config))
         members = sorted(p.name for p in Path(ins.members_dir).iterdir() if p.is_dir())
         partition = int(node_config["partition-id"])  # type: ignore[arg-type]
         if partition >= len(members):
             raise DataError(f"{ins.members_dir}: no member data for simulated node {partition} ({len(members)} members)")
         member = members[partition]
-        return cls(member, Path(ins.members_dir) / member, Path(ins.nodes_dir) / member, Path(ins.base_path))
+        return cls(member, Path(ins.members_dir) / member, Path(ins.nodes_dir) / member, Path(ins.base_path),
+                   dp=DPConfig.from_node_config(node_config))
 
 
 # One base per process: Flower reuses a node's process across rounds, and a simulation actor
@@ -298,6 +301,9 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         raise ProtocolError(f"TRAIN local_opt {ins.local_opt!r} is not one of {', '.join(LOCAL_OPTIMIZERS)}")
     base, lora = load_member_model(node.base_path, ins.base_sha256, node.base_quantization)
     blocks, labels = member_blocks(node, base, ins.seq_len, lora, ins.round)
+    budget = Budget.load(node.state_dir, node.dp) if node.dp is not None else None
+    # BudgetSpent here: the member declines the round before it touches the data (client/app.py)
+    dp = budget.plan(sample_rate(ins.batch_size, blocks.shape[0]), ins.local_steps) if budget is not None else None
     state = receive_state(ins, node)
     precision = select_precision(ins.precision, node.device)
     result = train_local(
@@ -313,10 +319,13 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
             min_expert_tokens=ins.min_expert_tokens,
             expert_load=expert_load_of(ins, lora),
             balance_weight=ins.balance_weight,
+            dp=dp,
         ),
         precision,
         labels=labels,
     )
+    if budget is not None and dp is not None:  # written before the update leaves the node
+        result = replace(result, dp_epsilon=budget.spend(dp, ins.local_steps), dp_delta=budget.config.delta)
     quantized = f" on an {node.base_quantization} base" if node.base_quantization != "none" else ""
     return reply_for(result, ins, node, lora, precision.name + quantized)
 
@@ -349,4 +358,6 @@ def reply_for(result: TrainResult, ins: TrainInstruction, node: Node, lora: Lora
         train_loss=result.train_loss,
         seconds=result.seconds,
         precision=precision,
+        dp_epsilon=result.dp_epsilon,
+        dp_delta=result.dp_delta,
     )

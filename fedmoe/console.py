@@ -28,7 +28,8 @@ def round_tables(summaries: list[RoundSummary]) -> tuple[Table, Table]:
     for d in domains:
         quality.add_column(d, justify="right", no_wrap=True)
     traffic = Table(title="members and traffic per round")
-    for col in ("round", "members", "sent per member", "received per member", "seconds"):
+    dp = any(m.dp_epsilon is not None for s in summaries for m in s.members)  # a column only when someone uses DP
+    for col in ("round", "members", "sent per member", "received per member", "seconds", *(["max dp ε"] if dp else [])):
         traffic.add_column(col, justify="right", no_wrap=True)
     for s in summaries:
         n = max(len(s.members), 1)
@@ -39,8 +40,15 @@ def round_tables(summaries: list[RoundSummary]) -> tuple[Table, Table]:
             human_bytes(s.bytes_up / n) if s.members else "-",
             human_bytes(s.bytes_down / n) if s.members else "-",
             f"{s.seconds:.1f}" if s.round else "-",
+            *([max_epsilon(s)] if dp else []),
         )
     return quality, traffic
+
+
+def max_epsilon(summary: RoundSummary) -> str:
+    """The largest record-level ε spent among the round's members ("-" when none uses DP)."""
+    spent = [m.dp_epsilon for m in summary.members if m.dp_epsilon is not None]
+    return f"{max(spent):.3g}" if spent else "-"
 
 
 class RichReporter:
@@ -78,6 +86,9 @@ class RichReporter:
         self.progress.console.print(
             f"round {summary.round} committed ({summary.seconds:.1f}s, {len(summary.members)} members): val ppl {losses}"
         )
+        spent = [f"{m.member} {m.dp_epsilon:.3g}" for m in summary.members if m.dp_epsilon is not None]
+        if spent:
+            self.progress.console.print(f"  record-level dp ε spent so far: {'  '.join(spent)}")
         if summary.shares:
             shares = "  ".join(f"{m} {s:.0%}" for m, s in sorted(summary.shares.items()))
             self.progress.console.print(f"  contribution shares so far: {shares}")

@@ -247,6 +247,7 @@ def join_command(
     data_pipeline: Annotated[bool, typer.Option(help="Drop duplicates and junk before training (report: <state-dir>/data-quality.json).")] = True,
     curriculum_levels: Annotated[int, typer.Option(min=1, max=10, help="With the pipeline: difficulty levels opened easy to hard, one more every 2 rounds (1: none).")] = 3,
     base_quantization: Annotated[str, typer.Option(help="Hold the frozen base in int8 or nf4 on this member (none: as the operator made it).")] = "none",
+    dp: Annotated[list[str] | None, typer.Option(help="Record-level DP-SGD: node config dp-* keys as KEY=VALUE, e.g. --dp target-epsilon=8 (README 'Differential privacy').")] = None,
 ) -> None:
     """Member daemon: check data, certificates, keys and roster, then run a SuperNode with them
     as node config; stop cleanly on SIGTERM."""
@@ -258,6 +259,14 @@ def join_command(
 
         if base_quantization not in QUANTIZATIONS:
             raise DeployError(f"--base-quantization {base_quantization!r}: must be one of {', '.join(QUANTIZATIONS)}")
+
+        dp_keys = {"dp": "on", **{f"dp-{k}": v for k, _, v in (kv.partition("=") for kv in dp)}} if dp else {}
+        from privacy.dp import DPConfig, DPConfigError  # torch and peft: only for this command
+
+        try:  # refused here, in one line, rather than in every round
+            DPConfig.from_node_config(dp_keys)
+        except DPConfigError as exc:
+            raise DeployError(f"--dp: {exc}") from None
         if hub:
             from fedmoe.hub_cmd import base_from_hub
 
@@ -269,7 +278,7 @@ def join_command(
                                         trusted_entities or ca.parent / "trusted-entities.yaml",
                                         {"data-column": data_column, "data-pipeline": "on" if data_pipeline else "off",
                                          "curriculum-levels": str(curriculum_levels),
-                                         "base-quantization": base_quantization})
+                                         "base-quantization": base_quantization, **dp_keys})
     except (CertError, DeployError) as exc:
         raise _fail(str(exc)) from None
     try:

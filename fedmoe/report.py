@@ -176,6 +176,7 @@ def _markdown(run_dir: Path, manifests: Sequence[dict[str, Any]], costs: Sequenc
         )
     lines += _timing_table(manifests)
     lines += _specialization_table(manifests)
+    lines += _privacy_table(manifests)
     total = sum(c.total for _, c in costs)
     lines += ["", (f"Estimated total cost: **{total:.4f} {currency}** at {prices.gpu_hour} {currency}/GPU-hour "
                    f"({prices.member_gpus} GPU per member, {prices.server_gpus} for the server) and "
@@ -194,6 +195,24 @@ def _markdown(run_dir: Path, manifests: Sequence[dict[str, Any]], costs: Sequenc
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _privacy_table(manifests: Sequence[dict[str, Any]]) -> list[str]:
+    """Record-level ε each DP member had spent by each round it took part in (its replies said)."""
+    spent = {(m["round"], r["member"]): (r["dp_epsilon"], r.get("dp_delta")) for m in manifests
+             for r in m.get("members", []) if r.get("dp_epsilon") is not None}
+    if not spent:
+        return []
+    members = sorted({member for _, member in spent})
+    deltas = sorted({f"{d:g}" for _, d in spent.values() if d is not None})
+    lines = ["", "## Differential privacy (record-level, per member)", "",
+             "| round |" + "".join(f" ε {m} |" for m in members), "|---:|" + "---:|" * len(members)]
+    for rnd in sorted({r for r, _ in spent}):
+        cells = [f"{spent[(rnd, m)][0]:.3g}" if (rnd, m) in spent else "-" for m in members]
+        lines.append(f"| {rnd} |" + "".join(f" {c} |" for c in cells))
+    lines += ["", (f"ε is what each member's DP-SGD has spent on its data so far (opacus's accountant, at δ "
+                   f"{', '.join(deltas)}); `-`: the member did not take part that round or trains without DP.")]
+    return lines
 
 
 STAGES = ("sample", "broadcast", "train", "validate", "secure", "score", "aggregate", "evaluate")

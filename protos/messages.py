@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 TRAIN = "train"
-PROTOCOL_VERSION = 9  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
+PROTOCOL_VERSION = 10  # 2: TRAIN carries `secure`, replies the member's identity key; SecAgg stages; HELLO
 # 3: TRAIN carries the expert balance (`balance`, the consortium's `expert_load`, `balance_weight`)
 # 4: TRAIN carries the members' local optimizer (`local_opt`)
 # 5: TRAIN `state_kind` "step" (the member replays the server optimizer's step, `server_optimizer`)
@@ -23,6 +23,7 @@ PROTOCOL_VERSION = 9  # 2: TRAIN carries `secure`, replies the member's identity
 # 7: TRAIN carries the member-side L2 bound of the update (`update_clip`)
 # 8: TRAIN's `server_optimizer` carries the server lr's multiplier per parameter kind
 # 9: TRAIN carries the member-level DP noise variance every unmasked sum carries (`dp_noise_variance`)
+# 10: a reply carries the member's record-level DP spent so far (`dp-epsilon`, `dp-delta`) when its DP is on
 
 
 MAX_NOISE_VARIANCE = 1e24  # 9 standard deviations of it fit a 62-bit ring with room to spare
@@ -120,8 +121,11 @@ class TrainReply:
     seconds: float
     precision: str
     identity: bytes = b""  # the member's long-term Ed25519 public key (secure aggregation)
+    dp_epsilon: float | None = None  # record-level DP (privacy/dp.py): ε spent on this node's data so far; None: DP off
+    dp_delta: float | None = None  # the δ that ε is stated at
 
     def to_record(self) -> RecordDict:
+        dp = {} if self.dp_epsilon is None else {"dp-epsilon": self.dp_epsilon, "dp-delta": self.dp_delta}
         return RecordDict(
             {
                 "update": ConfigRecord({"payload": self.update}),
@@ -141,6 +145,7 @@ class TrainReply:
                         "num-examples": self.num_examples,
                         "train-loss": self.train_loss,
                         "seconds": self.seconds,
+                        **dp,  # type: ignore[dict-item]
                     }
                 ),
                 "expert-tokens": MetricRecord(dict(self.expert_tokens)),
@@ -156,6 +161,7 @@ class TrainReply:
             update = content.config_records["update"]["payload"]
             if info["version"] != PROTOCOL_VERSION:
                 raise ProtocolError(f"reply has protocol version {info['version']!r}")
+            dp = "dp-epsilon" in metrics or "dp-delta" in metrics
             return cls(
                 member=member_name(info["member"]),
                 round=_typed("round", info["round"], int),
@@ -168,6 +174,9 @@ class TrainReply:
                 num_examples=_typed("num-examples", metrics["num-examples"], int),
                 train_loss=float(_typed("train-loss", metrics["train-loss"], (int, float))),
                 seconds=float(_typed("seconds", metrics["seconds"], (int, float))),
+                # both or neither; server/validate.py checks the values (finite, >= 0; δ in (0, 1))
+                dp_epsilon=float(_typed("dp-epsilon", metrics["dp-epsilon"], (int, float))) if dp else None,
+                dp_delta=float(_typed("dp-delta", metrics["dp-delta"], (int, float))) if dp else None,
             )
         except KeyError as exc:
             raise ProtocolError(f"reply lacks {exc.args[0]!r}") from None

@@ -22,20 +22,22 @@ def record_in_ledger(ledger: Ledger, checkpoints: Checkpoints, config: RunConfig
         steps = int(manifest.get("run_config", {}).get("local-steps", config.local_steps))  # the round's own
         budget = replace(config, local_steps=steps).token_budget
         shares = manifest.get("shares", {})
-        line = {"round": manifest["round"], "dp_epsilon": None, "release_sha256": manifest["state_sha256"], "time": manifest["time"]}
+        line = {"round": manifest["round"], "release_sha256": manifest["state_sha256"], "time": manifest["time"]}
         taking_part = [
             Record(
                 member=m["member"], score=float(manifest.get("scores", {}).get(m["member"], 0.0)),
                 share=float(shares.get(m["member"], 0.0)),
                 tokens=min(int(m["num_tokens"]), budget),  # self-reported: informational only
-                bytes_up=int(m["bytes_up"]), bytes_down=int(m["bytes_down"]), **line,
+                bytes_up=int(m["bytes_up"]), bytes_down=int(m["bytes_down"]),
+                # the member's record-level ε spent so far, as its reply said (server/validate.py checked it)
+                dp_epsilon=float(m["dp_epsilon"]) if m.get("dp_epsilon") is not None else None, **line,
             )
             for m in manifest["members"]
         ]
         known |= {m["member"] for m in manifest["members"]} | set(shares)
         credited = [
             Record(member=m, score=0.0, share=float(shares.get(m, 0.0)), tokens=0, bytes_up=0, bytes_down=0,
-                   kind=SHARE, **line)
+                   dp_epsilon=None, kind=SHARE, **line)
             for m in sorted(known)
         ]
         try:

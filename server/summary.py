@@ -25,6 +25,8 @@ class MemberReport:
     experts_sent: int
     precision: str
     secagg_seconds: float = 0.0  # the member's time on the secure-aggregation stages
+    dp_epsilon: float | None = None  # record-level DP: ε the member has spent so far (its reply); None: off
+    dp_delta: float | None = None
 
 
 @dataclass(frozen=True)

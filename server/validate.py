@@ -108,6 +108,7 @@ def validate_replies(
             bytes_up=recorddict_to_proto(reply.content).ByteSize(),
             num_tokens=parsed.num_tokens, train_loss=parsed.train_loss, seconds=parsed.seconds,
             experts_sent=len(parsed.expert_tokens), precision=parsed.precision,
+            dp_epsilon=parsed.dp_epsilon, dp_delta=parsed.dp_delta,
         ))
     if not secure and config.update_norm_bound > 0:
         bounded = bound_norms(received.updates, config.update_norm_bound)
@@ -173,7 +174,7 @@ def validate_update(
 def check_counts(reply: TrainReply, config: RunConfig) -> None:
     """Self-reported numbers, checked where they arrive: tokens within the round's budget, each
     expert's tokens within the member's (a token reaches an expert at most once per layer), the
-    loss and seconds finite and non-negative."""
+    loss and seconds finite and non-negative, a DP ε finite and non-negative at a δ in (0, 1)."""
     budget = config.token_budget
     if not 0 < reply.num_tokens <= budget:
         raise UpdateRejected(f"member {reply.member!r}: num-tokens {reply.num_tokens} outside (0, {budget}]")
@@ -184,6 +185,9 @@ def check_counts(reply: TrainReply, config: RunConfig) -> None:
             raise UpdateRejected(
                 f"member {reply.member!r}: expert-tokens[{group}] = {count} outside [0, num-tokens {reply.num_tokens}]"
             )
-    for field, value in (("seconds", reply.seconds), ("train-loss", reply.train_loss)):
+    dp = (("dp-epsilon", reply.dp_epsilon),) if reply.dp_epsilon is not None else ()
+    for field, value in (("seconds", reply.seconds), ("train-loss", reply.train_loss), *dp):
         if not (math.isfinite(value) and value >= 0):
             raise UpdateRejected(f"member {reply.member!r}: {field} {value} is not a finite number >= 0")
+    if reply.dp_epsilon is not None and not (reply.dp_delta is not None and 0 < reply.dp_delta < 1):
+        raise UpdateRejected(f"member {reply.member!r}: dp-delta {reply.dp_delta} is not in (0, 1)")

@@ -1,0 +1,54 @@
+"""Record-level DP in the round loop, with the real ClientApp: a member with `dp = on` in its node
+config trains DP-SGD, its ε reaches the ledger's dp ε column each round from the budget file in
+its state dir (read afresh every round, as after a daemon restart), and once the next round would
+pass its budget it declines in one line while the round commits without it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from client.app import app
+from privacy.dp import BUDGET_FILE, epsilon_of
+from server.config import RunConfig
+from server.ledger import Ledger, OperatorKey
+from server.rounds import run_rounds
+from server.summary import LogReporter
+from server.workspace import Workspace
+from fake_grid import FakeGrid, task_identity
+
+
+def config(ws: Workspace, **overrides: object) -> RunConfig:
+    return RunConfig(
+        workspace=str(ws.root), num_rounds=2, local_steps=2, batch_size=4, seq_len=64, eval_batches=1,
+        min_expert_tokens=8, min_members=2, round_timeout=60.0, codec="fp16", contribution="open",
+    ).with_overrides(**overrides)
+
+
+def test_epsilon_reaches_the_ledger_and_a_spent_budget_declines_the_round(ws: Workspace) -> None:
+    member = ws.members()[0]  # FakeGrid: node 1000 is partition 0
+    dp = {"dp": "on", "dp-target-epsilon": "1000", "dp-noise-multiplier": "1.0", "dp-clip-norm": "1.0"}
+    grid = FakeGrid(app, 3)
+    grid.contexts[1000].node_config.update(dp)
+    with task_identity():
+        run_rounds(grid, config(ws), LogReporter(), run_name="dp")
+    budget_file = ws.root / "nodes" / member / BUDGET_FILE
+    saved = json.loads(budget_file.read_text())
+    history = [tuple(h) for h in saved["history"]]
+    assert [n for _, _, n in history] in ([4], [2, 2])  # two rounds of 2 steps (opacus merges equal entries)
+    ledger = Ledger(ws.ledger("dp"), OperatorKey.load_or_create(ws.operator_key))
+    spent = {(r.round, r.member): r.dp_epsilon for r in ledger.records() if r.kind == "contribution"}
+    assert spent[(2, member)] == pytest.approx(epsilon_of(history, 1e-5))
+    assert 0 < spent[(1, member)] < spent[(2, member)]
+    assert all(eps is None for (_, m), eps in spent.items() if m != member)  # the others train without DP
+
+    # the daemon restarts with a budget its next round cannot afford: it declines, the round goes on
+    grid = FakeGrid(app, 3)
+    grid.contexts[1000].node_config.update({**dp, "dp-target-epsilon": f"{spent[(2, member)] * 1.0001:.6g}"})
+    with task_identity():
+        (third,) = run_rounds(grid, config(ws, num_rounds=3), LogReporter(), run_name="dp")
+    reason = third.rejected["node 1000"]
+    assert f"member {member!r}: DP budget spent: ε" in reason and "\n" not in reason
+    assert member not in {m.member for m in third.members} and len(third.members) == 2
+    assert json.loads(budget_file.read_text()) == saved  # declining spends nothing
