@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -246,7 +247,7 @@ def join_command(
     data_column: Annotated[str, typer.Option(help="The plain-text field of .jsonl/.json/.csv/.parquet records.")] = "text",
     data_pipeline: Annotated[bool, typer.Option(help="Drop duplicates and junk before training (report: <state-dir>/data-quality.json).")] = True,
     curriculum_levels: Annotated[int, typer.Option(min=1, max=10, help="With the pipeline: difficulty levels opened easy to hard, one more every 2 rounds (1: none).")] = 3,
-    base_quantization: Annotated[str, typer.Option(help="Hold the frozen base in int8 or nf4 on this member (none: as the operator made it).")] = "none",
+    base_quantization: Annotated[str, typer.Option(click_type=click.Choice(["none", "int8", "nf4"]), help="Hold the frozen base in int8 or nf4 on this member (none: as the operator made it).")] = "none",
     dp: Annotated[list[str] | None, typer.Option(help="Record-level DP-SGD: node config dp-* keys as KEY=VALUE, e.g. --dp target-epsilon=8 (README 'Differential privacy').")] = None,
 ) -> None:
     """Member daemon: check data, certificates, keys and roster, then run a SuperNode with them
@@ -255,10 +256,6 @@ def join_command(
     try:
         if secagg_min_group < 2:
             raise DeployError(f"--secagg-min-group {secagg_min_group}: must be >= 2")
-        from model.quantize import QUANTIZATIONS
-
-        if base_quantization not in QUANTIZATIONS:
-            raise DeployError(f"--base-quantization {base_quantization!r}: must be one of {', '.join(QUANTIZATIONS)}")
 
         dp_keys = {"dp": "on", **{f"dp-{k}": v for k, _, v in (kv.partition("=") for kv in dp)}} if dp else {}
         from privacy.dp import DPConfig, DPConfigError  # torch and peft: only for this command
