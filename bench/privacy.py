@@ -25,29 +25,34 @@ import json
 import math
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.table import Table
+# run as `python bench/privacy.py`, this file's folder comes first on the path and its name would
+# shadow the project's `privacy` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-from aggregation.quantize import shared_scale
-from aggregation.robust import clip_l2
-from client.node import member_seed
-from client.trainer import TrainConfig, train_local
-from fedmoe.cli import DEMO_SECURE_CLIP, DEMO_SECURE_CODEC, DEMO_TRAINING
-from model.base import load_base
-from model.chatter import silence_library_chatter
-from model.member_data import read_documents
-from model.precision import select_precision
-from model.tokenizer import pack_documents
-from privacy.dp import DPConfig, DPStep, calibrate, epsilon_of, sample_rate
-from server.config import RunConfig
-from server.evaluation import evaluate, validation_sets
-from server.init import InitConfig, init_workspace
-from server.member_dp import member_dp
-from server.workspace import Workspace
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from aggregation.quantize import shared_scale  # noqa: E402
+from aggregation.robust import clip_l2  # noqa: E402
+from client.node import member_seed  # noqa: E402
+from client.trainer import TrainConfig, train_local  # noqa: E402
+from fedmoe.cli import DEMO_SECURE_CLIP, DEMO_SECURE_CODEC, DEMO_TRAINING  # noqa: E402
+from model.base import load_base  # noqa: E402
+from model.chatter import silence_library_chatter  # noqa: E402
+from model.member_data import read_documents  # noqa: E402
+from model.precision import select_precision  # noqa: E402
+from model.tokenizer import pack_documents  # noqa: E402
+from privacy.dp import DPConfig, DPStep, calibrate, epsilon_of, sample_rate  # noqa: E402
+from server.config import RunConfig  # noqa: E402
+from server.evaluation import evaluate, validation_sets  # noqa: E402
+from server.init import InitConfig, init_workspace  # noqa: E402
+from server.member_dp import member_dp  # noqa: E402
+from server.workspace import Workspace  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "privacy.json"
 EPSILONS = (math.inf, 8.0, 4.0, 1.0)
