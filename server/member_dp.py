@@ -11,7 +11,6 @@ in one group per round, so its ε is that of one sum per round.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -43,7 +42,3 @@ def member_dp(config: RunConfig, shapes: Mapping[str, tuple[int, ...]]) -> Membe
     variance = calibrate(config.dp_member_epsilon, config.dp_member_delta, config.num_rounds, sensitivity)
     return MemberDP(variance, sensitivity, config.dp_member_delta)
 
-
-def noise_multiplier(dp: MemberDP) -> float:
-    """The noise's standard deviation over the L2 sensitivity (the Gaussian mechanism's sigma)."""
-    return math.sqrt(dp.variance) / dp.sensitivity.l2
