@@ -12,7 +12,10 @@ registered member; release N to a member whose entitlement covers round N now.
 
 Refusals are gRPC status codes with a sentence: UNAUTHENTICATED, PERMISSION_DENIED,
 RESOURCE_EXHAUSTED, NOT_FOUND, INVALID_ARGUMENT. A refusal or a bad request touches nothing
-shared: each call reads the catalog and the ledger on its own.
+shared: each call reads the catalog on its own. The entitlement table is computed once per state
+of the ledger and the policy (their files' inode, size and mtime, the ledger's WAL included) and
+at most RIGHTS_MAX_AGE seconds old: a pull of a release is one call per file, and reading the
+ledger on each cost 4.6 ms of the 9 ms a small call took (measured on the demo's ledger).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ MAX_PROMPT_CHARS = 16_000
 MAX_NEW_TOKENS, DEFAULT_NEW_TOKENS = 512, 64
 MAX_STREAMS = 8  # open downloads and generations per member (of WORKERS threads)
 MAX_CALLS = 64  # calls the hub serves at once; more wait in gRPC's queue or are refused
+RIGHTS_MAX_AGE = 5.0  # seconds an entitlement table is reused while its files stay unchanged
 
 BYTES_SERVED = Counter("fedmoe_hub_bytes_served", "Release bytes the hub streamed, per member", ["member"])
 TOKENS_METERED = Counter("fedmoe_hub_tokens_metered", "Tokens of hosted generation debited, per member and kind",
@@ -117,6 +121,8 @@ class Hub(hub_pb2_grpc.HubServicer):
         self._streams: dict[str, int] = {}  # member -> open downloads and generations
         self._nonces: dict[str, float] = {}  # token nonces seen -> their expiry
         self._streams_lock = threading.Lock()
+        self._rights: tuple[tuple, float, Policy, dict[str, Entitlement], int] | None = None  # stamp, when, ...
+        self._rights_lock = threading.Lock()
         start_series(sorted(roster.members()))
 
     # -------------------------------------------------------------- who and what
@@ -138,6 +144,29 @@ class Hub(hub_pb2_grpc.HubServicer):
 
     def entitlement(self, member: str) -> tuple[Entitlement, int]:
         """(the member's entitlement, the ledger's latest round): what `fedmoe rights` prints."""
+        policy, table, latest = self._table()
+        found = table.get(member)
+        if found is None:  # registered, never recorded: nothing credited yet
+            found = Entitlement(member, 0.0, "base-only", 0, policy.period_days, policy.delay_rounds, latest)
+        return found, latest
+
+    def _stamp(self) -> tuple:
+        path = self.ws.ledger(self.run)
+        stamps = []
+        for file in (path, path.with_name(path.name + "-wal"), self.policy_path):
+            try:
+                stat = file.stat()
+                stamps.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def _table(self) -> tuple[Policy, dict[str, Entitlement], int]:
+        """(policy, every member's entitlement, latest round), reused while the files are unchanged."""
+        stamp, now = self._stamp(), time.monotonic()
+        with self._rights_lock:
+            if self._rights is not None and self._rights[0] == stamp and now - self._rights[1] < RIGHTS_MAX_AGE:
+                return self._rights[2:]
         try:
             policy = load_policy(self.policy_path) if self.policy_required or self.policy_path.is_file() else Policy()
             path = self.ws.ledger(self.run)
@@ -149,10 +178,10 @@ class Hub(hub_pb2_grpc.HubServicer):
             log.error("hub: cannot compute entitlements: %s", exc)
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the hub cannot read its ledger or policy now; try again later") from None
         latest = latest or 0
-        found = entitlements(policy, records, latest).get(member)
-        if found is None:  # registered, never recorded: nothing credited yet
-            found = Entitlement(member, 0.0, "base-only", 0, policy.period_days, policy.delay_rounds, latest)
-        return found, latest
+        table = entitlements(policy, records, latest)
+        with self._rights_lock:
+            self._rights = (stamp, now, policy, table, latest)
+        return policy, table, latest
 
     @staticmethod
     def may_pull(entitlement: Entitlement, latest: int, rnd: int) -> bool:

@@ -502,3 +502,59 @@ def test_a_missing_policy_fails_closed(consortium, tmp_path) -> None:
     with pytest.raises(Refused) as refused:  # never the defaults' wider rights
         hub.entitlement("acme")
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_rights_table_is_reused_until_the_ledger_or_policy_changes(consortium, tmp_path, monkeypatch) -> None:
+    import server.hub as hub_module
+
+    ws = Workspace(tmp_path / "ws")
+    ws.ledger("default").parent.mkdir(parents=True)
+    shutil.copy(consortium.ws.ledger("default"), ws.ledger("default"))
+    shutil.copytree(consortium.ws.operator_dir, ws.operator_dir)
+    reads = []
+    real = hub_module.Ledger
+    monkeypatch.setattr(hub_module, "Ledger", lambda *a, **k: reads.append(1) or real(*a, **k))
+    hub = Hub(ws, "default", OperatorKey.load(ws.operator_key), Roster(consortium.layout))
+    before = [hub.entitlement("globex")[0] for _ in range(5)]
+    assert len(reads) == 1 and before[0].tier == "delayed" and before[0].as_of_round == 4
+    with real(ws.ledger("default"), OperatorKey.load(ws.operator_key)) as ledger:  # round 5: globex catches up with acme
+        ledger.append_round([Record(round=5, member=m, score=0.0, share=0.0 if m == "rider" else 0.5, tokens=0, bytes_up=0,
+                                    bytes_down=0, dp_epsilon=None, release_sha256="0" * 64, time=utc_now(), kind="share")
+                             for m in SHARES])
+    after, latest = hub.entitlement("globex")
+    assert len(reads) == 2 and latest == 5 and after.tier == "latest"  # the next call, not after a delay
+    assert hub.entitlement("acme")[0].tier == "latest" and len(reads) == 2
+    from server.rights import DEFAULT_POLICY_TOML
+
+    ws.policy.write_text(DEFAULT_POLICY_TOML.replace("latest_share = 0.10", "latest_share = 0.99"))
+    assert hub.entitlement("acme")[0].tier == "delayed" and len(reads) == 3
+    monkeypatch.setattr(hub_module, "RIGHTS_MAX_AGE", 0.0)
+    hub.entitlement("acme")
+    assert len(reads) == 4  # too old: read again even though nothing changed
+
+
+def test_the_pull_writer_keeps_order_and_raises_a_write_error_in_the_puller(tmp_path) -> None:
+    import errno
+    import hashlib
+
+    from client.pull import _Sink
+
+    chunks = [bytes([i]) * (1 << 16) for i in range(20)]
+    digest = hashlib.sha256()
+    with (tmp_path / "ok").open("ab") as handle, _Sink(handle, digest) as sink:
+        for chunk in chunks:
+            sink.put(chunk)
+    assert (tmp_path / "ok").read_bytes() == b"".join(chunks) and digest.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+
+    class Full:
+        written = 0
+
+        def write(self, data: bytes) -> None:
+            if self.written >= 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += 1
+
+    with pytest.raises(OSError, match="No space left"):
+        with _Sink(Full(), hashlib.sha256()) as sink:
+            for chunk in chunks:
+                sink.put(chunk)
