@@ -24,8 +24,9 @@ scored on its validation set (`ppl_rel_diff_int8` = |ppl(int8) / ppl(bf16) - 1|,
 
 `--part families`: a tiny checkpoint of each supported MoE family is adopted by `fedmoe init
 --from-pretrained`, two members train one federated round (the real ClientApp through the test
-suite's in-process grid), every MoE layer's experts change, and the release loads with
-transformers + peft and changes the logits (`families_supported`, target >= 5).
+suite's in-process grid), every MoE layer's experts and every shared expert's and dense MLP's
+adapter change, and the release loads with transformers + peft, carries those adapters and changes
+the logits (`families_supported`, target >= 5).
 Run: `.venv/bin/python bench/data.py [--part all|pipeline|int8|families] [--member legal] [--steps 150]`
 (~3 min per part on 2 cores).
 """
@@ -37,6 +38,7 @@ import gc
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -294,14 +296,21 @@ def check_family(family: str, demo: Workspace, configs: dict, tiny_config, FakeG
         moe = families.moe_layers(load_base(ws.base).model)
         if trained != set(moe):
             raise RuntimeError(f"experts changed in layers {sorted(trained)}, MoE layers are {moe}")
+        shared = {f"{n.removesuffix('.weight')}.lora_B" for n, _ in load_base(ws.base).model.named_parameters()
+                  if re.search(r"\.mlp\.(shared_experts?\.)?(gate|up|down)_proj\.weight$", n)}
+        if shared - changed:
+            raise RuntimeError(f"{len(shared - changed)} shared-expert or dense-MLP adapters did not change, "
+                               f"first: {sorted(shared - changed)[0]}")
         release = export_release(ws.base, after.state, Path(tmp) / "release", round=1)
         ids = torch.randint(0, len(tokenizer), (1, 8))
         with torch.no_grad():
             plain = AutoModelForCausalLM.from_pretrained(release.path / "base")
             base_logits = plain(input_ids=ids).logits
-            logits = PeftModel.from_pretrained(plain, release.path / "adapter")(input_ids=ids).logits
+            adapted = PeftModel.from_pretrained(plain, release.path / "adapter")
+            logits = adapted(input_ids=ids).logits
+        loaded = {n.removeprefix("base_model.model.").replace(".default.weight", "") for n, _ in adapted.named_parameters()}
         if type(plain).__name__ != configs[family][1] or not torch.isfinite(logits).all() \
-                or torch.allclose(logits, base_logits):
+                or torch.allclose(logits, base_logits) or shared - loaded:
             raise RuntimeError("the release does not load as the family's model with a working adapter")
 
 

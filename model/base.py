@@ -61,12 +61,13 @@ def save_base(
 
 
 def _spec(fields: dict[str, object]) -> LoraSpec:
-    """The base's LoRA spec; bases made before the output-head adapter have no `train_head`."""
+    """The base's LoRA spec; bases made before the output-head adapter have no `train_head`, those
+    made before the shared-MLP adapters no `train_shared_mlp` (nor their frozen A): both off."""
     known = set(LoraSpec.__dataclass_fields__)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise BaseModelError(f"{MANIFEST}: unknown LoRA setting {unknown[0]!r}")
-    return LoraSpec(**{"train_head": False, **fields})  # type: ignore[arg-type]
+    return LoraSpec(**{"train_head": False, "train_shared_mlp": False, **fields})  # type: ignore[arg-type]
 
 
 def load_base(path: Path, *, expected_sha256: str | None = None) -> Base:

@@ -11,7 +11,9 @@ asks here, and a checkpoint or a name this module cannot describe is refused, ne
 
 Roles: routed experts (`mlp.experts.*`, fused (E, ...) tensors) are aggregated per expert,
 weighted by the tokens routed to each; the router (`mlp.gate`), attention, shared experts,
-dense MLPs and the head are shared parameters, aggregated by the member's tokens.
+dense MLPs and the head are shared parameters, aggregated by the member's tokens. The roles name
+base parameters and trainable-state tensors alike (`...mlp.shared_experts.up_proj.weight`, its
+adapter `...mlp.shared_experts.up_proj.lora_B`; model/lora.py says which tensors are trained).
 """
 
 from __future__ import annotations

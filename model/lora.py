@@ -17,10 +17,32 @@ knows least. The head's weight is tied to the input embedding; the adapter chang
 output side, so a release's merged model unties the head first (server/release.py): merged
 into the tied weight, it would change the embedding as well.
 
+Shared experts and dense MLPs get one LoRA per projection (`train_shared_mlp`; on in the bases
+`fedmoe init` builds): Qwen2-MoE `mlp.shared_expert.*`, DeepSeek-V3 `mlp.shared_experts.*`, and
+the dense layers' `mlp.{gate,up,down}_proj` (DeepSeek-V3's first `first_k_dense_replace`, Qwen's
+`mlp_only_layers`). Every token passes through them, so they are shared tensors, aggregated by
+the member's tokens like attention. They are attached through `target_parameters` on each
+Linear's `weight`, not as `target_modules`: peft 0.21 under transformers 5 rewrites any target
+module named `gate_proj`/`up_proj`/`down_proj` (a list entry or a regex alike: it resolves a regex
+to leaf names first) into the fused routed experts, for the families it converts like Qwen2-MoE
+(DeepSeek-V3, Qwen3-MoE, OLMoE; `_convert_peft_config_moe`, for adapters trained under
+transformers 4), both when the LoRA is attached and when a release's adapter is loaded;
+`target_parameters` it leaves alone. A 2-D parameter gets one adapter (peft's `ParamWrapper`
+with one "expert"): the same W + s B A as a `lora.Linear`, formed as a weight on every forward
+as for the experts (`merged` folds it once for an evaluation). Qwen2-MoE's `shared_expert_gate`
+(Linear(H, 1): a sigmoid per token that scales the shared expert's output) trains in full, as the
+router does (`modules_to_save = ["gate"]` matches it by suffix, in every base, old ones too): a
+rank-r LoRA of a one-row weight would hold more (A is r x H) and reach only an r-dimensional slice
+of it, and a full weight averages exactly.
+
 Canonical trainable-state names (no peft prefixes):
     model.layers.{l}.self_attn.{q,k,v,o}_proj.lora_B              (out, r)   shared adapter
     model.layers.{l}.mlp.experts.{gate_up_proj,down_proj}.lora_B.e{e}  (out, r) expert e
     model.layers.{l}.mlp.gate.weight                               (E, H)    router
+    model.layers.{l}.mlp.shared_expert.{gate,up,down}_proj.lora_B  (out, r)   Qwen2-MoE shared expert
+    model.layers.{l}.mlp.shared_expert_gate.weight                 (1, H)    its gate, in full
+    model.layers.{l}.mlp.shared_experts.{gate,up,down}_proj.lora_B (out, r)   DeepSeek-V3 shared experts
+    model.layers.{l}.mlp.{gate,up,down}_proj.lora_B                (out, r)   a dense layer's MLP
     lm_head.lora_B                                                 (V, r)    output head
 """
 
@@ -28,7 +50,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -42,6 +64,8 @@ from model.families import UnsupportedModel, role_of
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+SHARED_MLP_PARAMETERS = tuple(f"mlp.{owner}{proj}_proj.weight" for owner in ("shared_expert.", "shared_experts.", "")
+                              for proj in ("gate", "up", "down"))  # matched as suffixes: "mlp.gate_proj.weight" is dense only
 ROUTER_MODULE = "gate"
 HEAD_MODULE = "lm_head"
 ADAPTER = "default"
@@ -55,14 +79,19 @@ class LoraSpec:
     alpha: int = 16
     train_router: bool = True
     train_head: bool = False  # `fedmoe init` turns it on for the bases it builds (server/init.py)
+    train_shared_mlp: bool = False  # likewise; bases built before it have none of its frozen A
 
-    def to_peft(self) -> LoraConfig:
+    def to_peft(self, parameter_names: Iterable[str]) -> LoraConfig:
+        """The peft config for a model with these parameters: the shared-MLP targets it has, if any
+        (a Mixtral's adapter config lists none)."""
+        names = list(parameter_names)
+        shared = [t for t in SHARED_MLP_PARAMETERS if self.train_shared_mlp and any(n.endswith(f".{t}") for n in names)]
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=0.0,
             target_modules=list(ATTENTION_MODULES) + ([HEAD_MODULE] if self.train_head else []),
-            target_parameters=list(EXPERT_PARAMETERS),
+            target_parameters=list(EXPERT_PARAMETERS) + shared,
             modules_to_save=[ROUTER_MODULE] if self.train_router else None,
         )
 
@@ -139,7 +168,7 @@ def _attach(base: PreTrainedModel, spec: LoraSpec) -> PeftModel:
         # peft warns whenever a tied layer is adapted; the head's adapter is deliberately untied
         # (module docstring) and a release unties the head before merging (server/release.py).
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*", category=UserWarning)
-        return get_peft_model(base, spec.to_peft())
+        return get_peft_model(base, spec.to_peft(name for name, _ in base.named_parameters()))
 
 
 def _canonical(module_name: str) -> str:
@@ -152,7 +181,11 @@ def _walk(model: PeftModel) -> tuple[dict[str, _Slot], dict[str, torch.nn.Parame
     slots: dict[str, _Slot] = {}
     frozen_a: dict[str, torch.nn.Parameter] = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, ParamWrapper):
+        if isinstance(module, ParamWrapper) and module.parameter_name == "weight":  # a shared expert's or dense Linear
+            base = _canonical(module_name)
+            slots[f"{base}.lora_B"] = _Slot(module.lora_B[ADAPTER].weight, None, 1)
+            frozen_a[f"{base}.lora_A"] = module.lora_A[ADAPTER].weight
+        elif isinstance(module, ParamWrapper):
             base = f"{_canonical(module_name)}.{module.parameter_name}"
             b = module.lora_B[ADAPTER].weight
             for e in range(module.num_experts):
@@ -200,11 +233,15 @@ class LoraMoE:
 
     @staticmethod
     def make_lora_init(base: PreTrainedModel, spec: LoraSpec, *, seed: int) -> dict[str, torch.Tensor]:
-        """The frozen A matrices, drawn once by the operator (peft's default init, seeded)."""
-        init = LoraMoE._draw_a(base, replace(spec, train_head=False), seed)
-        if spec.train_head:  # drawn apart, so the other adapters' A are what they were without it
-            head = LoraMoE._draw_a(base, spec, seed + 1)
-            init.update({name: a for name, a in head.items() if name.startswith(f"{HEAD_MODULE}.")})
+        """The frozen A matrices, drawn once by the operator (peft's default init, seeded). The head's
+        and the shared MLPs' are drawn apart (seed + 1, seed + 2), so that turning either on leaves
+        every other adapter's A as it was without it."""
+        plain = replace(spec, train_head=False, train_shared_mlp=False)
+        init = LoraMoE._draw_a(base, plain, seed)
+        for flag, offset in (("train_head", 1), ("train_shared_mlp", 2)):
+            if getattr(spec, flag):
+                drawn = LoraMoE._draw_a(base, replace(plain, **{flag: True}), seed + offset)
+                init.update({name: a for name, a in drawn.items() if name not in init})
         return dict(sorted(init.items()))
 
     @staticmethod
@@ -253,7 +290,8 @@ class LoraMoE:
     @contextmanager
     def merged(self) -> Iterator[PeftModel]:
         """The model with the experts' adapters folded into the expert weights while inside, for
-        evaluation only (no gradients reach the trainable state). Unmerged, peft folds W + B A into
+        evaluation only (no gradients reach the trainable state); the shared experts' and dense
+        MLPs' too, which peft holds the same way. Unmerged, peft folds W + B A into
         each expert stack on every forward, in W's dtype; merged once, an evaluation of the demo's
         validation sets takes 2.8 s instead of 3.2 s (bf16 autocast, the default on CPU) and gives
         bit-identical losses. peft's safe merge writes each merged weight to a new tensor, so on

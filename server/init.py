@@ -31,7 +31,7 @@ from server.rights import DEFAULT_POLICY_TOML
 @dataclass(frozen=True)
 class InitConfig:
     model: MoEConfig = field(default_factory=MoEConfig)
-    lora: LoraSpec = field(default_factory=lambda: LoraSpec(train_head=True))
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(train_head=True, train_shared_mlp=True))
     bytes_per_domain: int = 1_500_000
     general_bytes: int = 1_500_000
     val_bytes: int = 120_000

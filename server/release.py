@@ -1,7 +1,8 @@
 """Releases: a committed round's trainable state written as files transformers and peft load.
 
     <release>/base/      the frozen base (HF directory: config, safetensors, tokenizer)
-    <release>/adapter/   PEFT adapter: LoRA A and B + the trained router (modules_to_save)
+    <release>/adapter/   PEFT adapter: LoRA A and B (attention, experts, shared experts and dense
+                         MLPs, head) + the trained router (modules_to_save)
     <release>/merged/    base with the adapter merged in (plain `AutoModelForCausalLM`)
     <release>/release.json   round, validation losses, sha256 of every file, and the sha256 of
                              the trainable state it was made from (as server/checkpoint.py

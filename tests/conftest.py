@@ -19,7 +19,7 @@ from server.init import InitConfig, init_workspace  # noqa: E402
 TINY_MODEL = MoEConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 TINY_INIT = InitConfig(
     model=TINY_MODEL,
-    lora=LoraSpec(rank=4, alpha=8),
+    lora=LoraSpec(rank=4, alpha=8, train_shared_mlp=True),  # as `fedmoe init`; a Mixtral has no shared MLP
     bytes_per_domain=150_000,
     general_bytes=300_000,
     val_bytes=30_000,

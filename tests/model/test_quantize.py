@@ -80,3 +80,38 @@ def test_an_unknown_quantization_is_refused_by_name(tiny_base_path) -> None:
     lora = load_base(tiny_base_path).with_lora()
     with pytest.raises(QuantizationError, match="'int4' is not one of none, int8, nf4"):
         quantize_base(lora.model, "int4")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_the_shared_mlp_adapters_train_on_a_quantized_base(family: str) -> None:
+    """A shared expert's or dense Linear under peft's `ParamWrapper`: its weight is dequantized by
+    the wrapper's hook while it runs, and only the adapter moves."""
+    from transformers import AutoModelForCausalLM
+
+    from model.families import role_of
+    from model.lora import LoraSpec
+    from family_configs import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=64))
+    spec = LoraSpec(rank=4, alpha=8, train_shared_mlp=True)
+    lora = LoraMoE(model, spec, LoraMoE.make_lora_init(model, spec, seed=1))
+    shared = [n for n in lora.names if n.endswith(".lora_B") and role_of(n) in ("shared_expert", "dense_mlp")]
+    assert len(shared) == (6 if family == "qwen2_moe" else 9)
+    quantize_base(lora.model, "int8")
+    ids = _batch(64)
+    optimizer = torch.optim.AdamW(lora.trainable_parameters(), lr=1e-2)
+    before = lora.get_state()
+    losses = []
+    for _ in range(3):
+        lora.model.train()
+        optimizer.zero_grad()
+        loss = lora.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(lora.get_state()[n], before[n]) for n in shared)
+    for name in shared:  # between forwards the Linear holds only the codes, and no parametrization is left
+        linear = lora.model.get_base_model().get_submodule(name.removesuffix(".lora_B")).get_base_layer()
+        assert linear.weight.numel() == 0 and not hasattr(linear, "parametrizations"), name

@@ -4,10 +4,13 @@ the node's budget across restarts, and the node config that turns it on."""
 from __future__ import annotations
 
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from client.trainer import TrainConfig, train_local
 from model.lora import LoraMoE, LoraSpec
@@ -22,9 +25,17 @@ SMALL = MoEConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_laye
 TOLERANCE = 1e-6  # float32: per-sample gradients against a loop of micro-batches of one (max abs difference)
 
 
-def small_lora(seed: int = 0) -> LoraMoE:
-    spec = LoraSpec(rank=4, alpha=8, train_head=True)
-    base = build_model(SMALL, seed=seed)
+def small_lora(seed: int = 0, family: str = "demo") -> LoraMoE:
+    """The demo's family (Mixtral) at SMALL's shape, or a tiny checkpoint of another family."""
+    spec = LoraSpec(rank=4, alpha=8, train_head=True, train_shared_mlp=True)
+    if family == "demo":
+        base = build_model(SMALL, seed=seed)
+    else:
+        sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
+        from family_configs import tiny_config
+
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=SMALL.vocab_size))
     lora = LoraMoE(base, spec, LoraMoE.make_lora_init(base, spec, seed=1))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # B = 0 makes every LoRA's gradient but B's own zero: move off it
@@ -33,8 +44,9 @@ def small_lora(seed: int = 0) -> LoraMoE:
     return lora
 
 
-def test_per_sample_gradients_equal_a_loop_over_micro_batches_of_one() -> None:
-    lora = small_lora()
+@pytest.mark.parametrize("family", ["demo", "qwen2_moe", "deepseek_v3"])
+def test_per_sample_gradients_equal_a_loop_over_micro_batches_of_one(family: str) -> None:
+    lora = small_lora(family=family)
     model = lora.model
     model.train()
     ids = torch.randint(0, SMALL.vocab_size, (5, 16), generator=torch.Generator().manual_seed(3))
@@ -58,6 +70,10 @@ def test_per_sample_gradients_equal_a_loop_over_micro_batches_of_one() -> None:
     assert worst < TOLERANCE
     expert = next(n for n in grads if "mlp.experts" in n)
     assert float(grads[expert].abs().max()) > 1e-4  # the experts' gradients are not trivially zero
+    # shared experts' and dense MLPs' adapters (peft's ParamWrapper on a Linear's weight) are covered too
+    shared = [n for n in grads if re.search(r"\.mlp\.(shared_experts?\.)?(gate|up|down)_proj\.lora_B\.", n)]
+    assert len(shared) == {"demo": 0, "qwen2_moe": 6, "deepseek_v3": 9}[family]
+    assert all(float(grads[n].abs().max()) > 1e-6 for n in shared)
     # the model is left as it was: peft's own forward runs again afterwards
     assert not any("forward" in vars(m) for m in model.modules())
 

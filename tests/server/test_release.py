@@ -76,6 +76,58 @@ def test_a_base_from_before_the_head_adapter_still_loads_without_it(head_base: P
         raise AssertionError("an unknown LoRA setting was accepted")
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_a_release_carries_the_shared_mlp_adapters_and_its_merged_model_equals_the_adapted_one(
+    family: str, tiny_base_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from model.families import role_of
+    from model.lora import LoraSpec, SHARED_MLP_PARAMETERS
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "model"))
+    from family_configs import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=64))
+    base_path = tmp_path / "base"
+    save_base(base_path, model, AutoTokenizer.from_pretrained(tiny_base_path),
+              LoraSpec(rank=4, alpha=8, train_shared_mlp=True), seed=0)
+    state = _trained_state(base_path)
+    lora = load_base(base_path).with_lora()
+    lora.set_state(state)
+    shared = {n for n in state if n.endswith(".lora_B") and role_of(n) in ("shared_expert", "dense_mlp")}
+    assert len(shared) == (6 if family == "qwen2_moe" else 9)
+    release = export_release(base_path, state, tmp_path / "release", round=1)
+
+    config = json.loads((release.path / "adapter" / "adapter_config.json").read_text())
+    owner = "shared_expert." if family == "qwen2_moe" else "shared_experts."
+    assert {t for t in config["target_parameters"] if t in SHARED_MLP_PARAMETERS} == (
+        {f"mlp.{owner}{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+        | ({f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")} if family == "deepseek_v3" else set()))
+    assert not {"gate_proj", "up_proj", "down_proj"} & set(config["target_modules"])
+    with safe_open(str(release.path / "adapter" / "adapter_model.safetensors"), "pt") as saved:
+        keys = set(saved.keys())
+        for name in shared:  # B as trained, A beside it
+            key = f"base_model.model.{name}.weight"
+            assert torch.equal(saved.get_tensor(key), state[name]), key
+            assert key.replace(".lora_B.", ".lora_A.") in keys
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        lora.model.eval()
+        trained = lora.model(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(release.path / "base")
+        layer = "model.layers.1.mlp.shared_expert" if family == "qwen2_moe" else "model.layers.1.mlp.shared_experts"
+        frozen = plain.get_submodule(f"{layer}.up_proj").weight.clone()
+        adapted = PeftModel.from_pretrained(plain, release.path / "adapter")
+        merged = AutoModelForCausalLM.from_pretrained(release.path / "merged")
+        loaded = adapted(input_ids=ids).logits
+        torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)  # the adapter is the trained state
+        torch.testing.assert_close(merged(input_ids=ids).logits, loaded, atol=1e-4, rtol=1e-4)
+        assert not torch.equal(merged.get_submodule(f"{layer}.up_proj").weight, frozen)  # its adapter was merged in
+
+
 # ---------------------------------------------------------------- where a release may be written
 
 
