@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from flwr.common.serde import recorddict_to_proto
 from peft import get_peft_model_state_dict
 from rich.console import Console
 from rich.table import Table
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the project first: bench/privacy.py would shadow the privacy package
 
 from fedmoe.cli import DEMO_ROUNDS, DEMO_SECURE_CLIP, DEMO_TRAINING, _run_config
 from fedmoe.simulation import simulate

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the project first: bench/privacy.py would shadow the privacy package
 
 from aggregation.contribution import ScoreBook, contribution_shares
 from aggregation.group_estimator import GroupValueEstimator

@@ -26,12 +26,15 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the project first: bench/privacy.py would shadow the privacy package
 
 from client.node import member_seed
 from client.trainer import TrainConfig, train_local

@@ -53,6 +53,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the project first: bench/privacy.py would shadow the privacy package
+
 from client.node import base_losses
 from client.trainer import TrainConfig, train_local
 from model.base import load_base

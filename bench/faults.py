@@ -41,6 +41,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the project first: bench/privacy.py would shadow the privacy package
+
 from model.chatter import silence_library_chatter
 from server.checkpoint import Checkpoints
 from server.faults import ENV, KILL_POINTS
