@@ -67,7 +67,7 @@ def serve_train(msg: Message, context: Context, play: Callable[[TrainInstruction
         record_round(
             node.state_dir, member=node.member, round=ins.round, num_tokens=reply.num_tokens,
             seconds=reply.seconds, local_steps=ins.local_steps, train_loss=reply.train_loss,
-            precision=reply.precision, gpu=gpu_memory(),
+            precision=reply.precision, gpu=gpu_memory(), dp_epsilon=reply.dp_epsilon,
         )
     except OSError:
         pass

@@ -6,7 +6,8 @@ process serves the endpoint and reads `<state-dir>/metrics.json` on every scrape
 
     {"member": ..., "rounds_trained": 3, "tokens": ..., "train_seconds": ..., "steps": ...,
      "last_round": 3, "tokens_per_second": ..., "step_seconds": ..., "train_loss": ...,
-     "precision": "bf16 on cuda", "gpu_memory_peak_bytes": ..., "gpu_memory_reserved_bytes": ...}
+     "precision": "bf16 on cuda", "gpu_memory_peak_bytes": ..., "gpu_memory_reserved_bytes": ...,
+     "dp_epsilon": ...}   (record-level DP only: the budget spent so far)
 
 GPU utilization and memory in use come from NVML (`pynvml`, optional) when it is importable;
 peak/reserved memory of the training process from `torch.cuda` when CUDA is present. Every
@@ -55,6 +56,7 @@ def record_round(
     train_loss: float,
     precision: str,
     gpu: dict[str, int] | None = None,
+    dp_epsilon: float | None = None,
 ) -> dict[str, Any]:
     """Add one trained round to `<state_dir>/metrics.json` (atomic replace) and return it."""
     path = state_dir / METRICS_FILE
@@ -76,6 +78,7 @@ def record_round(
         "train_loss": float(train_loss),
         "precision": precision,
         **(gpu or {}),
+        **({"dp_epsilon": float(dp_epsilon)} if dp_epsilon is not None else {}),
     })
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, totals)
@@ -118,6 +121,8 @@ class DaemonCollector:
             ("fedmoe_daemon_tokens_per_second", "Training throughput in the last round", "tokens_per_second"),
             ("fedmoe_daemon_step_seconds", "Mean optimizer step time in the last round", "step_seconds"),
             ("fedmoe_daemon_train_loss", "Mean training loss in the last round", "train_loss"),
+            ("fedmoe_daemon_dp_epsilon", "Record-level DP: epsilon this member has spent so far (node config dp on)",
+             "dp_epsilon"),
             ("fedmoe_daemon_gpu_memory_peak_bytes", "Peak CUDA memory of the last round (torch)", "gpu_memory_peak_bytes"),
             ("fedmoe_daemon_gpu_memory_reserved_bytes", "CUDA memory reserved after the last round (torch)",
              "gpu_memory_reserved_bytes"),

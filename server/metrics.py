@@ -145,6 +145,9 @@ class PrometheusReporter:
         self.dp_member_epsilon = Gauge("fedmoe_dp_member_epsilon",
                                        "Member-level DP: epsilon the consortium's sums have spent so far (dp-member-epsilon > 0)",
                                        registry=r)
+        self.dp_record_epsilon = Gauge("fedmoe_dp_record_epsilon",
+                                       "Record-level DP: epsilon a member reported spent so far (its last aggregated reply)",
+                                       ["member"], registry=r)
         self.round_cost = Gauge("fedmoe_last_round_estimated_cost", "Estimated cost of the last round", registry=r)
         self.notes = Counter("fedmoe_notes", "Warnings from the round loop (rejections, timeouts)", registry=r)
         self.price = Gauge("fedmoe_price", "Configured price", ["unit"], registry=r)
@@ -190,6 +193,8 @@ class PrometheusReporter:
             self.member_bytes_up.labels(m.member).inc(m.bytes_up)
             self.member_tokens.labels(m.member).inc(m.num_tokens)
             tokens += m.num_tokens
+            if m.dp_epsilon is not None:
+                self.dp_record_epsilon.labels(m.member).set(m.dp_epsilon)
         self.tokens.inc(tokens)
         for member, share in summary.shares.items():
             self.share.labels(member).set(share)

@@ -9,10 +9,14 @@ import json
 
 import pytest
 
+from prometheus_client import CollectorRegistry
+
 from client.app import app
+from client.metrics import DaemonCollector
 from privacy.dp import BUDGET_FILE, epsilon_of
 from server.config import RunConfig
 from server.ledger import Ledger, OperatorKey
+from server.metrics import PrometheusReporter
 from server.rounds import run_rounds
 from server.summary import LogReporter
 from server.workspace import Workspace
@@ -31,8 +35,9 @@ def test_epsilon_reaches_the_ledger_and_a_spent_budget_declines_the_round(ws: Wo
     dp = {"dp": "on", "dp-target-epsilon": "1000", "dp-noise-multiplier": "1.0", "dp-clip-norm": "1.0"}
     grid = FakeGrid(app, 3)
     grid.contexts[1000].node_config.update(dp)
+    reporter = PrometheusReporter(LogReporter())
     with task_identity():
-        run_rounds(grid, config(ws), LogReporter(), run_name="dp")
+        run_rounds(grid, config(ws), reporter, run_name="dp")
     budget_file = ws.root / "nodes" / member / BUDGET_FILE
     saved = json.loads(budget_file.read_text())
     history = [tuple(h) for h in saved["history"]]
@@ -42,6 +47,12 @@ def test_epsilon_reaches_the_ledger_and_a_spent_budget_declines_the_round(ws: Wo
     assert spent[(2, member)] == pytest.approx(epsilon_of(history, 1e-5))
     assert 0 < spent[(1, member)] < spent[(2, member)]
     assert all(eps is None for (_, m), eps in spent.items() if m != member)  # the others train without DP
+    # the operator's metrics and the member daemon's show the same ε; the others have none
+    assert reporter.registry.get_sample_value("fedmoe_dp_record_epsilon", {"member": member}) == spent[(2, member)]
+    assert [m for m in ws.members() if reporter.registry.get_sample_value("fedmoe_dp_record_epsilon", {"member": m})] == [member]
+    daemon = CollectorRegistry()
+    daemon.register(DaemonCollector(budget_file.parent, member))
+    assert daemon.get_sample_value("fedmoe_daemon_dp_epsilon", {"member": member}) == pytest.approx(spent[(2, member)])
 
     # the daemon restarts with a budget its next round cannot afford: it declines, the round goes on
     grid = FakeGrid(app, 3)
