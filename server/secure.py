@@ -30,7 +30,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -224,15 +224,11 @@ class _SecureRound:
     # 2. masked input collection: each member gets the shares addressed to it, returns its masked
     #    vector, which is added to its group's running sum as it arrives and dropped (O(groups) held)
     def masked_input_collection(self, inboxes: dict[int, dict[str, dict[str, bytes]]]) -> dict[int, list[str]]:
-        def fold(group: _Group, member: str, reply: SecAggMessage) -> None:
-            if group.name not in self.out.aborted:
-                masked = MaskedInput(member, self.rnd, reply.fields["packed"])  # type: ignore[arg-type]
-                self.guarded(group, lambda: group.session.add_masked(member, masked))
-
-        self.exchange_stage("mask", lambda g: {
+        for group, member, reply in self.stage_replies("mask", lambda g: {
             m: {"senders": sorted(inbox), "ciphertexts": [inbox[s] for s in sorted(inbox)]}
             for m, inbox in inboxes[g.index].items()
-        }, take=fold)
+        }):
+            self.fold_masked(group, member, reply)
         survivors: dict[int, list[str]] = {}
         smallest = self.settings.min_group
         for group in list(self.live):
@@ -305,13 +301,26 @@ class _SecureRound:
             except ValueError as exc:
                 self.out.aborted[group.name] = f"sum does not decode: {exc}"
 
+    def fold_masked(self, group: _Group, member: str, reply: SecAggMessage) -> None:
+        """A masked vector into its group's running sum (ServerSession.add_masked); nothing kept."""
+        if group.name not in self.out.aborted:
+            masked = MaskedInput(member, self.rnd, reply.fields["packed"])  # type: ignore[arg-type]
+            self.guarded(group, lambda: group.session.add_masked(member, masked))
+
     def exchange_stage(
-        self, stage: str, outgoing: Callable[[_Group], dict[str, dict[str, object]]],
-        take: Callable[[_Group, str, SecAggMessage], None] | None = None,
+        self, stage: str, outgoing: Callable[[_Group], dict[str, dict[str, object]]]
     ) -> dict[int, dict[str, SecAggMessage]]:
-        """One exchange for every live group; replies per group index, member -> message. With
-        `take`, each accepted reply goes to take(group, member, reply) as it arrives instead, and
-        none is kept."""
+        """One exchange for every live group; replies per group index, member -> message."""
+        got: dict[int, dict[str, SecAggMessage]] = {g.index: {} for g in self.live}
+        for group, member, reply in self.stage_replies(stage, outgoing):
+            got[group.index][member] = reply
+        return got
+
+    def stage_replies(
+        self, stage: str, outgoing: Callable[[_Group], dict[str, dict[str, object]]]
+    ) -> Iterator[tuple[_Group, str, SecAggMessage]]:
+        """One exchange for every live group: each reply that counts as it arrives, none kept;
+        then the members that did not answer are dropped."""
         out, rnd = self.out, self.rnd
         messages, sent_to = [], {}
         for group in self.live:
@@ -322,11 +331,6 @@ class _SecureRound:
                 out.bytes_down[member] = out.bytes_down.get(member, 0) + recorddict_to_proto(content).ByteSize()
                 messages.append(Message(content=content, message_type=secagg_message_type(stage), dst_node_id=node, group_id=f"{rnd}"))
                 sent_to[(node, group.index)] = member
-        got: dict[int, dict[str, SecAggMessage]] = {g.index: {} for g in self.live}
-
-        def keep(group: _Group, member: str, parsed: SecAggMessage) -> None:
-            got[group.index][member] = parsed
-
         groups = {g.index: g for g in self.live}
         answered: set[tuple[int, int]] = set()
         t0, handling = time.perf_counter(), 0.0
@@ -334,13 +338,12 @@ class _SecureRound:
             started = time.perf_counter()
             accepted = self.accept_reply(stage, reply, sent_to, answered)
             if accepted is not None:
-                (take or keep)(groups[accepted[0]], accepted[1], accepted[2])
-            handling += time.perf_counter() - started  # the server's protocol time, not waiting
+                yield groups[accepted[0]], accepted[1], accepted[2]
+            handling += time.perf_counter() - started  # the server's protocol time (the caller's too), not waiting
         self.waited += time.perf_counter() - t0 - handling
         for key, member in sent_to.items():
             if key not in answered:
                 out.dropped.setdefault(member, f"{stage}: no reply within {self.settings.timeout:g}s")
-        return got
 
     def accept_reply(
         self, stage: str, reply: Message, sent_to: Mapping[tuple[int, int], str], answered: set[tuple[int, int]]
