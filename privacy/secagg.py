@@ -20,6 +20,9 @@ One round, as the stage messages the round loop carries (the server only routes 
     sign_survivors(survivors) -> signature receive_signatures() -> every signature, to each signer
     unmask(signatures)     -> UnmaskReply finish(replies)    -> sum of survivors' x
 
+(The server may take masked inputs one at a time as they arrive, add_masked(), then close the
+stage with receive_masked(): it keeps only their running sum.)
+
 Who counts after each stage (the *active* sets; each must keep >= threshold members or the round
 aborts with SecAggAborted):
   A1  members whose advert arrived and verified;

@@ -1,7 +1,10 @@
 """The server's side of a secure-aggregation round (privacy/secagg.py has the protocol).
 
 ServerSession routes the stage messages, tracks who is still active, and rebuilds the secrets
-that unmask the sum, surviving tampered shares where enough honest holders remain.
+that unmask the sum, surviving tampered shares where enough honest holders remain. Masked inputs
+are folded into the group's running sum as they arrive (`add_masked`) and not kept: the server
+holds one ring vector per group, however many members it has (the sum mod 2^64 does not depend
+on the order, so it is the same sum, bit for bit, as adding them all at the end).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from privacy.secagg_crypto import (
     _verify_advert,
     _verify_survivors,
 )
-from privacy.secagg_wire import U64, KeyAdvert, MaskedInput, UnmaskReply, UnmaskRequest, unpack
+from privacy.secagg_wire import U64, KeyAdvert, MaskedInput, UnmaskReply, UnmaskRequest, unpack_u64
 
 _MAX_SHARE_SUBSETS = 4096  # threshold-size subsets tried when a secret's shares disagree
 
@@ -63,7 +66,8 @@ class ServerSession:
         self._stage = 0
         self._adverts: dict[str, KeyAdvert] = {}  # A1
         self._shared: set[str] = set()  # A2
-        self._masked: dict[str, U64] = {}  # A3 -> y
+        self._masked: set[str] = set()  # A3: who sent a masked input
+        self._masked_sum: U64 | None = None  # A3's y summed mod 2^64 as they arrived (the ring is cut at finish)
         self._signatures: dict[str, bytes] = {}  # A4 -> its signature over the survivor list
         self._lenient = lenient
         self.refused: dict[str, str] = {}  # member -> why its message was refused
@@ -124,19 +128,26 @@ class ServerSession:
             for receiver in sorted(self._shared)
         }
 
-    def receive_masked(self, inputs: Mapping[str, MaskedInput]) -> tuple[set[str], set[str]]:
-        """Masked inputs in; (survivors, dropped) out.
+    def add_masked(self, member: str, masked: MaskedInput) -> None:
+        """One masked input, as it arrives: checked, added to the group's running sum, not kept."""
+        self._expect("receive_masked")
+        self._accept(member, lambda: self._take_masked(member, masked))
+
+    def receive_masked(self, inputs: Mapping[str, MaskedInput] | None = None) -> tuple[set[str], set[str]]:
+        """Masked inputs in (`inputs`, and those already added one by one); (survivors, dropped) out.
 
         Survivors sent a masked input; dropped members shared keys but sent none.
         """
+        for member, masked in sorted((inputs or {}).items()):
+            self.add_masked(member, masked)
         self._enter("receive_masked")
-        for member, masked in sorted(inputs.items()):
-            self._accept(member, lambda m=member, x=masked: self._take_masked(m, x))
         self._require(len(self._masked), "sent masked inputs")
-        return set(self._masked), self._shared - set(self._masked)
+        return set(self._masked), self._shared - self._masked
 
     def _take_masked(self, member: str, masked: MaskedInput) -> None:
         self._check_known(member, self._shared, "sent a masked input without sharing keys")
+        if member in self._masked:
+            raise ProtocolViolation(f"member {member!r}: sent a second masked input")
         if masked.member != member or masked.round != self.params.round:
             raise ProtocolViolation(
                 f"member {member!r}: masked input is labelled {masked.member!r}, "
@@ -148,10 +159,14 @@ class ServerSession:
                 f"expected {self.params.packed_bytes}"
             )
         try:
-            y = unpack(masked.packed, self.params.ring_bits, self.params.vector_length)
+            vector = unpack_u64(masked.packed, self.params.ring_bits, self.params.vector_length)
         except InvalidInput as error:
             raise ProtocolViolation(f"member {member!r}: {error}") from None
-        self._masked[member] = y.numpy().astype("<u8")
+        if self._masked_sum is None:
+            self._masked_sum = vector  # the first input becomes the running sum
+        else:
+            self._masked_sum += vector  # wraps mod 2^64, like the sum at finish used to
+        self._masked.add(member)
 
     def receive_signatures(self, signatures: Mapping[str, bytes]) -> dict[str, bytes]:
         """The survivors' signatures over the survivor list in; every valid one out (to each
@@ -231,7 +246,8 @@ class ServerSession:
             self._accept(holder, lambda h=holder, r=reply: parse(h, r))
 
         n = self.params.vector_length
-        total = np.zeros(n, dtype=np.uint64)
+        total = self._masked_sum if self._masked_sum is not None else np.zeros(n, dtype=np.uint64)
+        self._masked_sum = None  # the session is done with it: `total` becomes the sum
         for member in sorted(self._masked):
             b = self._reconstruct(
                 member,
@@ -240,7 +256,6 @@ class ServerSession:
                 _sha256,
                 self._adverts[member].b_commitment,
             )
-            total += self._masked[member]
             total -= _prg(b, n)
         for gone in sorted(s_shares):
             raw = self._reconstruct(
@@ -261,10 +276,13 @@ class ServerSession:
     # -- helpers
 
     def _enter(self, stage: str) -> None:
+        self._expect(stage)
+        self._stage += 1
+
+    def _expect(self, stage: str) -> None:
         expected = _SERVER_STAGES[self._stage]
         if stage != expected:
             raise ProtocolViolation(f"{stage}() called out of order, expected {expected}()")
-        self._stage += 1
 
     def _check_known(self, member: str, active: Collection[str], otherwise: str) -> None:
         if member not in self.params.members:

@@ -96,6 +96,11 @@ def pack(values: torch.Tensor, bits: int) -> bytes:
 
 def unpack(data: bytes, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack`: n int64 ring elements; refuses a wrong length or non-zero padding."""
+    return torch.from_numpy(unpack_u64(data, bits, n).view(np.int64))  # < 2^62: the same bits
+
+
+def unpack_u64(data: bytes, bits: int, n: int) -> U64:
+    """`unpack` as a numpy uint64 vector, the form the server sums in (mod 2^64)."""
     if not 1 <= bits <= MAX_RING_BITS:
         raise InvalidInput(f"bits {bits} is not in 1..{MAX_RING_BITS}")
     expected = math.ceil(n * bits / 8)
@@ -106,15 +111,15 @@ def unpack(data: bytes, bits: int, n: int) -> torch.Tensor:
     if bits % 8 == 0:
         octets = np.zeros((n, 8), dtype=np.uint8)
         octets[:, : bits // 8] = np.frombuffer(data, dtype=np.uint8).reshape(n, bits // 8)
-        return torch.from_numpy(octets.view("<u8").reshape(n).astype(np.int64))
+        return octets.view("<u8").reshape(n).astype(np.uint64, copy=False)
     # whole words plus one spare, so word+1 is always readable
     padded = data + bytes(-len(data) % 8 + 8)
     words = np.frombuffer(padded, dtype="<u8").astype(np.uint64)
     word, shift = _bit_positions(n, bits)
     low = words[word] >> shift
     high = np.where(shift > 0, words[word + 1] << ((np.uint64(64) - shift) & np.uint64(63)), 0)
-    values = (low | high.astype(np.uint64)) & np.uint64((1 << bits) - 1)
-    return torch.from_numpy(values.astype(np.int64))
+    values: U64 = (low | high.astype(np.uint64)) & np.uint64((1 << bits) - 1)
+    return values
 
 
 def _bit_positions(n: int, bits: int) -> tuple[U64, U64]:

@@ -16,6 +16,12 @@ would otherwise give a second sum to difference against it). Shares that disagre
 are outvoted where the honest holders suffice (`tampered` names the owner); a holder that
 provably lied is named in `flagged`, and its own input is in the sum all the same. The server
 learns only each group's sum (aggregation/secure.py decodes it).
+
+Memory: a member's masked vector is the one thing of its that is the size of the update. Each is
+added to its group's running sum (mod 2^64) as it arrives and dropped (server/grid.py `arriving`,
+ServerSession.add_masked), so the server holds one ring vector per group, then one decoded sum
+per group (what secure contribution values), however many members reply: O(groups), not
+O(members). What it keeps per member is small: keys, shares, signatures, its report.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +40,7 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from aggregation.secure import SecureLayout
-from server.grid import exchange
+from server.grid import arriving
 from protos.messages import ProtocolError, SecAggMessage, secagg_message_type, secagg_session
 from privacy.secagg import InvalidInput, ProtocolViolation, SecAggAborted, SecAggParams
 from privacy.secagg_server import ServerSession
@@ -215,17 +221,19 @@ class _SecureRound:
                 inboxes[group.index] = result  # type: ignore[assignment]
         return inboxes
 
-    # 2. masked input collection: each member gets the shares addressed to it, returns its masked vector
+    # 2. masked input collection: each member gets the shares addressed to it, returns its masked
+    #    vector, which is added to its group's running sum as it arrives and dropped (O(groups) held)
     def masked_input_collection(self, inboxes: dict[int, dict[str, dict[str, bytes]]]) -> dict[int, list[str]]:
-        replies = self.exchange_stage("mask", lambda g: {
+        for group, member, reply in self.stage_replies("mask", lambda g: {
             m: {"senders": sorted(inbox), "ciphertexts": [inbox[s] for s in sorted(inbox)]}
             for m, inbox in inboxes[g.index].items()
-        })
+        }):
+            self.fold_masked(group, member, reply)
         survivors: dict[int, list[str]] = {}
         smallest = self.settings.min_group
         for group in list(self.live):
-            masked = {m: MaskedInput(m, self.rnd, r.fields["packed"]) for m, r in replies[group.index].items()}  # type: ignore[arg-type]
-            result = self.guarded(group, lambda g=group, x=masked: g.session.receive_masked(x))
+            folded = group.name not in self.out.aborted
+            result = self.guarded(group, group.session.receive_masked) if folded else None
             self.refused(group)
             alive = result[0] if result is not None else set()  # type: ignore[index]
             if result is not None and len(alive) < max(smallest, group.session.params.threshold):
@@ -293,10 +301,26 @@ class _SecureRound:
             except ValueError as exc:
                 self.out.aborted[group.name] = f"sum does not decode: {exc}"
 
+    def fold_masked(self, group: _Group, member: str, reply: SecAggMessage) -> None:
+        """A masked vector into its group's running sum (ServerSession.add_masked); nothing kept."""
+        if group.name not in self.out.aborted:
+            masked = MaskedInput(member, self.rnd, reply.fields["packed"])  # type: ignore[arg-type]
+            self.guarded(group, lambda: group.session.add_masked(member, masked))
+
     def exchange_stage(
         self, stage: str, outgoing: Callable[[_Group], dict[str, dict[str, object]]]
     ) -> dict[int, dict[str, SecAggMessage]]:
         """One exchange for every live group; replies per group index, member -> message."""
+        got: dict[int, dict[str, SecAggMessage]] = {g.index: {} for g in self.live}
+        for group, member, reply in self.stage_replies(stage, outgoing):
+            got[group.index][member] = reply
+        return got
+
+    def stage_replies(
+        self, stage: str, outgoing: Callable[[_Group], dict[str, dict[str, object]]]
+    ) -> Iterator[tuple[_Group, str, SecAggMessage]]:
+        """One exchange for every live group: each reply that counts as it arrives, none kept;
+        then the members that did not answer are dropped."""
         out, rnd = self.out, self.rnd
         messages, sent_to = [], {}
         for group in self.live:
@@ -307,39 +331,49 @@ class _SecureRound:
                 out.bytes_down[member] = out.bytes_down.get(member, 0) + recorddict_to_proto(content).ByteSize()
                 messages.append(Message(content=content, message_type=secagg_message_type(stage), dst_node_id=node, group_id=f"{rnd}"))
                 sent_to[(node, group.index)] = member
-        t0 = time.perf_counter()
-        replies = exchange(self.grid, messages, self.settings.timeout, poll=0.05)
-        self.waited += time.perf_counter() - t0
-        got: dict[int, dict[str, SecAggMessage]] = {g.index: {} for g in self.live}
-        answered = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            matches = [(n, g) for (n, g) in sent_to if n == node]
-            if reply.has_error():
-                for key in matches:
-                    answered.add(key)
-                    out.dropped.setdefault(sent_to[key], f"{stage}: {reply.error.reason}")
-                continue
-            try:
-                parsed = SecAggMessage.from_record(reply.content, stage=stage, reply=True)
-            except ProtocolError as exc:
-                for key in matches:
-                    answered.add(key)
-                    out.dropped.setdefault(sent_to[key], f"{stage}: {exc}")
-                continue
-            key = (node, parsed.group)
-            member = sent_to.get(key)
-            if member is None or parsed.member != member or parsed.round != rnd or parsed.run != self.run:
-                self.note(f"round {rnd}: secagg {stage}: refused a reply from node {node} (labelled {parsed.member!r}, round {parsed.round})")
-                continue
-            answered.add(key)
-            out.bytes_up[member] = out.bytes_up.get(member, 0) + recorddict_to_proto(reply.content).ByteSize()
-            out.member_seconds[member] = out.member_seconds.get(member, 0.0) + float(parsed.fields["seconds"])  # type: ignore[arg-type]
-            got[parsed.group][member] = parsed
+        groups = {g.index: g for g in self.live}
+        answered: set[tuple[int, int]] = set()
+        t0, handling = time.perf_counter(), 0.0
+        for reply in arriving(self.grid, messages, self.settings.timeout, poll=0.05):
+            started = time.perf_counter()
+            accepted = self.accept_reply(stage, reply, sent_to, answered)
+            if accepted is not None:
+                yield groups[accepted[0]], accepted[1], accepted[2]
+            handling += time.perf_counter() - started  # the server's protocol time (the caller's too), not waiting
+        self.waited += time.perf_counter() - t0 - handling
         for key, member in sent_to.items():
             if key not in answered:
                 out.dropped.setdefault(member, f"{stage}: no reply within {self.settings.timeout:g}s")
-        return got
+
+    def accept_reply(
+        self, stage: str, reply: Message, sent_to: Mapping[tuple[int, int], str], answered: set[tuple[int, int]]
+    ) -> tuple[int, str, SecAggMessage] | None:
+        """(group index, member, parsed reply) for a reply that counts; None for one that drops its
+        node (an error, a malformed reply) or is refused (labelled for another member, round or
+        run, or a second reply to one message: the first counts)."""
+        out, rnd, node = self.out, self.rnd, reply.metadata.src_node_id
+        matches = [(n, g) for (n, g) in sent_to if n == node]
+        if reply.has_error():
+            for key in matches:
+                answered.add(key)
+                out.dropped.setdefault(sent_to[key], f"{stage}: {reply.error.reason}")
+            return None
+        try:
+            parsed = SecAggMessage.from_record(reply.content, stage=stage, reply=True)
+        except ProtocolError as exc:
+            for key in matches:
+                answered.add(key)
+                out.dropped.setdefault(sent_to[key], f"{stage}: {exc}")
+            return None
+        key = (node, parsed.group)
+        member = sent_to.get(key)
+        if member is None or parsed.member != member or parsed.round != rnd or parsed.run != self.run or key in answered:
+            self.note(f"round {rnd}: secagg {stage}: refused a reply from node {node} (labelled {parsed.member!r}, round {parsed.round})")
+            return None
+        answered.add(key)
+        out.bytes_up[member] = out.bytes_up.get(member, 0) + recorddict_to_proto(reply.content).ByteSize()
+        out.member_seconds[member] = out.member_seconds.get(member, 0.0) + float(parsed.fields["seconds"])  # type: ignore[arg-type]
+        return parsed.group, member, parsed
 
     def guarded(self, group: _Group, step: Callable[[], object]) -> object:
         try:

@@ -4,6 +4,13 @@ A reply is parsed strictly (protos/), its round and member checked against what 
 planned, its update decoded under the codec's bounds and checked tensor by tensor (names,
 shapes, finite), its self-reported counts bounded by the round's token budget. A reply that
 fails is one rejection naming the node and why; the round goes on without it.
+
+Open rounds keep every valid update decoded until the round is scored and aggregated: O(members)
+updates in memory, inherently. The norm bound needs the round's median norm, a robust aggregator
+each coordinate's order statistics, GTG-Shapley and the free-rider checks each member's own
+update, and the token-weighted mean adds members in name order so that it does not depend on the
+order replies arrive in. Secure rounds hold no update here (a TRAIN reply carries none): their
+masked vectors are folded into one sum per group as they arrive (server/secure.py).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Collection, Mapping
 from functools import partial
@@ -217,6 +218,45 @@ def test_drop_after_masked_input_is_still_summed(seven: Seven) -> None:
     total, survivors = run_round(params, keys, directory, inputs, after_masked=gone)
     assert survivors == set(params.members)
     assert torch.equal(total, plain_sum(inputs, params.members, params.ring_bits))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_masked_inputs_added_as_they_arrive_unmask_to_the_same_sum_as_all_at_once(seed: int) -> None:
+    """The server folds each masked input into a running sum as it arrives (add_masked): in any
+    arrival order, with a member gone after sharing keys, a malformed input refused and a second
+    input refused, the sum is bit for bit the one the server gets from all inputs at once."""
+    members, keys, directory = consortium(8)
+    params = make_params(members, 5, 7, 20, 300)
+    sessions = {m: MemberSession(params, m, keys[m], directory) for m in members}
+    at_once, streaming = (ServerSession(params, directory, lenient=True) for _ in range(2))
+    adverts = {m: s.advertise() for m, s in sessions.items()}
+    forwarded = at_once.receive_adverts(adverts)
+    assert streaming.receive_adverts(adverts) == forwarded
+    shares = {m: sessions[m].share_keys(forwarded[m]) for m in members}
+    inboxes = at_once.receive_shares(shares)
+    assert streaming.receive_shares(shares) == inboxes
+    inputs = random_inputs(params, torch.Generator().manual_seed(seed))
+    gone, bad = members[2], members[5]
+    masked = {m: sessions[m].masked_input(inputs[m], inboxes[m]) for m in members if m != gone}
+    masked[bad] = MaskedInput(bad, params.round, masked[bad].packed[:-1])  # a byte short: refused
+    arrival = list(masked)
+    random.Random(seed).shuffle(arrival)
+    for member in arrival:
+        streaming.add_masked(member, masked[member])
+    twice = next(m for m in arrival if m != bad)
+    streaming.add_masked(twice, masked[twice])  # a second input: refused, not added twice
+    survivors, dropped = at_once.receive_masked(masked)
+    assert streaming.receive_masked() == (survivors, dropped) and survivors == set(members) - {gone, bad}
+    assert set(streaming.refused) == {bad, twice} and set(at_once.refused) == {bad}
+    signatures = {m: sessions[m].sign_survivors(survivors) for m in survivors}
+    at_once.receive_signatures(signatures)
+    streaming.receive_signatures(signatures)
+    requests = at_once.unmask_requests()
+    assert streaming.unmask_requests() == requests
+    replies = {m: sessions[m].unmask(r.signatures) for m, r in requests.items()}
+    total = streaming.finish(replies)
+    assert torch.equal(total, at_once.finish(replies))
+    assert torch.equal(total, plain_sum(inputs, survivors, params.ring_bits))
 
 
 def test_drops_at_every_stage_and_before_advertising() -> None:
