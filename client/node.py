@@ -302,8 +302,10 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
     base, lora = load_member_model(node.base_path, ins.base_sha256, node.base_quantization)
     blocks, labels = member_blocks(node, base, ins.seq_len, lora, ins.round)
     budget = Budget.load(node.state_dir, node.dp) if node.dp is not None else None
+    steps, batch_size, lr = (node.dp.round_shape(ins.local_steps, ins.batch_size, ins.lr, ins.local_opt)
+                             if node.dp is not None else (ins.local_steps, ins.batch_size, ins.lr))
     # BudgetSpent here: the member declines the round before it touches the data (client/app.py)
-    dp = budget.plan(sample_rate(ins.batch_size, blocks.shape[0]), ins.local_steps) if budget is not None else None
+    dp = budget.plan(sample_rate(batch_size, blocks.shape[0]), steps) if budget is not None else None
     state = receive_state(ins, node)
     precision = select_precision(ins.precision, node.device)
     result = train_local(
@@ -311,9 +313,9 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         state,
         blocks,
         TrainConfig(
-            local_steps=ins.local_steps,
-            batch_size=ins.batch_size,
-            lr=ins.lr,
+            local_steps=steps,
+            batch_size=batch_size,
+            lr=lr,
             optimizer=ins.local_opt,
             seed=member_seed(ins.seed, ins.round, node.member),
             min_expert_tokens=ins.min_expert_tokens,
@@ -325,7 +327,7 @@ def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
         labels=labels,
     )
     if budget is not None and dp is not None:  # written before the update leaves the node
-        result = replace(result, dp_epsilon=budget.spend(dp, ins.local_steps), dp_delta=budget.config.delta)
+        result = replace(result, dp_epsilon=budget.spend(dp, steps), dp_delta=budget.config.delta)
     quantized = f" on an {node.base_quantization} base" if node.base_quantization != "none" else ""
     return reply_for(result, ins, node, lora, precision.name + quantized)
 

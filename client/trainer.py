@@ -19,8 +19,10 @@ from model import families
 from model.lora import LoraMoE, expert_of
 from model.moe import balance_loss, routed_token_counts
 from model.tokenizer import batches
-from privacy.dp import DPStep, noise_only, per_sample_gradients, poisson_sample, privatize
+from privacy.dp import DPStep, add_noise, clipped_sum, noise_only, per_sample_gradients, poisson_sample
 from protos.messages import LOCAL_OPTIMIZERS
+
+DP_CHUNK = 16  # records whose per-sample gradients are held at once in a DP-SGD step
 
 
 @dataclass(frozen=True)
@@ -192,14 +194,22 @@ def dp_step(
                            config.batch_size, dp.generator)
         counts = torch.zeros(len(families.moe_layers(model)), families.num_experts(model.config), dtype=torch.int64)
     else:
-        batch, batch_labels = blocks[rows].to(precision.device), targets[rows].to(precision.device)  # (n, T)
-        with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
-                            enabled=precision.autocast_dtype is not None):
-            grads, model_losses, aux_losses, router_logits = per_sample_gradients(model, batch, batch_labels, loss_of)
-        noisy = privatize(grads, dp.clip_norm, dp.noise_multiplier, config.batch_size, dp.generator)
-        counts = routed_token_counts(tuple(r.flatten(0, 1) for r in router_logits), top_k)
+        total: dict[str, torch.Tensor] = {}
+        counts, lm_losses = None, []
         aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
-        losses.append(float((model_losses.float() - aux_coef * aux_losses.float()).mean()))
+        for chunk in rows.split(DP_CHUNK):  # per-sample gradients of DP_CHUNK records at a time: bounded memory
+            batch, batch_labels = blocks[chunk].to(precision.device), targets[chunk].to(precision.device)  # (n, T)
+            with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
+                                enabled=precision.autocast_dtype is not None):
+                grads, model_losses, aux_losses, router_logits = per_sample_gradients(model, batch, batch_labels, loss_of)
+            for name, value in clipped_sum(grads, dp.clip_norm).items():
+                total[name] = total[name] + value if name in total else value
+            del grads
+            routed = routed_token_counts(tuple(r.flatten(0, 1) for r in router_logits), top_k)
+            counts = routed if counts is None else counts + routed
+            lm_losses.append(model_losses.float() - aux_coef * aux_losses.float())
+        noisy = add_noise(total, dp.clip_norm, dp.noise_multiplier, config.batch_size, dp.generator)
+        losses.append(float(torch.cat(lm_losses).mean()))
     for name, param in trainable.items():
         param.grad = noisy[name].to(param.device, param.dtype)
     return counts

@@ -93,8 +93,22 @@ class DPConfig:
     noise_multiplier: float | None = None  # σ; None: calibrated from the budget over `rounds`
     rounds: int = 10  # σ calibration: the budget is spent after this many rounds (at round 1's q and steps)
     accountant: str = "rdp"
+    large_batch: bool = True  # one step per round over the round's records (round_shape)
 
-    KEYS = ("dp", "dp-target-epsilon", "dp-delta", "dp-clip-norm", "dp-noise-multiplier", "dp-rounds", "dp-accountant")
+    KEYS = ("dp", "dp-target-epsilon", "dp-delta", "dp-clip-norm", "dp-noise-multiplier", "dp-rounds", "dp-accountant",
+            "dp-large-batch")
+
+    def round_shape(self, local_steps: int, batch_size: int, lr: float, optimizer: str) -> tuple[int, int, float]:
+        """(steps, expected batch, lr) of a round's DP-SGD. With `large_batch` (node config
+        `dp-large-batch`, on by default): one step over the records the operator's `local_steps`
+        batches would draw, and with local SGD the lr times `local_steps`, so that the update moves
+        as far as those steps would. Same records and compute per round; the noise is added once
+        instead of `local_steps` times to a batch `local_steps` times larger, which is worth
+        sqrt(local_steps) in signal to noise at nearly the same σ (measured on the demo
+        consortium: perplexity ratio to ε = ∞ at ε = 8 went from 1.19 to 1.10, bench/privacy.py)."""
+        if not self.large_batch or local_steps == 1:
+            return local_steps, batch_size, lr
+        return 1, local_steps * batch_size, lr * local_steps if optimizer == "sgd" else lr
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> DPConfig | None:
@@ -119,7 +133,10 @@ class DPConfig:
             raise DPConfigError(f"node config dp-accountant {accountant!r}: expected one of {', '.join(ACCOUNTANTS)}")
         if "dp-noise-multiplier" in node_config and sigma == 0:
             raise DPConfigError("node config dp-noise-multiplier 0: expected a number > 0 (or absent)")
-        return cls(epsilon, delta, clip, sigma or None, int(raw_rounds), accountant)
+        large = str(node_config.get("dp-large-batch", "on"))
+        if large not in ("on", "off"):
+            raise DPConfigError(f"node config dp-large-batch {large!r}: expected on or off")
+        return cls(epsilon, delta, clip, sigma or None, int(raw_rounds), accountant, large == "on")
 
 
 def _number(config: Mapping[str, object], key: str, default: float | None, ok: Callable[[float], bool], want: str) -> float:
@@ -242,15 +259,28 @@ def privatize(
     tensors), summed, N(0, (σ·clip_norm)²) added per coordinate, divided by the expected batch
     size (not the drawn one: under Poisson sampling the drawn size is itself private). A record
     whose gradient is not finite (e.g. a block with no trained token) counts as zero."""
+    return add_noise(clipped_sum(per_sample, clip_norm), clip_norm, noise_multiplier, expected_batch, generator)
+
+
+def clipped_sum(per_sample: Mapping[str, torch.Tensor], clip_norm: float) -> dict[str, torch.Tensor]:
+    """The sum over the samples of their gradients, each clipped to `clip_norm` jointly over all
+    tensors (a non-finite one counts as zero). Sums of disjoint chunks of a sample add up to the
+    whole sample's: a large batch is clipped chunk by chunk in bounded memory."""
     first = next(iter(per_sample.values()))
     squares = torch.zeros(first.shape[0], dtype=torch.float32, device=first.device)  # (B,)
     for g in per_sample.values():
         squares += g.float().pow(2).flatten(1).sum(dim=1)
     finite = torch.isfinite(squares)
     factor = torch.where(finite, (clip_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0), 0.0)  # (B,)
+    return {name: torch.einsum("b,b...->...", factor, torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0))
+            for name, g in per_sample.items()}
+
+
+def add_noise(total: Mapping[str, torch.Tensor], clip_norm: float, noise_multiplier: float, expected_batch: float,
+              generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """`total` (a clipped sum) with N(0, (σ·clip_norm)²) per coordinate, over the expected batch."""
     noisy: dict[str, torch.Tensor] = {}
-    for name, g in per_sample.items():
-        clipped = torch.einsum("b,b...->...", factor, torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0))
+    for name, clipped in total.items():
         noise = torch.normal(0.0, noise_multiplier * clip_norm, size=clipped.shape, generator=generator)
         noisy[name] = (clipped + noise.to(clipped.device)) / expected_batch
     return noisy

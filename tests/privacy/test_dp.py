@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client.trainer import TrainConfig, train_local
+from model import families
 from model.lora import LoraMoE, LoraSpec
 from model.moe import MoEConfig, build_model
 from model.precision import select_precision
@@ -167,6 +168,7 @@ def test_a_damaged_budget_file_is_refused_not_reset(tmp_path: Path) -> None:
         ({"dp": "on", "dp-target-epsilon": "8", "dp-rounds": "0"}, "dp-rounds '0'"),
         ({"dp": "on", "dp-target-epsilon": "8", "dp-accountant": "gdp"}, "dp-accountant 'gdp'"),
         ({"dp": "on", "dp-target-epsilon": "8", "dp-epsilon": "4"}, "node config dp-epsilon: unknown DP key"),
+        ({"dp": "on", "dp-target-epsilon": "8", "dp-large-batch": "yes"}, "dp-large-batch 'yes': expected on or off"),
     ],
 )
 def test_bad_dp_config_is_refused_in_one_line(config: dict[str, str], message: str) -> None:
@@ -179,8 +181,46 @@ def test_dp_is_off_by_default_and_on_reads_every_key() -> None:
     assert DPConfig.from_node_config({}) is None
     assert DPConfig.from_node_config({"dp": "off", "dp-target-epsilon": "x"}) is None
     on = DPConfig.from_node_config({"dp": "on", "dp-target-epsilon": "8", "dp-delta": "1e-6", "dp-clip-norm": "0.5",
-                                    "dp-noise-multiplier": "1.2", "dp-rounds": "4", "dp-accountant": "prv"})
-    assert on == DPConfig(8.0, 1e-6, 0.5, 1.2, 4, "prv")
+                                    "dp-noise-multiplier": "1.2", "dp-rounds": "4", "dp-accountant": "prv",
+                                    "dp-large-batch": "off"})
+    assert on == DPConfig(8.0, 1e-6, 0.5, 1.2, 4, "prv", large_batch=False)
+    assert DPConfig.from_node_config({"dp": "on", "dp-target-epsilon": "8"}).large_batch
+
+
+def test_a_large_batch_round_draws_the_same_records_in_one_step() -> None:
+    large, small = DPConfig(8.0, 1e-5, 1.0), DPConfig(8.0, 1e-5, 1.0, large_batch=False)
+    assert large.round_shape(14, 8, 1.0, "sgd") == (1, 112, 14.0)  # SGD: the update moves as far as 14 steps
+    assert large.round_shape(14, 8, 1e-3, "adamw") == (1, 112, 1e-3)
+    assert large.round_shape(1, 8, 1.0, "sgd") == (1, 8, 1.0)
+    assert small.round_shape(14, 8, 1.0, "sgd") == (14, 8, 1.0)
+
+
+def test_a_dp_step_over_more_records_than_a_chunk_equals_the_unchunked_privatized_gradient(monkeypatch) -> None:
+    """dp_step clips DP_CHUNK records at a time; the noisy gradient is the one privatize gives for
+    the whole sample at once (same generator state), to float rounding."""
+    import client.trainer as trainer
+
+    lora = small_lora()
+    blocks = torch.randint(0, SMALL.vocab_size, (40, 12), generator=torch.Generator().manual_seed(3))
+    rows = torch.arange(40)
+    monkeypatch.setattr(trainer, "poisson_sample", lambda n, rate, generator: rows)
+    monkeypatch.setattr(trainer, "DP_CHUNK", 16)  # 40 records: chunks of 16, 16 and 8
+    model = lora.model
+    precision = select_precision("fp32", "cpu")
+    step = DPStep(0.7, 0.05, 1.0, torch.Generator().manual_seed(9))
+    config = TrainConfig(local_steps=1, batch_size=40, lr=1.0, seed=0, min_expert_tokens=0, dp=step)
+    losses: list[float] = []
+    trainer.dp_step(model, blocks, blocks, config, step, lambda out: out.loss, precision, families.top_k(model.config), losses)
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads, model_losses, aux_losses, _ = per_sample_gradients(model, blocks, blocks, lambda out: out.loss)
+    whole = privatize(grads, 0.05, 0.7, 40, torch.Generator().manual_seed(9))
+    assert chunked.keys() == whole.keys()
+    for name, value in whole.items():
+        torch.testing.assert_close(chunked[name], value, rtol=1e-5, atol=1e-7)
+    aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
+    assert losses[0] == pytest.approx(float((model_losses - aux_coef * aux_losses).mean()), rel=1e-5)
+    clipped = privatize(grads, 0.05, 0.0, 40, torch.Generator())  # the clip binds: noise-free, the sum is below 40 * clip / 40
+    assert 0 < math.sqrt(sum(float(v.pow(2).sum()) for v in clipped.values())) <= 0.05 + 1e-6
 
 
 def test_dp_training_lowers_held_out_loss() -> None:
