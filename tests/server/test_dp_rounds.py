@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from client.app import app
 from client.metrics import DaemonCollector
+from fedmoe.cli import DEMO_TRAINING
 from privacy.dp import BUDGET_FILE, epsilon_of
 from server.config import RunConfig
 from server.ledger import Ledger, OperatorKey
@@ -63,3 +64,26 @@ def test_epsilon_reaches_the_ledger_and_a_spent_budget_declines_the_round(ws: Wo
     assert f"member {member!r}: DP budget spent: ε" in reason and "\n" not in reason
     assert member not in {m.member for m in third.members} and len(third.members) == 2
     assert json.loads(budget_file.read_text()) == saved  # declining spends nothing
+
+
+def test_a_run_where_every_member_trains_dp_sgd_lowers_validation_loss(ws: Workspace) -> None:
+    """The demo's recipe (local SGD, FedYogi) with every member on DP-SGD at σ 0.2 (large-batch
+    steps, the default) for two rounds: the members' own domains end the run with a lower mean
+    validation loss (the noise is drawn from `secrets`, so each run differs: at σ 0.3, four runs
+    ended 0.006-0.014 lower), and every member's ε is in the ledger."""
+    dp = {"dp": "on", "dp-target-epsilon": "1000", "dp-noise-multiplier": "0.2", "dp-clip-norm": "1.0"}
+    grid = FakeGrid(app, 3)
+    for context in grid.contexts.values():
+        context.node_config.update(dp)
+    recipe = {k.replace("-", "_"): v for k, v in DEMO_TRAINING.items() if k != "local-steps"}
+    with task_identity():
+        summaries = run_rounds(grid, config(ws, num_rounds=2, local_steps=8, batch_size=8, eval_batches=2, **recipe),
+                               LogReporter(), run_name="dp-all")
+    start = json.loads((ws.run_dir("dp-all") / "round-0000" / "manifest.json").read_text())["val_loss"]
+    members = [m.member for m in summaries[-1].members]
+    drop = sum(start[d] - summaries[-1].val_loss[d] for d in members) / len(members)
+    print(f"every member DP-SGD (σ 0.2), 2 rounds: mean validation loss of their domains {drop:.4f} lower")
+    assert len(members) == 3 and drop > 0
+    ledger = Ledger(ws.ledger("dp-all"), OperatorKey.load_or_create(ws.operator_key))
+    last = {r.member: r.dp_epsilon for r in ledger.records() if r.kind == "contribution" and r.round == 2}
+    assert sorted(last) == sorted(members) and all(eps is not None and 0 < eps < 1000 for eps in last.values())
