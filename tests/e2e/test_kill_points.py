@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,29 +54,56 @@ pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).parents[1]
 UNMASKED = "unmasked.jsonl"  # in the workspace: one line per group sum the operator decoded
-RUN = f"""
-import json, sys
+# The runs of rounds are forked from one process that has only imported the project, which is
+# most of a run's time here (5 s of 6); each run is still its own process, SIGKILLed on its own.
+RUNS = f"""
+import json, os, random, sys, traceback
+import numpy
 sys.path[:0] = [{str(TESTS / "server")!r}, {str(TESTS)!r}]
 import server.secure_stages as stages
 from client.app import app
 from fake_grid import FakeGrid, task_identity
 from server.config import RunConfig
+from server.faults import ENV
 from server.journal import state_digest
 from server.rounds import run_rounds
 from server.summary import LogReporter
 aggregate = stages.secure_aggregate
 def logged(grid, **kwargs):  # every decoded group sum, written before the round loop goes on
     out = aggregate(grid, **kwargs)
-    with open(sys.argv[1] + "/{UNMASKED}", "a") as log:
+    with open(f"{{WS}}/{UNMASKED}", "a") as log:
         for members, (sums, _) in out.sums.items():
             log.write(json.dumps({{"round": kwargs["rnd"], "members": sorted(members), "sha256": state_digest(sums)}}) + "\\n")
     return out
 stages.secure_aggregate = logged
-config = RunConfig(workspace=sys.argv[1], num_rounds=2, local_steps=2, batch_size=4, seq_len=64, eval_batches=1,
-                   min_expert_tokens=8, min_members=2, round_timeout=30.0, codec="randk0.2+int8", codec_clip=0.05,
-                   secagg="on", secagg_timeout=5.0, secagg_threshold=3, contribution="off")
-with task_identity():
-    run_rounds(FakeGrid(app, 5), config, LogReporter(), run_name="k")
+def run(ws):
+    config = RunConfig(workspace=ws, num_rounds=2, local_steps=2, batch_size=4, seq_len=64, eval_batches=1,
+                       min_expert_tokens=8, min_members=2, round_timeout=30.0, codec="randk0.2+int8", codec_clip=0.05,
+                       secagg="on", secagg_timeout=5.0, secagg_threshold=3, contribution="off")
+    with task_identity():
+        run_rounds(FakeGrid(app, 5), config, LogReporter(), run_name="k")
+for line in sys.stdin:
+    ws, kill_at = json.loads(line)
+    pid = os.fork()
+    if pid == 0:  # the run: a process of its own
+        WS = ws
+        random.seed()  # as a fresh process's would be: not its siblings' sequences
+        numpy.random.seed()
+        log = os.open(ws + "/runs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.environ.pop(ENV, None)
+        os.environ.update({{ENV: kill_at}} if kill_at else {{}})
+        try:
+            run(ws)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print("exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
 EXPORT = "from fedmoe.cli import main; main()"  # `fedmoe`, from this checkout
 
@@ -87,8 +115,23 @@ def _env(kill_at: str | None) -> dict[str, str]:
     return env
 
 
-def _run(ws: Path, kill_at: str | None = None) -> int:
-    return subprocess.run([sys.executable, "-c", RUN, str(ws)], env=_env(kill_at), capture_output=True, timeout=600).returncode
+@pytest.fixture(scope="module")
+def runs() -> Iterator[subprocess.Popen[str]]:
+    with subprocess.Popen([sys.executable, "-c", RUNS], env=_env(None), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as forker:
+        yield forker
+        assert forker.stdin is not None
+        forker.stdin.close()
+
+
+def _run(runs: subprocess.Popen[str], ws: Path, kill_at: str | None = None) -> int:
+    """The run's exit code: -SIGKILL for a run killed at `kill_at`. Its output: <ws>/runs.log."""
+    assert runs.stdin is not None and runs.stdout is not None
+    runs.stdin.write(json.dumps([str(ws), kill_at]) + "\n")
+    runs.stdin.flush()
+    while not (line := runs.stdout.readline()).startswith("exit "):  # whatever else the imports print
+        assert line, "the process that forks the runs has died"
+    return int(line.split()[1])
 
 
 def _unmasked(ws: Path) -> list[tuple[int, tuple[str, ...], str]]:
@@ -97,10 +140,11 @@ def _unmasked(ws: Path) -> list[tuple[int, tuple[str, ...], str]]:
 
 
 @pytest.fixture(scope="module")
-def reference_ws(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+def reference_ws(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFactory,
+                 runs: subprocess.Popen[str]) -> Workspace:
     root = tmp_path_factory.mktemp("reference") / "ws"
     shutil.copytree(tiny_workspace.root, root, ignore=shutil.ignore_patterns("runs", "nodes", "identities.json"))
-    assert _run(root) == 0
+    assert _run(runs, root) == 0
     return Workspace(root)
 
 
@@ -110,12 +154,13 @@ def reference(reference_ws: Workspace) -> list[str]:
 
 
 @pytest.mark.parametrize("point", ROUND_KILL_POINTS)
-def test_a_sigkill_at_each_kill_point_resumes_to_the_uninterrupted_state(point: str, ws: Workspace,
-                                                                         reference: list[str]) -> None:
-    assert _run(ws.root, kill_at=point) == -signal.SIGKILL
+def test_a_sigkill_at_each_kill_point_resumes_to_the_uninterrupted_state(
+    point: str, ws: Workspace, reference: list[str], runs: subprocess.Popen[str]
+) -> None:
+    assert _run(runs, ws.root, kill_at=point) == -signal.SIGKILL
     committed = Checkpoints(ws.run_dir("k")).latest_round()
     assert committed == (1 if point in ("after-commit", "mid-ledger") else 0)  # killed in round 1
-    assert _run(ws.root) == 0
+    assert _run(runs, ws.root) == 0
     assert [m["state_sha256"] for m in Checkpoints(ws.run_dir("k")).manifests()] == reference
     report = verify(ws.ledger("k"), OperatorKey.load_or_create(ws.operator_key).public_key)
     assert report.ok, report.problem
