@@ -12,10 +12,11 @@ What a restart does, by where the kill fell:
   in-unmask): nothing was decoded or journaled, so the round is re-run from TRAIN. The members
   train it again from the same view, round and seed: the identical update, under the same
   `trained-from` key (client/secure.py). The protocol is run in a new session (a fresh nonce:
-  members never advertise in one session twice), so keys, masks and shares are all new; a member
-  that already revealed shares (in-unmask) helps unmask this update again only for the same
-  survivor list (its unmask record), so the operator can never difference two sums over
-  different survivors. All five members come back here, so the re-run's sums, and the state,
+  members never advertise in one session twice), so keys, masks and shares are all new: shares a
+  member revealed in the killed attempt (in-unmask) are of keys no longer used, and cannot join
+  the new session's to unmask both a member's self mask and its pairwise masks. It helps unmask
+  this update again only for the same survivor list (its unmask record), so the operator can
+  never difference two sums over different survivors. All five members come back here, so the re-run's sums, and the state,
   are bit-identical. Where identity cannot hold: with member-level DP each attempt draws fresh
   noise from the OS, so a re-run round's sum (and every state after it) differs; and a member
   gone for good after in-unmask leaves the others refusing any other survivor list.
