@@ -161,6 +161,8 @@ def test_a_sigkill_at_each_kill_point_resumes_to_the_uninterrupted_state(
     assert _run(runs, ws.root, kill_at=point) == -signal.SIGKILL
     committed = Checkpoints(ws.run_dir("k")).latest_round()
     assert committed == (1 if point in ("after-commit", "mid-ledger") else 0)  # killed in round 1
+    revealed = list(ws.root.glob("nodes/*/secagg/revealed.json"))  # members' unmask records
+    assert bool(revealed) == (ROUND_KILL_POINTS.index(point) >= ROUND_KILL_POINTS.index("in-unmask"))
     assert _run(runs, ws.root) == 0
     assert [m["state_sha256"] for m in Checkpoints(ws.run_dir("k")).manifests()] == reference
     report = verify(ws.ledger("k"), OperatorKey.load_or_create(ws.operator_key).public_key)
