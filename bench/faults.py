@@ -1,10 +1,12 @@
 """Faults: kill points, a long soak with members dropping out, and the server's memory with 10 vs
 100 members. Writes bench/results/faults.json.
 
-- Kill points (server/faults.py): for each, a secure run of 2 rounds on the test suite's tiny
-  consortium is SIGKILLed there (its own process), restarted, and its committed state digests
-  compared with an uninterrupted run's; the ledger must verify. `kill_points_survived_fraction`
-  counts the kill points after which the run resumed to the identical state (target 1.0).
+- Kill points (server/faults.py): for each of a round's, a secure run of 2 rounds on the test
+  suite's tiny consortium is SIGKILLed there (its own process), restarted, and its committed state
+  digests compared with an uninterrupted run's; the ledger must verify. mid-export: `fedmoe export`
+  of that run killed mid-export into no release (none must be left) and over a whole one (it must
+  stay whole), each followed by an export that completes. `kill_points_survived_fraction` counts
+  the kill points survived so (target 1.0).
 - Soak: `--soak-rounds` secure rounds (default 100) in one process, each TRAIN and secure-
   aggregation message to a member lost with probability `--dropout` (default 0.2; the member
   drops out at that stage). A round that aborts (too few members) is retried (`round-retries`, no
@@ -45,7 +47,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the project first: ben
 
 from model.chatter import silence_library_chatter
 from server.checkpoint import Checkpoints
-from server.faults import ENV, KILL_POINTS
+from model.io import sha256_file
+from server.faults import ENV, KILL_POINTS, ROUND_KILL_POINTS
 from server.init import init_workspace
 from server.ledger import OperatorKey
 from server.ledger.audit import verify
@@ -82,7 +85,7 @@ def kill_points(template: Workspace, tmp: Path, console: Console) -> dict:
         raise RuntimeError("the uninterrupted reference run failed")
     want = [m["state_sha256"] for m in Checkpoints(reference.run_dir("k")).manifests()]
     rows = {}
-    for point in KILL_POINTS:
+    for point in ROUND_KILL_POINTS:
         ws = fresh(template, tmp / point)
         killed = child(["--child", "secure", str(ws.root)], kill_at=point)
         resumed = child(["--child", "secure", str(ws.root)])
@@ -92,7 +95,40 @@ def kill_points(template: Workspace, tmp: Path, console: Console) -> dict:
         rows[point] = {"killed_rc": killed, "resumed_rc": resumed, "identical_state": got == want,
                        "ledger_ok": ledger.ok, "survived": ok}
         console.print(f"kill point {point}: {'resumed to the identical state' if ok else rows[point]}")
+    rows["mid-export"] = export_kills(reference)
+    console.print(f"kill point mid-export: {rows['mid-export']}")
+    assert set(rows) == set(KILL_POINTS)
     return {"kill_points_survived_fraction": sum(r["survived"] for r in rows.values()) / len(rows), "kill_points": rows}
+
+
+def export_kills(ws: Workspace) -> dict:
+    """`fedmoe export` of the run's last round killed mid-export, into no release and then over a
+    whole one: the folder must be absent, then the previous release, whole; each re-run completes."""
+    out = ws.root.parent / f"{ws.root.name}-release"
+    export = ["--child", "export", str(ws.root)]
+    fresh_killed = child(export, kill_at="mid-export")
+    absent = not out.exists()
+    first_rc, first = child(export), whole_release(out)
+    over_killed = child(export, kill_at="mid-export")
+    kept = first is not None and whole_release(out) == first
+    again_rc = child(export)
+    ok = (fresh_killed == over_killed == -signal.SIGKILL and absent and first_rc == again_rc == 0 and kept
+          and whole_release(out) is not None)
+    return {"killed_rc": [fresh_killed, over_killed], "reexport_rc": [first_rc, again_rc], "absent_after_first_kill": absent,
+            "previous_release_whole_after_second_kill": kept, "survived": ok}
+
+
+def whole_release(out: Path) -> dict[str, str] | None:
+    """The release's files (path -> sha256) if they are exactly what its release.json lists, each
+    with its digest; None for anything else (missing, half-written)."""
+    try:
+        info = json.loads((out / "release.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"release.json"}
+    if files != set(info["sha256"]) or any(sha256_file(out / f) != d for f, d in info["sha256"].items()):
+        return None
+    return info["sha256"]
 
 
 def soak(template: Workspace, tmp: Path, rounds: int, dropout: float, console: Console) -> dict:
@@ -238,6 +274,10 @@ def run_child(kind: str, root: Path) -> None:
         with task_identity():
             run_rounds(FakeGrid(app, 5), RunConfig(workspace=str(root), num_rounds=2, **SECURE), LogReporter(),
                        run_name="k")
+    elif kind == "export":  # as `fedmoe export --run-name k --out <workspace>-release`
+        from fedmoe.cli import _export
+
+        _export(root, "k", root.parent / f"{root.name}-release")
     else:
         print(json.dumps(memory_at(int(kind.removeprefix("scale")), root)))
 

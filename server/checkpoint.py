@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from model.io import atomic_write_bytes, atomic_write_json, tensors_from_bytes, tensors_to_bytes
+from server.faults import kill_point
 
 POINTER = "COMMITTED"
 
@@ -99,6 +100,8 @@ class Checkpoints:
             {**manifest, "round": rnd, "state_sha256": digest, "view_sha256": view_digest,
              "optimizer_sha256": optimizer_digest},
         )
+        if rnd:  # round 0, the run's starting state, holds nothing of a round to lose
+            kill_point("mid-commit")
         atomic_write_json(self.run_dir / POINTER, {"round": rnd, "sha256": digest})
         return digest
 

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 
 from model.base import LORA_INIT, MANIFEST, load_base
 from model.io import atomic_write_json, sha256_file, tensors_to_bytes
+from server.faults import kill_point
 
 
 def _merge(model: torch.nn.Module) -> torch.nn.Module:
@@ -129,6 +130,7 @@ def _write(
     config = json.loads(adapter_config.read_text())
     config["base_model_name_or_path"] = "../base"
     adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    kill_point("mid-export")  # base and adapter staged; merged, release.json and the swap not yet
     merged = _merge(lora.model)
     merged.save_pretrained(staging / "merged")
     base.tokenizer.save_pretrained(staging / "merged")

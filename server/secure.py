@@ -40,6 +40,7 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from aggregation.secure import SecureLayout
+from server.faults import kill_point
 from server.grid import arriving
 from protos.messages import ProtocolError, SecAggMessage, secagg_message_type, secagg_session
 from privacy.secagg import InvalidInput, ProtocolViolation, SecAggAborted, SecAggParams
@@ -339,6 +340,7 @@ class _SecureRound:
             accepted = self.accept_reply(stage, reply, sent_to, answered)
             if accepted is not None:
                 yield groups[accepted[0]], accepted[1], accepted[2]
+                kill_point(f"in-{stage}")  # the stage's first reply counted (mask: folded), the rest not yet
             handling += time.perf_counter() - started  # the server's protocol time (the caller's too), not waiting
         self.waited += time.perf_counter() - t0 - handling
         for key, member in sent_to.items():

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
+from server.faults import kill_point
 from server.ledger.errors import LedgerError, RecordError
 from server.ledger.merkle import _mth, _path, _subproof, leaf_hash
 from server.ledger.proofs import IncludedRecord, MemberProof
@@ -134,6 +135,7 @@ class Ledger:
                     (index, data, signature.hex()),
                 )
                 hashes.append(leaf_hash(data))
+                kill_point("mid-ledger")  # inside the transaction: one row in, the rest and the head not
             now = self._clock()
             _parse_utc(now, "ledger clock")
             if latest is not None and _parse_utc(now, "clock") < _parse_utc(
