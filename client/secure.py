@@ -21,12 +21,13 @@ workspace's own simulated members, read from their key files (each created on fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -86,16 +87,19 @@ class Noise:
 
     variance: float = 0.0
     elements: int = 0
+    seed: int | None = None  # None: a fresh draw from the OS on every share
 
     def share(self, vector: torch.Tensor, threshold: int, ring_bits: int) -> torch.Tensor:
         """`vector` with this member's share (variance / threshold: any sum the operator can unmask
-        has at least `threshold` inputs), drawn from the OS's randomness, never from a seed the
-        operator knows (the trainer's is), and reduced into the ring."""
+        has at least `threshold` inputs), drawn from the OS's randomness (or `seed`, itself drawn
+        from it: keep_input), never from a seed the operator knows (the trainer's is), and reduced
+        into the ring."""
         if self.variance <= 0:
             return vector
         if not 0 < self.elements <= vector.shape[0] or threshold < 1:
             raise ProtocolViolation(f"DP noise on {self.elements} of {vector.shape[0]} elements, threshold {threshold}")
-        secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little")
+        secret = torch.Generator().manual_seed(seed)
         noisy = vector.clone()
         noisy[: self.elements] += skellam_share(self.variance / threshold, self.elements, secret)
         return noisy % (1 << ring_bits)
@@ -105,7 +109,8 @@ def _noise(path: Path) -> Noise:
     """The DP noise setting kept with the input (written before it: never missing beside one)."""
     try:
         fields = json.loads(path.read_text())
-        return Noise(float(fields["variance"]), int(fields["elements"]))
+        seed = fields.get("seed")
+        return Noise(float(fields["variance"]), int(fields["elements"]), None if seed is None else int(seed))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ProtocolViolation(f"{path}: unreadable ({exc}); this round's input cannot be masked") from None
 
@@ -128,6 +133,8 @@ def keep_input(state_dir: Path, run: str, rnd: int, vector: torch.Tensor, traine
     # trained-from first: a node killed in between leaves no input, so it never answers a stage
     # of this round with half its state (the input's presence is what "trained" means below)
     atomic_write_bytes(folder / "trained-from", (trained_from or f"run {run} round {rnd}").encode())
+    if noise.variance > 0:
+        noise = replace(noise, seed=_noise_seed(state_dir, trained_from or f"run {run} round {rnd}"))
     atomic_write_bytes(folder / "noise.json", json.dumps(asdict(noise)).encode())  # before the input, too
     save_tensors(folder / "input.safetensors", {"x": vector})
 
@@ -245,6 +252,29 @@ def _claim_session(state_dir: Path, member: str, run: str, rnd: int, session_id:
     for old in sorted(rounds, key=int)[:-_SESSION_ROUNDS_KEPT]:
         del rounds[old]
     _write_private(path, json.dumps(seen, sort_keys=True).encode())
+
+
+def _noise_seed(state_dir: Path, trained_from: str) -> int:
+    """The seed of this member's DP noise share for the update `trained_from` names: drawn once
+    from the OS, then the same for every attempt at that round. A round the server re-runs after
+    unmasking (a crash, or a claimed one) unmasks the same noisy sum again (the update is the same
+    too), never a second draw of the noise that averaging two sums would halve. Kept in
+    secagg/noise-seeds.json (the last _REVEALS_KEPT updates); unreadable, it is refused like the
+    unmask record, since a fresh seed is exactly what must not happen."""
+    path = state_dir / "secagg" / "noise-seeds.json"
+    key = hashlib.sha256(trained_from.encode()).hexdigest()
+    try:
+        seeds = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(seeds, dict) or not all(isinstance(v, int) for v in seeds.values()):
+            raise ValueError("not an object of seeds")
+    except (OSError, ValueError) as exc:
+        raise ProtocolViolation(f"{path}: DP noise seeds unreadable ({exc}); refusing to add noise until it is restored") from None
+    if key not in seeds:
+        seeds[key] = int.from_bytes(os.urandom(8), "little")
+        kept = dict(list(seeds.items())[-_REVEALS_KEPT:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(path, json.dumps(kept).encode())
+    return int(seeds[key])
 
 
 def _check_reveal(state_dir: Path, member: str, trained_from: str, survivors: list[str]) -> None:

@@ -14,6 +14,7 @@ from aggregation.codec import encode
 from aggregation.codec_config import CodecConfig
 from aggregation.secure import TOKENS, SecureInputError, SecureLayout
 from client.secure import Noise
+from privacy.secagg import ProtocolViolation
 from privacy.distributed_dp import ORDERS, PrivacyConfigError, Sensitivity, calibrate, epsilon, skellam_share
 
 from test_secagg import consortium, make_params, run_round
@@ -106,3 +107,25 @@ def test_a_masked_sum_with_noise_decodes_to_the_noiseless_sum_plus_exactly_the_n
     assert float(sum(shares).abs().max()) > 0
     with pytest.raises(SecureInputError, match="ring width"):
         noisy.decode_sum(total, len(survivors), threshold=threshold)
+
+
+def test_a_re_run_round_adds_the_same_noise_so_two_unmaskings_cannot_be_averaged(tmp_path) -> None:
+    """A server that re-runs a round after unmasking it (a crash, or a claimed one) would get a
+    second sum of the same updates; with fresh noise, averaging the two would halve its variance.
+    The member keeps one seed per update (what `trained-from` names) and adds the same share."""
+    from client.secure import _noise, keep_input, round_dir
+
+    vector = torch.arange(64, dtype=torch.int64)
+    shares = []
+    for trained_from in ("view a round 3 seed 7", "view a round 3 seed 7", "view b round 3 seed 7"):
+        keep_input(tmp_path, "run", 3, vector, trained_from, Noise(400.0, 48))
+        noise = _noise(round_dir(tmp_path, "run", 3) / "noise.json")
+        shares.append(noise.share(vector, threshold=2, ring_bits=32))
+    assert torch.equal(shares[0], shares[1])  # the re-run: identical, nothing new to average
+    assert not torch.equal(shares[0], shares[2])  # another update: a fresh draw
+    assert not torch.equal(shares[0], vector % (1 << 32)) and torch.equal(shares[0][48:], vector[48:])
+    fresh = Noise(400.0, 48)  # no seed kept (a share outside keep_input): a fresh draw each time
+    assert not torch.equal(fresh.share(vector, 2, 32), fresh.share(vector, 2, 32))
+    (tmp_path / "secagg" / "noise-seeds.json").write_text("{broken")
+    with pytest.raises(ProtocolViolation, match="noise-seeds.json: DP noise seeds unreadable"):
+        keep_input(tmp_path, "run", 4, vector, "view c round 4", Noise(400.0, 48))
