@@ -193,28 +193,12 @@ def soak(template: Workspace, tmp: Path, rounds: int, dropout: float, console: C
 
 def memory_at(members: int, root: Path) -> dict:
     """Child process: an open run of 3 rounds with `members` simulated members; peak RSS."""
-    import torch
-
     from client import app as client_app
-    from client.node import Node, load_member_model, member_seed, receive_state, reply_for
-    from client.trainer import TrainResult
-    from fake_grid import FakeGrid, task_identity
-    from model import families
+    from client.node import Node
+    from fake_grid import FakeGrid, simulated_member, task_identity
     from server.config import RunConfig
     from server.rounds import run_rounds
     from server.summary import LogReporter
-
-    def simulated(ins, node: Node):  # noqa: ANN001, ANN202 - an update of an honest size, no training
-        _, lora = load_member_model(node.base_path, ins.base_sha256)
-        state = receive_state(ins, node)
-        config = lora.model.config
-        experts, top_k = families.num_experts(config), families.top_k(config)
-        tokens = ins.local_steps * ins.batch_size * ins.seq_len
-        g = torch.Generator().manual_seed(member_seed(ins.seed, ins.round, node.member))
-        delta = {n: torch.randn(v.shape, generator=g) * 1e-3 for n, v in state.items()}
-        claimed = {f"{layer}:{e}": tokens * top_k // experts for layer in families.moe_layers(lora.model) for e in range(experts)}
-        result = TrainResult(delta, claimed, tokens, ins.local_steps * ins.batch_size, 4.0, 0.01, len(claimed), 0)
-        return reply_for(result, ins, node, lora, "fp32")
 
     def node_of(context, hints):  # noqa: ANN001, ANN202 - member i of `members`, each its own name and state dir
         i = int(context.node_config["partition-id"])
@@ -228,7 +212,7 @@ def memory_at(members: int, root: Path) -> dict:
 
     @app.train()
     def train(msg, context):  # noqa: ANN001, ANN202
-        return client_app.serve_train(msg, context, simulated)
+        return client_app.serve_train(msg, context, simulated_member)
 
     process = psutil.Process()
     peak = [process.memory_info().rss]

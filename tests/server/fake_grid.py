@@ -80,3 +80,23 @@ class SentTrain:
         if message.metadata.message_type == TRAIN:
             ins = TrainInstruction.from_record(message.content)
             self.by_round.setdefault(ins.round, []).append(ins)
+
+
+def simulated_member(ins: TrainInstruction, node):  # noqa: ANN001, ANN201  (client.node.Node -> TrainReply)
+    """A member that does not train (for tests and bench/faults.py at scale): a random update of an
+    honest size under honest token counts, through the real reply path."""
+    import torch
+
+    from client.node import load_member_model, member_seed, receive_state, reply_for
+    from client.trainer import TrainResult
+    from model import families
+
+    _, lora = load_member_model(node.base_path, ins.base_sha256)
+    state = receive_state(ins, node)
+    experts, top_k = families.num_experts(lora.model.config), families.top_k(lora.model.config)
+    tokens = ins.local_steps * ins.batch_size * ins.seq_len
+    g = torch.Generator().manual_seed(member_seed(ins.seed, ins.round, node.member))
+    delta = {n: torch.randn(v.shape, generator=g) * 1e-3 for n, v in state.items()}
+    claimed = {f"{layer}:{e}": tokens * top_k // experts for layer in families.moe_layers(lora.model) for e in range(experts)}
+    result = TrainResult(delta, claimed, tokens, ins.local_steps * ins.batch_size, 4.0, 0.01, len(claimed), 0)
+    return reply_for(result, ins, node, lora, "fp32")

@@ -13,23 +13,19 @@ import weakref
 from dataclasses import replace
 
 import pytest
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 import client.app as client_app
 import privacy.secagg_server
 import server.secure
-from client.node import Node, load_member_model, member_seed, receive_state, reply_for
-from client.trainer import TrainResult
-from model import families
-from protos.messages import SECAGG_STAGES, SecAggMessage, TrainInstruction, TrainReply
+from protos.messages import SECAGG_STAGES, SecAggMessage
 from server.grid import PULL_BATCH
 from server.rounds import run_rounds
 from server.summary import LogReporter
 from server.workspace import Workspace
 
-from fake_grid import FakeGrid, task_identity
+from fake_grid import FakeGrid, simulated_member, task_identity
 from test_secure_rounds import MASK, UNMASK, Inputs, assert_applied, config, expected_delta
 
 
@@ -77,25 +73,12 @@ class Alive:
         self.now -= 1
 
 
-def simulated(ins: TrainInstruction, node: Node) -> TrainReply:
-    """A member that does not train: a random update of an honest size under honest token counts."""
-    _, lora = load_member_model(node.base_path, ins.base_sha256)
-    state = receive_state(ins, node)
-    experts, top_k = families.num_experts(lora.model.config), families.top_k(lora.model.config)
-    tokens = ins.local_steps * ins.batch_size * ins.seq_len
-    g = torch.Generator().manual_seed(member_seed(ins.seed, ins.round, node.member))
-    delta = {n: torch.randn(v.shape, generator=g) * 1e-3 for n, v in state.items()}
-    claimed = {f"{layer}:{e}": tokens * top_k // experts for layer in families.moe_layers(lora.model) for e in range(experts)}
-    result = TrainResult(delta, claimed, tokens, ins.local_steps * ins.batch_size, 4.0, 0.01, len(claimed), 0)
-    return reply_for(result, ins, node, lora, "fp32")
-
-
 def simulated_app() -> ClientApp:
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return client_app.serve_train(msg, context, simulated)
+        return client_app.serve_train(msg, context, simulated_member)
 
     app.train("hello")(client_app.hello)
     for stage in SECAGG_STAGES:
