@@ -289,8 +289,8 @@ def add_noise(total: Mapping[str, torch.Tensor], clip_norm: float, noise_multipl
 def noise_only(shapes: Mapping[str, torch.Size], clip_norm: float, noise_multiplier: float, expected_batch: float,
                generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The DP-SGD gradient of a step whose Poisson sample came out empty: the noise alone."""
-    return {n: torch.normal(0.0, noise_multiplier * clip_norm, size=tuple(s), generator=generator) / expected_batch
-            for n, s in shapes.items()}
+    return add_noise({n: torch.zeros(tuple(s)) for n, s in shapes.items()}, clip_norm, noise_multiplier, expected_batch,
+                     generator)
 
 
 # ---------------------------------------------------------------- the budget, on the node
