@@ -1,4 +1,9 @@
-"""The fedmoe ClientApp: translate Flower messages to plain objects and delegate to client.node."""
+"""The fedmoe ClientApp: translate Flower messages to plain objects and delegate to client.node.
+
+A SuperNode starts a fresh process for every message, so this module imports only what a
+hello or a secure-aggregation stage needs; the training stack (client/node.py: transformers,
+peft) is imported by the first TRAIN, which saves seconds on every other message.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client.free_rider import FREE_RIDER, free_ride, plays_free_rider, rider_node
+from client.free_rider import FREE_RIDER, plays_free_rider, rider_node
 from client.metrics import gpu_memory, record_round
-from client.node import Node, NodeHints, StaleView, run_round
+from client.node_config import Node, NodeHints
 from client.secure import handle_stage, load_roster, simulated_roster
-from model.base import BaseModelError
 from model.chatter import silence_library_chatter
 from model.corpus import DataError
 from model.precision import PrecisionError
@@ -38,6 +42,19 @@ def node_of(context: Context, hints: NodeHints) -> Node:
     return Node.from_node_config(context.node_config, hints)
 
 
+def run_round(ins: TrainInstruction, node: Node) -> TrainReply:
+    """A member's round (client/node.py run_round), the training stack imported on first use."""
+    from client.node import run_round as play
+
+    return play(ins, node)
+
+
+def free_ride(ins: TrainInstruction, node: Node) -> TrainReply:
+    from client.free_rider import free_ride as play
+
+    return play(ins, node)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     rider = plays_free_rider(context.node_config, context.run_config)
@@ -46,6 +63,9 @@ def train(msg: Message, context: Context) -> Message:
 
 def serve_train(msg: Message, context: Context, play: Callable[[TrainInstruction, Node], TrainReply]) -> Message:
     """One TRAIN: parse, `play` the round (client/node.py run_round for a member), reply or refuse."""
+    from client.node import StaleView
+    from model.base import BaseModelError
+
     try:
         ins = TrainInstruction.from_record(msg.content)
         node = node_of(context, ins)

@@ -25,9 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model import families
-from client.node import Node, NodeHints, load_member_model, member_seed, receive_state, reply_for
-from client.trainer import TrainResult
+from client.node_config import Node, NodeHints
 from protos.messages import TrainInstruction, TrainReply
 
 FREE_RIDER = "free-rider"
@@ -37,6 +35,10 @@ CLAIMED_LOSS = 4.0  # nats: about what the demo's members report in their first 
 
 def free_ride(ins: TrainInstruction, node: Node) -> TrainReply:
     """The free rider's round: no training; noise sent under an honest member's token claims."""
+    from client.node import load_member_model, member_seed, receive_state, reply_for  # as client/app.py: on use
+    from client.trainer import TrainResult
+    from model import families
+
     started = time.perf_counter()
     _, lora = load_member_model(node.base_path, ins.base_sha256)
     state = receive_state(ins, node)  # keeps its view of the consortium model current, as honest members do

@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -37,7 +38,6 @@ from aggregation.codec_config import CodecConfig
 from aggregation.secure import TOKENS, SecureLayout
 from protos.messages import ProtocolError, SecAggMessage, RUN_NAME, TrainInstruction, member_name, secagg_session
 from model.io import atomic_write_bytes, load_tensors, save_tensors
-from model.lora import LoraMoE, expert_of
 from privacy.certs import CertError, load_cert
 from privacy.distributed_dp import skellam_share
 from privacy.roster import IDENTITY, verify_roster
@@ -45,6 +45,9 @@ from privacy.roster import identity_key as roster_identity
 from privacy.secagg import ProtocolViolation, SecAggError, SecAggParams
 from privacy.secagg_member import MemberSession
 from privacy.secagg_wire import KeyAdvert
+
+if TYPE_CHECKING:  # peft: a ClientApp process answering a stage never imports it (client/node_config.py)
+    from model.lora import LoraMoE
 
 _SESSION_ROUNDS_KEPT = 256  # rounds per run whose sessions a member remembers (client/secure.py _claim_session)
 _REVEALS_KEPT = 256  # updates whose unmask survivors a member remembers (a re-run is of a recent round)
@@ -63,6 +66,8 @@ def public_bytes(key: Ed25519PrivateKey) -> bytes:
 
 
 def layout_for(lora: LoraMoE, ins: TrainInstruction) -> SecureLayout:
+    from model.lora import expert_of
+
     shapes = lora.shapes()
     return SecureLayout(
         shapes=shapes,

@@ -58,13 +58,15 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft.tuners.lora.layer import ParamWrapper
 from torch.func import functional_call, grad, vmap
 
 from model.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from peft.tuners.lora.layer import ParamWrapper
 
 ACCOUNTANTS = ("rdp", "prv")
 BUDGET_FILE = "dp-budget.json"  # in the node's state dir
@@ -203,6 +205,8 @@ def _functional_forward(self: ParamWrapper, x: torch.Tensor, *args: Any, **kwarg
 @contextmanager
 def functional_experts(model: torch.nn.Module) -> Iterator[None]:
     """Inside: the model's per-expert LoRA and its experts can run under `torch.func` transforms."""
+    from peft.tuners.lora.layer import ParamWrapper  # peft on use: a node's DP settings are read without it
+
     wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
                and getattr(c, "_experts_implementation", None) == "eager"}
