@@ -7,16 +7,26 @@
     <run>/round-0003/optimizer.safetensors  the server optimizer's state after round 3
                                          (aggregation/server_opt.py; absent for plain fedavg)
     <run>/COMMITTED                      {"round": 3, "sha256": ...}, replaced last
+    <run>/run.lock                       held (flock) by the one process running the run's rounds
 
 A round is committed when COMMITTED names it; a crash before that leaves the previous round
 committed and the half-written folder is overwritten when the round is run again. A write the
 disk refuses (ENOSPC, EIO) is a one-line CheckpointError naming the round that stays committed.
+
+One process at a time runs a run's rounds (`hold_run`): a second ServerApp submitted on the same
+run while the first still runs (an operator who thinks the first has hung) stops before it
+writes anything. The kernel drops the lock when its holder dies, SIGKILL included, so a restart
+after a crash never finds a stale lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +37,34 @@ from model.io import atomic_write_bytes, atomic_write_json, tensors_from_bytes, 
 from server.faults import kill_point
 
 POINTER = "COMMITTED"
+LOCK = "run.lock"
 
 
 class CheckpointError(RuntimeError):
     """A committed round cannot be read back as it was written."""
+
+
+class RunBusy(CheckpointError):
+    """Another process is running this run's rounds."""
+
+
+@contextmanager
+def hold_run(run_dir: Path) -> Iterator[None]:
+    """Hold the run's lock while the block runs; RunBusy at once if another process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunBusy(f"{run_dir}: another process (pid {holder}) is running this run; stop it or let it "
+                          "finish before you run it again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

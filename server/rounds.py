@@ -28,7 +28,7 @@ from aggregation.server_opt import ServerOptimizer, check_state
 from model.base import Base, load_base
 from model.lora import LoraMoE, expert_of
 from model.precision import Precision, select_precision
-from server.checkpoint import Checkpoints
+from server.checkpoint import Checkpoints, hold_run
 from server.config import RunConfig, changed_server_settings
 from server.balance import observe_expert_load
 from server.broadcast import broadcast, round_view
@@ -105,24 +105,25 @@ class Run:
 
 def run_rounds(grid: Grid, config: RunConfig, reporter: Reporter, *, run_name: str = "default") -> list[RoundSummary]:
     """Run (or resume) the configured rounds; each committed round is in the ledger."""
-    run = open_run(config, run_name)
-    reporter.start(run.first, config.num_rounds, resumed=run.resumed)
-    if run.binding.warn:
-        reporter.note(UNBOUND_WARNING)
-    summaries = []
-    for rnd in range(run.first, config.num_rounds + 1):
-        for retry in range(config.round_retries + 1):
-            try:
-                summaries.append(run_round(grid, run, rnd, reporter))
-                break
-            except TooFewMembers as exc:
-                if retry == config.round_retries:
-                    raise
-                wait = config.round_retry_backoff * 2**retry
-                reporter.note(f"round {rnd}: retry {retry + 1} of {config.round_retries} in {wait:g}s ({exc})")
-                SLEEP(wait)
-                run = open_run(config, run_name)  # as a restart would: the round runs again from the committed state
-    return summaries
+    with hold_run(Workspace(config.workspace_path).run_dir(run_name)):  # one process per run
+        run = open_run(config, run_name)
+        reporter.start(run.first, config.num_rounds, resumed=run.resumed)
+        if run.binding.warn:
+            reporter.note(UNBOUND_WARNING)
+        summaries = []
+        for rnd in range(run.first, config.num_rounds + 1):
+            for retry in range(config.round_retries + 1):
+                try:
+                    summaries.append(run_round(grid, run, rnd, reporter))
+                    break
+                except TooFewMembers as exc:
+                    if retry == config.round_retries:
+                        raise
+                    wait = config.round_retry_backoff * 2**retry
+                    reporter.note(f"round {rnd}: retry {retry + 1} of {config.round_retries} in {wait:g}s ({exc})")
+                    SLEEP(wait)
+                    run = open_run(config, run_name)  # as a restart would: the round runs again from the committed state
+        return summaries
 
 
 def run_round(grid: Grid, run: Run, rnd: int, reporter: Reporter) -> RoundSummary:
