@@ -1,8 +1,11 @@
 """Kill points: where the tests of crash safety SIGKILL the operator's process mid-round.
 
 `FEDMOE_KILL_AT=<point>` makes the process kill itself with SIGKILL (no cleanup, no atexit, as
-a power cut or the OOM killer would) when it reaches that point; unset, a kill point costs one
-dictionary lookup. The points, in the order a round reaches them:
+a power cut or the OOM killer would) when it reaches that point. On a long-lived deployment,
+`FEDMOE_KILL_AT_FILE=<path>` instead names a file that holds the point: the ServerApp that
+reaches it deletes the file and then kills itself, so the run submitted after it goes on (the
+SuperLink starts every ServerApp with its own environment, which cannot change between runs).
+Unset, a kill point costs two dictionary lookups. The points, in the order a round reaches them:
 
     after-train     every reply is in; nothing unmasked, nothing committed    (server/rounds.py)
     in-advertise    inside a secure-aggregation stage (server/secure.py): the stage's first
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 KILL_POINTS = (
     "after-train",
@@ -43,8 +47,17 @@ KILL_POINTS = (
 )
 ROUND_KILL_POINTS = KILL_POINTS[:-1]  # those a run of rounds reaches
 ENV = "FEDMOE_KILL_AT"
+FILE_ENV = "FEDMOE_KILL_AT_FILE"
 
 
 def kill_point(name: str) -> None:
     if os.environ.get(ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if (path := os.environ.get(FILE_ENV)) is not None:
+        try:
+            armed = Path(path).read_text().strip()
+        except OSError:  # not armed (or no longer: an earlier ServerApp took the kill)
+            return
+        if armed == name:
+            Path(path).unlink()
+            os.kill(os.getpid(), signal.SIGKILL)

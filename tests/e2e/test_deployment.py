@@ -30,7 +30,9 @@ from server.workspace import Workspace
 from privacy.certs import CertLayout, issue, load_cert
 from privacy.roster import member_keys, register, roster_path, verify_roster
 from server.checkpoint import Checkpoints
-from server.ledger import OperatorKey
+from server.faults import FILE_ENV, ROUND_KILL_POINTS
+from server.ledger import Ledger, OperatorKey
+from server.ledger.audit import verify
 
 slow = pytest.mark.slow
 
@@ -111,9 +113,10 @@ class Deployment:
     prometheus_port: int | None = None  # the distribution's Prometheus scraping the run (None: not installed)
     hub_metrics_port: int = 0  # where Prometheus expects the hub (started by the hub's test)
     started_wall: float = 0.0
+    kill_file: Path = Path()  # FEDMOE_KILL_AT_FILE of the operator's ServerApps (server/faults.py)
 
-    def spawn(self, name: str, *args: str, threads: int | None = None) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
+    def spawn(self, name: str, *args: str, threads: int | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
         if threads:  # 3 members' trainers share this machine's cores
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         out = open(self.root / f"{name}.out", "wb")  # noqa: SIM115
@@ -153,14 +156,15 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
         registration, _ = member_keys(member, root / "nodes" / member)
         assert register(layout, registration)
     assert sorted(verify_roster(roster_path(layout).read_bytes(), load_cert(layout.ca_cert), "roster")) == sorted(MEMBERS)
-    d = Deployment(ws, root, layout)
+    d = Deployment(ws, root, layout, kill_file=root / "kill-at")
     request.addfinalizer(lambda: stop_all(d.processes))
 
     port, metrics_port = free_port(), free_port()
     d.port, d.superlink_port = port, free_port()
     serve = d.spawn("serve", "serve", "--certs", str(layout.root), "--state", str(root / "operator"),
                     "--port", str(port), "--superlink-port", str(d.superlink_port), "--metrics-port", str(metrics_port),
-                    "--price-gpu-hour", "2.0", "--price-million-tokens", "0.5", "--log-file", str(root / "superlink.log"))
+                    "--price-gpu-hour", "2.0", "--price-million-tokens", "0.5", "--log-file", str(root / "superlink.log"),
+                    env={FILE_ENV: str(d.kill_file)})
     _wait("serve ready", lambda: "SuperLink ready" in d.output("serve"), 90, serve, d.output("serve"))
     assert d.output("serve").count("registered (node") == 3
 
@@ -185,12 +189,7 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
     d.rogue_output = d.output("rogue") + (root / "rogue-supernode.log").read_text(errors="replace")
 
     started, d.started_wall = time.monotonic(), time.time()
-    submit = subprocess.run(  # noqa: PLW1510 - the return code is asserted
-        [sys.executable, "-m", "fedmoe.deploy_cmd", "submit", "--flwr-home", str(root / "operator" / "flwr-home"),
-         "--app", str(ROOT), "-c", f"workspace={ws.root}", *(f"-c{k}={json.dumps(v)}" for k, v in RUN_CONFIG.items())],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
-    assert submit.returncode == 0, submit.stdout + submit.stderr
+    submit(d, RUN_CONFIG)
     checkpoints = Checkpoints(ws.run_dir("default"))
 
     def round_1_seen_live() -> bool:  # scrape while round 2 is running
@@ -205,6 +204,24 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
           d.output("serve") + (root / "superlink.log").read_text(errors="replace")[-4000:])
     d.run_seconds = time.monotonic() - started
     return d
+
+
+def submit(d: Deployment, config: dict[str, object]) -> str:
+    """`fedmoe submit` of the fedmoe app with `config` on the deployment's workspace: the run id."""
+    done = subprocess.run(  # noqa: PLW1510 - the return code is asserted
+        [sys.executable, "-m", "fedmoe.deploy_cmd", "submit", "--flwr-home", str(d.root / "operator" / "flwr-home"),
+         "--app", str(ROOT), "-c", f"workspace={d.ws.root}", *(f"-c{k}={json.dumps(v)}" for k, v in config.items())],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def run_status(d: Deployment, run_id: str) -> str:
+    """The run's status as Flower reports it to the operator (`flwr ls`): e.g. finished:completed."""
+    listed = _flwr(d.root / "operator" / "flwr-home", "ls", CONNECTION, "--run-id", run_id, "--format", "json")
+    text = listed.stdout
+    return json.loads(text[text.index("{"): text.rindex("}") + 1])["runs"][0]["status"]
 
 
 def start_prometheus(d: Deployment, targets: dict[str, list[int]]) -> int | None:
@@ -392,6 +409,73 @@ def test_report_of_the_deployed_run_has_nontrivial_plots(deployment: Deployment,
         assert pixels.shape[0] >= 200 and pixels.shape[1] >= 300
         assert np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0).shape[0] > 10
     assert "| code |" in (out / "summary.md").read_text()
+
+
+# The operator's ServerApp SIGKILLed at kill points of a round over the real SuperLink, whose
+# process and the members' SuperNodes stay up, as after a ServerApp crash (the OOM killer, a
+# fault); the operator submits the run again after each kill. Every point of a round, each on
+# its own and with what a restart does there, is in tests/e2e/test_kill_points.py (killed operator
+# processes over the in-memory grid); a deployed round costs about a minute here, so this test
+# chains three kills
+# that each leave a different thing behind, in one 1-round run beside the fixture's:
+# - in-unmask: members have revealed shares of the killed session; the re-run's new session
+#   is answered (the same survivors) and round 1 is trained again, to the identical update;
+# - mid-commit: the decoded sums are journaled and the round's files half-written; the restart
+#   finishes the round from the journal and must not ask the members again;
+# - mid-ledger: round 1 is committed, its ledger append was killed; the restart appends it.
+KILL_CHAIN = ("in-unmask", "mid-commit", "mid-ledger")
+
+
+def killed_at(d: Deployment, config: dict[str, object], point: str) -> int | None:
+    """Submit the run with its ServerApp armed to SIGKILL itself at `point`; the committed round
+    after the kill."""
+    assert point in ROUND_KILL_POINTS
+    d.kill_file.write_text(point)
+    run_id, deadline = submit(d, config), time.monotonic() + 300
+    while d.kill_file.exists():  # the ServerApp removes it just before it kills itself
+        assert time.monotonic() < deadline, f"the ServerApp was not killed at {point} within 300s"
+        if run_status(d, run_id).startswith("finished") and d.kill_file.exists():
+            raise AssertionError(f"the run ended without reaching {point}: {run_status(d, run_id)}")
+        time.sleep(2)
+    return Checkpoints(d.ws.run_dir(str(config["run-name"]))).latest_round()
+
+
+def finished(d: Deployment, config: dict[str, object]) -> None:
+    """Submit the run unarmed and wait until Flower reports it completed."""
+    run_id = submit(d, config)
+    _wait("the run finished", lambda: run_status(d, run_id).startswith("finished"), 300, d.processes[0], d.output("serve"))
+    assert run_status(d, run_id) == "finished:completed", d.output("serve")[-3000:]
+
+
+def unmask_messages(d: Deployment) -> int:
+    """Secure-aggregation unmask messages the members' SuperNodes have received, all runs together."""
+    return sum((d.root / f"{m}-supernode.log").read_text(errors="replace").count("Receiving: train.secagg_unmask")
+               for m in MEMBERS)
+
+
+@slow
+def test_a_serverapp_killed_at_kill_points_resumes_over_the_superlink_to_the_uninterrupted_state(
+    deployment: Deployment,
+) -> None:
+    d, run_name = deployment, "killed"
+    config = {**RUN_CONFIG, "num-rounds": 1, "run-name": run_name}
+    committed = [killed_at(d, config, point) for point in KILL_CHAIN[:2]]
+    unmasks = unmask_messages(d)  # the sums are journaled: no member is asked to unmask again
+    committed += [killed_at(d, config, point) for point in KILL_CHAIN[2:]]
+    finished(d, config)
+    assert committed == [0, 0, 1]
+    assert unmask_messages(d) == unmasks
+    reference = Checkpoints(d.ws.run_dir("default")).manifests()[1]["state_sha256"]
+    assert [m["state_sha256"] for m in Checkpoints(d.ws.run_dir(run_name)).manifests()[1:]] == [reference]
+    report = verify(d.ws.ledger(run_name), OperatorKey.load_or_create(d.ws.operator_key).public_key)
+    assert report.ok, report.problem
+    assert credit(d, run_name) == [r for r in credit(d, "default") if r[0] == 1]  # round 1's records, once each
+
+
+def credit(d: Deployment, run_name: str) -> list[tuple[int, str, str, float, int]]:
+    """The run's ledger: (round, member, kind, score, tokens) of every record, in order."""
+    with Ledger(d.ws.ledger(run_name), create=False) as ledger:
+        return [(r.round, r.member, r.kind, r.score, r.tokens) for r in ledger.records()]
 
 
 @slow

@@ -4,8 +4,8 @@ unmasked twice over different survivors.
 
 Each run is its own Python process (the operator's round loop with the members' real ClientApp
 in-process through the test grid, so the kill takes the members' process down too: their state
-dirs are what survives, as on a real SuperNode's disk). What this does not cover: a real
-SuperLink and SuperNodes killed apart from each other.
+dirs are what survives, as on a real SuperNode's disk). The same points over a real SuperLink,
+its SuperNodes staying up while the ServerApp is killed: tests/e2e/test_deployment.py.
 
 What a restart does, by where the kill fell:
 - after-train and inside a secure-aggregation stage (in-advertise, in-share, in-mask, in-check,
@@ -17,9 +17,10 @@ What a restart does, by where the kill fell:
   the new session's to unmask both a member's self mask and its pairwise masks. It helps unmask
   this update again only for the same survivor list (its unmask record), so the operator can
   never difference two sums over different survivors. All five members come back here, so the re-run's sums, and the state,
-  are bit-identical. Where identity cannot hold: with member-level DP each attempt draws fresh
-  noise from the OS, so a re-run round's sum (and every state after it) differs; and a member
-  gone for good after in-unmask leaves the others refusing any other survivor list.
+  are bit-identical (member-level DP noise too: its seed is kept per `trained-from`). Where
+  identity cannot hold: a member under DP-SGD trains the round again with fresh noise, so the
+  re-run's sum (and every state after it) differs; and a member gone for good after in-unmask
+  leaves the others refusing any other survivor list.
 - after-unmask: the sums were decoded but not journaled, so the re-run unmasks the round again:
   the same survivors' identical updates, the identical sum (asserted: logged twice, one digest).
 - after-journal, mid-commit: the round finishes from its journal; nothing is asked of the
