@@ -141,14 +141,15 @@ def _wait(what: str, until, timeout: float, proc: subprocess.Popen[bytes] | None
     raise AssertionError(f"{what}: not after {timeout:.0f}s")
 
 
-@pytest.fixture(scope="module")
-def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
-    root = tmp_path_factory.mktemp("deployment")
+def launch(root: Path, template: Workspace, *, rogue: bool = False) -> tuple[Deployment, int, dict[str, int]]:
+    """Certificates, the members' own keys registered, `fedmoe serve` (its ServerApps armed through
+    the kill file, server/faults.py) and one `fedmoe join` per member, on 127.0.0.1 under `root`;
+    with `rogue`, one more daemon whose key is not registered. Returns once the SuperLink is
+    ready (the daemons still starting), with the operator's and the daemons' metrics ports."""
     ws = Workspace(root / "consortium")
-    shutil.copytree(tiny_workspace.corpora, ws.corpora)
-    shutil.copytree(tiny_workspace.base, ws.base)
-    issued = issue(root / "certs", ["rogue"])
-    layout = issued.layout
+    shutil.copytree(template.corpora, ws.corpora)
+    shutil.copytree(template.base, ws.base)
+    layout = issue(root / "certs", ["rogue"]).layout
     layout.registered_key("rogue").unlink()  # rogue has a key pair and the CA, but is not registered
     ensure_app_key(layout)  # the proxy signs the operator's app; members trust only that key
     # the members make their keys on their own machines and hand over public halves only
@@ -157,19 +158,20 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
         assert register(layout, registration)
     assert sorted(verify_roster(roster_path(layout).read_bytes(), load_cert(layout.ca_cert), "roster")) == sorted(MEMBERS)
     d = Deployment(ws, root, layout, kill_file=root / "kill-at")
-    request.addfinalizer(lambda: stop_all(d.processes))
-
     port, metrics_port = free_port(), free_port()
     d.port, d.superlink_port = port, free_port()
     serve = d.spawn("serve", "serve", "--certs", str(layout.root), "--state", str(root / "operator"),
                     "--port", str(port), "--superlink-port", str(d.superlink_port), "--metrics-port", str(metrics_port),
                     "--price-gpu-hour", "2.0", "--price-million-tokens", "0.5", "--log-file", str(root / "superlink.log"),
                     env={FILE_ENV: str(d.kill_file)})
-    _wait("serve ready", lambda: "SuperLink ready" in d.output("serve"), 90, serve, d.output("serve"))
-    assert d.output("serve").count("registered (node") == 3
-
+    try:
+        _wait("serve ready", lambda: "SuperLink ready" in d.output("serve"), 90, serve, d.output("serve"))
+        assert d.output("serve").count("registered (node") == 3
+    except BaseException:
+        stop_all(d.processes)
+        raise
     daemon_ports = {}
-    for member in [*MEMBERS, "rogue"]:
+    for member in [*MEMBERS, *(["rogue"] if rogue else [])]:
         daemon_ports[member] = free_port()
         p = d.spawn(member, "join", "--superlink", f"127.0.0.1:{port}", "--member", member,
                     "--data", str(ws.members_dir / MEMBERS.get(member, "readmes")),
@@ -181,6 +183,15 @@ def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFacto
                     "--log-file", str(root / f"{member}-supernode.log"), threads=1)
         if member != "rogue":
             d.joins[member] = p
+    return d, metrics_port, daemon_ports
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    root = tmp_path_factory.mktemp("deployment")
+    d, metrics_port, daemon_ports = launch(root, tiny_workspace, rogue=True)
+    request.addfinalizer(lambda: stop_all(d.processes))
+    serve, ws = d.processes[0], d.ws
     rogue = d.processes[-1]
     d.hub_metrics_port = free_port()
     d.prometheus_port = start_prometheus(d, {"fedmoe-operator": [metrics_port], "fedmoe-hub": [d.hub_metrics_port],
@@ -431,20 +442,25 @@ def killed_at(d: Deployment, config: dict[str, object], point: str) -> int | Non
     after the kill."""
     assert point in ROUND_KILL_POINTS
     d.kill_file.write_text(point)
-    run_id, deadline = submit(d, config), time.monotonic() + 300
+    run_id, deadline, asked = submit(d, config), time.monotonic() + 300, time.monotonic()
     while d.kill_file.exists():  # the ServerApp removes it just before it kills itself
         assert time.monotonic() < deadline, f"the ServerApp was not killed at {point} within 300s"
-        if run_status(d, run_id).startswith("finished") and d.kill_file.exists():
-            raise AssertionError(f"the run ended without reaching {point}: {run_status(d, run_id)}")
-        time.sleep(2)
+        if time.monotonic() - asked > 10:  # `flwr ls` costs a second of CPU: now and then
+            asked = time.monotonic()
+            if run_status(d, run_id).startswith("finished") and d.kill_file.exists():
+                raise AssertionError(f"the run ended without reaching {point}: {run_status(d, run_id)}")
+        time.sleep(0.5)
     return Checkpoints(d.ws.run_dir(str(config["run-name"]))).latest_round()
 
 
 def finished(d: Deployment, config: dict[str, object]) -> None:
     """Submit the run unarmed and wait until Flower reports it completed."""
-    run_id = submit(d, config)
-    _wait("the run finished", lambda: run_status(d, run_id).startswith("finished"), 300, d.processes[0], d.output("serve"))
-    assert run_status(d, run_id) == "finished:completed", d.output("serve")[-3000:]
+    run_id, deadline = submit(d, config), time.monotonic() + 600
+    while not (status := run_status(d, run_id)).startswith("finished"):  # `flwr ls`: a second of CPU a call
+        assert time.monotonic() < deadline, f"run {run_id} not finished after 600s: {status}"
+        assert d.processes[0].poll() is None, f"fedmoe serve exited: {d.output('serve')[-3000:]}"
+        time.sleep(3)
+    assert status == "finished:completed", d.output("serve")[-3000:]
 
 
 def unmask_messages(d: Deployment) -> int:
