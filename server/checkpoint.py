@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ import torch
 
 from model.io import atomic_write_bytes, atomic_write_json, tensors_from_bytes, tensors_to_bytes
 from server.faults import kill_point
+
+log = logging.getLogger("fedmoe.server")
 
 POINTER = "COMMITTED"
 LOCK = "run.lock"
@@ -50,18 +53,32 @@ class RunBusy(CheckpointError):
 
 @contextmanager
 def hold_run(run_dir: Path) -> Iterator[None]:
-    """Hold the run's lock while the block runs; RunBusy at once if another process holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold the run's lock while the block runs; RunBusy at once if another process holds it.
+
+    `run_dir` is <workspace>/runs/<run>: a workspace folder that does not exist is left to the
+    run's own check (nothing is created in it). A filesystem without flock (some NFS, Lustre or
+    FUSE mounts) runs unlocked, with a warning; on NFS the lock holds on one host only."""
+    if not run_dir.parent.parent.is_dir():
+        yield
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CheckpointError(f"{run_dir}: cannot open the run's lock file ({exc.strerror})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunBusy(f"{run_dir}: another process (pid {holder}) is running this run; stop it or let it "
-                          "finish before you run it again") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+            raise RunBusy(f"{run_dir}: another process (pid {holder}) is running this run; stop it (`flwr stop` "
+                          "takes up to a heartbeat, about 30 s) or let it finish before you run it again") from None
+        except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this filesystem
+            log.warning("%s: running without the run lock (%s): make sure no other process runs this run",
+                        run_dir, exc.strerror)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)

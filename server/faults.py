@@ -59,5 +59,8 @@ def kill_point(name: str) -> None:
         except OSError:  # not armed (or no longer: an earlier ServerApp took the kill)
             return
         if armed == name:
-            Path(path).unlink()
+            try:
+                Path(path).unlink()  # taken: only one ServerApp gets the kill
+            except OSError:  # another ServerApp took it first
+                return
             os.kill(os.getpid(), signal.SIGKILL)
