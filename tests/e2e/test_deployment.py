@@ -431,9 +431,9 @@ def test_report_of_the_deployed_run_has_nontrivial_plots(deployment: Deployment,
 # process and the members' SuperNodes stay up, as after a ServerApp crash (the OOM killer, a
 # fault); the operator submits the run again after each kill. Every point of a round, each on
 # its own and with what a restart does there, is in tests/e2e/test_kill_points.py (killed operator
-# processes over the in-memory grid); a deployed round costs about a minute here, so this test
-# chains three kills
-# that each leave a different thing behind, in one 1-round run beside the fixture's:
+# processes over the in-memory grid), and all of them chained over a deployment in
+# bench/deployed_faults.py; a deployed round costs about a minute here, so this test chains
+# three kills that each leave a different thing behind, in one 1-round run beside the fixture's:
 # - in-unmask: members have revealed shares of the killed session; the re-run's new session
 #   is answered (the same survivors) and round 1 is trained again, to the identical update;
 # - mid-commit: the decoded sums are journaled and the round's files half-written; the restart
