@@ -2,7 +2,11 @@
 
 Only for tests of the round loop's message exchanges: `drop(node, message_type)` makes a node
 silent for a message (a member that crashed or went offline at that stage), and `seen` records
-every delivered message so a test can look at what the members held at each stage.
+every delivered message so a test can look at what the members held at each stage. A member
+answers when the message is pushed, so a stage's replies wait in the grid until pulled; with
+`answer_on_pull` it answers when its reply is pulled instead, so no more than a pull's worth of
+replies exists at once (bench/faults.py: the server's memory, with replies waiting elsewhere as
+they wait at a SuperLink in a deployment).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class FakeGrid:
         *,
         drop: Callable[[int, str], bool] = lambda node, message_type: False,
         before: Callable[[int, Message], None] = lambda node, message: None,
+        answer_on_pull: bool = False,
     ) -> None:
         self.app = app
         self.nodes = {1000 + i: i for i in range(num_nodes)}  # node id -> partition id
@@ -45,7 +50,8 @@ class FakeGrid:
         }
         self.drop = drop
         self.before = before
-        self._pending: dict[str, Message] = {}
+        self.answer_on_pull = answer_on_pull
+        self._pending: dict[str, Message] = {}  # message id -> its reply (or the message, answer_on_pull)
         self._count = 0
         self.seen: list[tuple[int, str]] = []
 
@@ -61,13 +67,16 @@ class FakeGrid:
             self.seen.append((node, message.metadata.message_type))
             if not self.drop(node, message.metadata.message_type):
                 self.before(node, message)
-                reply = self.app(message, self.contexts[node])
-                self._pending[message.metadata.message_id] = reply
+                self._pending[message.metadata.message_id] = message if self.answer_on_pull else self._answer(message)
             ids.append(message.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
+        pulled = [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
+        return [self._answer(m) for m in pulled] if self.answer_on_pull else pulled
+
+    def _answer(self, message: Message) -> Message:
+        return self.app(message, self.contexts[message.metadata.dst_node_id])
 
 
 class SentTrain:
